@@ -1,0 +1,471 @@
+"""Collections on Kafka: a compiled view of a collection, a validating writer, a batch reader.
+
+Wire format (SPEC "Vocabulary"): message key = the document's key values as a JSON array,
+value = the document, both orjson bytes; headers ``localflow-task`` (the writer) and
+``localflow-schema`` (the schema fingerprint). Invalid documents go to ``<topic>.dead`` as a
+JSON envelope; they never stop the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fastjsonschema
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline import metrics
+from pipeline.catalog import Catalog, KafkaConfig, pointer_tokens, schema_fingerprint, topic_of
+from pipeline.errors import EndpointError, ValidationFailed
+
+log = logging.getLogger("localflow.collection")
+
+TASK_HEADER = "localflow-task"
+SCHEMA_HEADER = "localflow-schema"
+DEAD_SUFFIX = ".dead"
+
+_MISSING = object()
+
+
+def _date_time(value: str) -> bool:
+    """RFC 3339 date-time, as JSON Schema's ``date-time`` format means it (a zone is required)."""
+    if len(value) < 20 or value[10] not in "Tt ":
+        return False
+    try:
+        parsed = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return parsed.tzinfo is not None
+
+
+_FORMATS = {"date-time": _date_time}
+
+
+class Collection:
+    """One collection: its topic, key pointers and a compiled validator (built once)."""
+
+    __slots__ = ("name", "topic", "dead_topic", "key", "partitions", "replication_factor", "schema",
+                 "fingerprint", "_validate", "_paths", "_headers_cache")
+
+    def __init__(self, name: str, schema: dict[str, Any], key: Sequence[str], partitions: int = 1,
+                 replication_factor: int = 1) -> None:
+        self.name = name
+        self.topic = topic_of(name)
+        self.dead_topic = self.topic + DEAD_SUFFIX
+        self.key = list(key)
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self.schema = schema
+        self.fingerprint = schema_fingerprint(schema)
+        self._validate = fastjsonschema.compile(schema, formats=_FORMATS)
+        self._paths = [pointer_tokens(p) for p in self.key]
+        self._headers_cache: dict[str, list[tuple[str, bytes]]] = {}
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog, name: str) -> Collection:
+        spec = catalog.collections[name]
+        return cls(name, catalog.schema(name), spec.key, spec.partitions, spec.replication_factor)
+
+    def validate(self, doc: Any) -> None:
+        """Raise ValidationFailed naming the failing place when ``doc`` breaks the schema."""
+        try:
+            self._validate(doc)
+        except fastjsonschema.JsonSchemaValueException as e:
+            name = e.name or "data"
+            where = "/" + name[5:].replace(".", "/") if name.startswith("data.") else "/"
+            why = e.message[len(name):].strip() if e.message.startswith(name) else e.message
+            raise ValidationFailed(f"{self.name}: {where} {why}") from None
+
+    def key_of(self, doc: dict[str, Any]) -> list[Any]:
+        """The document's key values, in key order."""
+        out = []
+        for path in self._paths:
+            node: Any = doc
+            for token in path:
+                node = node.get(token, _MISSING) if isinstance(node, dict) else _MISSING
+                if node is _MISSING:
+                    raise ValidationFailed(f"{self.name}: key /{'/'.join(path)} is missing")
+            out.append(node)
+        return out
+
+    def encode(self, doc: dict[str, Any]) -> tuple[bytes, bytes]:
+        """Validate and serialize: (key bytes, value bytes)."""
+        self._validate_fast(doc)
+        return orjson.dumps(self.key_of(doc)), orjson.dumps(doc)
+
+    def _validate_fast(self, doc: Any) -> None:
+        try:
+            self._validate(doc)
+        except fastjsonschema.JsonSchemaValueException:
+            self.validate(doc)  # re-raise with the readable message
+
+    def headers(self, task: str) -> list[tuple[str, bytes]]:
+        h = self._headers_cache.get(task)
+        if h is None:
+            h = self._headers_cache[task] = [(TASK_HEADER, task.encode()), (SCHEMA_HEADER, self.fingerprint.encode())]
+        return h
+
+
+def collections_of(catalog: Catalog, names: Iterable[str] | None = None) -> dict[str, Collection]:
+    """Compiled collections of a catalog (all, or the named ones)."""
+    return {n: Collection.from_catalog(catalog, n) for n in (names if names is not None else catalog.collections)}
+
+
+def dead_letter(*, error: str, task: str, collection: str, original: bytes, **context: Any) -> bytes:
+    """The dead-letter envelope: what failed, where, why, and the original bytes."""
+    try:
+        text: str | None = original.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    envelope = {
+        "error": error,
+        "task": task,
+        "collection": collection,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "original": text,
+        "original_base64": base64.b64encode(original).decode("ascii"),
+        **context,
+    }
+    return orjson.dumps(envelope, default=str)
+
+
+@dataclass
+class WriteResult:
+    written: int = 0
+    dead: int = 0
+    bytes: int = 0
+
+
+class Admin:
+    """Topic creation on first use (idempotent, cached per process)."""
+
+    def __init__(self, kafka: KafkaConfig) -> None:
+        self._kafka = kafka
+        self._known: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def ensure(self, topics: dict[str, tuple[int, int, dict[str, str]]]) -> None:
+        """Create missing topics: ``{topic: (partitions, replication, configs)}``."""
+        missing = {t: v for t, v in topics.items() if t not in self._known}
+        if not missing:
+            return
+        async with self._lock:
+            admin = AIOKafkaAdminClient(**self._kafka.client_options())
+            try:
+                await admin.start()
+                existing = set(await admin.list_topics())
+                new = [NewTopic(t, p, r, topic_configs=c or None) for t, (p, r, c) in missing.items() if t not in existing]
+                if new:
+                    try:
+                        await admin.create_topics(new)
+                    except TopicAlreadyExistsError:
+                        pass
+                    await self._wait_visible(admin, {n.name for n in new})
+            except KafkaError as e:
+                raise EndpointError(f"Kafka at {self._kafka.bootstrap_servers}: cannot create topics "
+                                    f"{sorted(missing)}: {e!r}") from e
+            finally:
+                await admin.close()
+            self._known.update(missing)
+
+    @staticmethod
+    async def _wait_visible(admin: AIOKafkaAdminClient, names: set[str]) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if names <= set(await admin.list_topics()):
+                return
+            await asyncio.sleep(0.05)
+
+
+class CollectionWriter:
+    """Validates, keys and writes documents into collections; invalid ones become dead letters.
+
+    ``write`` returns only when the broker acknowledged every message of the call, so a task
+    may checkpoint right after it (SPEC: "emit nothing without a checkpoint").
+    """
+
+    def __init__(self, kafka: KafkaConfig, task: str, *, producer_options: dict[str, Any] | None = None) -> None:
+        self.kafka = kafka
+        self.task = task
+        self.admin = Admin(kafka)
+        opts: dict[str, Any] = {"acks": "all", "linger_ms": 5, "max_batch_size": 256 * 1024,
+                                "max_request_size": 16 * 1024 * 1024, "enable_idempotence": False}
+        opts.update(producer_options or {})
+        self.producer = AIOKafkaProducer(**kafka.client_options(), **opts)
+        self._started = False
+
+    async def start(self) -> None:
+        try:
+            await self.producer.start()
+        except KafkaError as e:
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: cannot start producer: {e!r}") from e
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            await self.producer.stop()
+            self._started = False
+
+    async def __aenter__(self) -> CollectionWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def ensure(self, collections: Iterable[Collection]) -> None:
+        """Create each collection's topic and dead-letter topic if missing."""
+        topics: dict[str, tuple[int, int, dict[str, str]]] = {}
+        for c in collections:
+            topics[c.topic] = (c.partitions, c.replication_factor, {})
+            topics[c.dead_topic] = (1, c.replication_factor, {})
+        await self.admin.ensure(topics)
+
+    async def write(self, collection: Collection, docs: Iterable[dict[str, Any]],
+                    **dead_context: Any) -> WriteResult:
+        """Write documents and wait for every acknowledgement; invalid ones go to dead letters."""
+        await self.ensure((collection,))
+        result = WriteResult()
+        futures: list[asyncio.Future[Any]] = []
+        headers = collection.headers(self.task)
+        send = self.producer.send
+        topic = collection.topic
+        for doc in docs:
+            try:
+                key, value = collection.encode(doc)
+            except ValidationFailed as e:
+                futures.append(await self._send_dead(collection, str(e), orjson.dumps(doc, default=str), dead_context))
+                result.dead += 1
+                continue
+            except (TypeError, orjson.JSONEncodeError) as e:
+                futures.append(await self._send_dead(collection, f"not serializable as JSON: {e}",
+                                                     repr(doc).encode(), dead_context))
+                result.dead += 1
+                continue
+            futures.append(await send(topic, value, key=key, headers=headers))
+            result.written += 1
+            result.bytes += len(value)
+        await self._acked(futures)
+        self._count(collection, result)
+        return result
+
+    async def write_dead(self, collection: Collection, error: str, original: bytes, **context: Any) -> None:
+        """Dead-letter raw input that never became a document (a line too long, bad bytes)."""
+        await self.ensure((collection,))
+        await self._acked([await self._send_dead(collection, error, original, context)])
+        self._count(collection, WriteResult(dead=1))
+
+    async def _send_dead(self, collection: Collection, error: str, original: bytes,
+                         context: dict[str, Any]) -> asyncio.Future[Any]:
+        log.warning("dead letter in %s from task %s: %s", collection.dead_topic, self.task, error)
+        reason = context.get("reason", "invalid")
+        metrics.DEAD_LETTERS.labels(self.task, collection.name, reason).inc()
+        value = dead_letter(error=error, task=self.task, collection=collection.name, original=original, **context)
+        return await self.producer.send(collection.dead_topic, value, headers=collection.headers(self.task))
+
+    async def _acked(self, futures: list[asyncio.Future[Any]]) -> None:
+        if not futures:
+            return
+        try:
+            await asyncio.gather(*futures)
+        except KafkaError as e:
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: write not acknowledged: {e!r}") from e
+
+    def _count(self, collection: Collection, result: WriteResult) -> None:
+        if result.written:
+            metrics.DOCS_OUT.labels(self.task, collection.name).inc(result.written)
+            metrics.BYTES_OUT.labels(self.task, collection.name).inc(result.bytes)
+
+
+@dataclass(slots=True)
+class Record:
+    """One message read from a collection, decoded."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+    doc: Any = None
+    error: str | None = None  # set when the value is not JSON (written by someone else)
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+AssignFn = Callable[[set[TopicPartition]], Awaitable[dict[TopicPartition, int | None]]]
+RevokeFn = Callable[[set[TopicPartition]], Awaitable[None]]
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, reader: CollectionReader) -> None:
+        self.reader = reader
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked and self.reader.on_revoke:
+            await self.reader.on_revoke(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if not assigned:
+            return
+        positions = await self.reader.on_assign(set(assigned)) if self.reader.on_assign else {}
+        consumer = self.reader.consumer
+        for tp in assigned:
+            offset = positions.get(tp)
+            if offset is not None:
+                consumer.seek(tp, offset)
+            elif self.reader.on_assign is not None:
+                await consumer.seek_to_beginning(tp)
+
+
+@dataclass
+class ReaderOptions:
+    max_records: int = 10_000
+    fetch_max_bytes: int = 32 * 1024 * 1024
+    max_partition_fetch_bytes: int = 8 * 1024 * 1024
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    max_poll_interval_ms: int = 300_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CollectionReader:
+    """Consumer-group batches of decoded documents from one or more collections.
+
+    A task that stores its own offsets (Postgres, Redis, S3) passes ``on_assign``: it is called
+    with newly assigned partitions and returns where to start each one (None = the beginning).
+    Without it the group's committed offsets apply, and new groups start at the earliest
+    offset (never "latest": some brokers answer latest-offset lookups wrongly).
+    """
+
+    def __init__(self, kafka: KafkaConfig, group_id: str | None, collections: Sequence[Collection], *,
+                 on_assign: AssignFn | None = None, on_revoke: RevokeFn | None = None,
+                 options: ReaderOptions | None = None, task: str = "") -> None:
+        self.kafka = kafka
+        self.collections = {c.topic: c for c in collections}
+        self.on_assign = on_assign
+        self.on_revoke = on_revoke
+        self.options = options or ReaderOptions()
+        self.task = task
+        o = self.options
+        self.consumer = AIOKafkaConsumer(
+            **kafka.client_options(), group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_uncommitted",
+            fetch_max_bytes=o.fetch_max_bytes, max_partition_fetch_bytes=o.max_partition_fetch_bytes,
+            session_timeout_ms=o.session_timeout_ms, heartbeat_interval_ms=o.heartbeat_interval_ms,
+            max_poll_interval_ms=o.max_poll_interval_ms, **o.extra,
+        )
+        self._group = group_id
+
+    async def start(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Join the group (or read ``partitions`` directly, without a group)."""
+        try:
+            await self.consumer.start()
+        except KafkaError as e:
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: cannot start consumer: {e!r}") from e
+        if partitions is not None:
+            self.consumer.assign(list(partitions))
+        else:
+            self.consumer.subscribe(topics=list(self.collections), listener=_Listener(self))
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def __aenter__(self) -> CollectionReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def batch(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Record]:
+        """The next batch (possibly empty after ``timeout_ms``), in offset order per partition."""
+        try:
+            fetched = await self.consumer.getmany(timeout_ms=timeout_ms,
+                                                  max_records=max_records or self.options.max_records)
+        except KafkaError as e:
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: fetch failed: {e!r}") from e
+        out: list[Record] = []
+        loads = orjson.loads
+        for tp, messages in fetched.items():
+            for m in messages:
+                rec = Record(tp.topic, tp.partition, m.offset, m.timestamp, m.key, m.value)
+                try:
+                    rec.doc = loads(m.value)
+                except orjson.JSONDecodeError as e:
+                    rec.error = f"value is not JSON: {e}"
+                out.append(rec)
+        if out and self.task:
+            for tp, messages in fetched.items():
+                c = self.collections.get(tp.topic)
+                metrics.DOCS_IN.labels(self.task, c.name if c else tp.topic).inc(len(messages))
+        return out
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit next offsets to the group (advisory for tasks that store their own)."""
+        if offsets and self._group:
+            try:
+                await self.consumer.commit(offsets)
+            except KafkaError as e:
+                raise EndpointError(f"Kafka: commit of {len(offsets)} partitions failed: {e!r}") from e
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The fetch high watermark (right on every broker, unlike ListOffsets latest)."""
+        return self.consumer.highwater(tp)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return await self.consumer.position(tp)
+
+
+async def read_to_end(kafka: KafkaConfig, topic: str, *, timeout: float = 10.0,
+                      from_offsets: dict[int, int] | None = None) -> list[Record]:
+    """Every record of a topic up to its current high watermark, without a consumer group.
+
+    Used for small topics (checkpoints, dead letters, tests). The end is the fetch high
+    watermark, which every broker reports correctly.
+    """
+    reader = CollectionReader(kafka, None, [])
+    await reader.consumer.start()
+    try:
+        parts = reader.consumer.partitions_for_topic(topic)
+        if parts is None:
+            await reader.consumer._client.force_metadata_update()  # noqa: SLF001 - first sight of the topic
+            parts = reader.consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        reader.consumer.assign(tps)
+        for tp in tps:
+            start = (from_offsets or {}).get(tp.partition)
+            if start is None:
+                await reader.consumer.seek_to_beginning(tp)
+            else:
+                reader.consumer.seek(tp, start)
+        out: list[Record] = []
+        done: set[TopicPartition] = set()
+        deadline = time.monotonic() + timeout
+        while len(done) < len(tps):
+            if time.monotonic() > deadline:
+                raise EndpointError(f"Kafka: reading {topic} to its end took longer than {timeout:.0f}s")
+            out.extend(await reader.batch(timeout_ms=200))
+            for tp in tps:
+                hw = reader.highwater(tp)
+                if hw is not None and await reader.position(tp) >= hw:
+                    done.add(tp)
+        return out
+    finally:
+        await reader.consumer.stop()

@@ -1,0 +1,155 @@
+"""The Materialization contract and the runtime task that feeds it from Kafka.
+
+A materialization keeps its own checkpoint (next offset per partition) *in its endpoint*,
+committed with the data: Postgres in the same transaction, Redis in the same MULTI/EXEC, S3
+in the object names. Several workers of one materialization share its partitions through a
+consumer group (``localflow.<task>``); on assignment the runtime asks the connector where each
+partition resumes, and seeks there. Kafka's committed group offsets are advisory only (for
+lag in `localflow status`), never the source of truth.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from pipeline import metrics
+from pipeline.catalog import MaterializationSpec
+from pipeline.collection import Collection, CollectionReader, ReaderOptions, Record
+from pipeline.errors import Fenced
+from pipeline.task import Task, TaskContext
+
+Offsets = dict[TopicPartition, int]
+
+
+@dataclass
+class Batch:
+    """Records of one poll, in offset order per partition, with the binding of each topic."""
+
+    records: list[Record]
+    bindings: dict[str, int]
+    """Topic -> index of the binding in the materialization spec."""
+
+    def next_offsets(self) -> Offsets:
+        """Per partition, the offset after the last record of this batch."""
+        out: Offsets = {}
+        for r in self.records:
+            out[r.tp] = r.offset + 1
+        return out
+
+
+class Materialization(ABC):
+    """An endpoint kept in step with collections. Build no state in ``__init__``.
+
+    MUST: make a batch's writes and its next offsets durable together, or neither;
+    on ``assigned``, fence the partitions (a previous owner's later writes must fail) and
+    return the stored next offset of each (None: from the beginning); raise ``Fenced`` from
+    ``apply`` when a partition was taken over, writing nothing of that batch for it.
+    MUST NOT: let a replayed (older) document overwrite a newer one where the endpoint has
+    state per key.
+    """
+
+    def __init__(self, ctx: TaskContext) -> None:
+        self.ctx = ctx
+        self.spec: MaterializationSpec = ctx.spec
+        self.config: Any = ctx.spec.config
+
+    async def open(self) -> None:
+        """Connect and create what the bindings need (tables, buckets); idempotent."""
+
+    @abstractmethod
+    async def assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Fence newly assigned partitions and say where each resumes."""
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions leave this worker: flush or drop what is buffered for them."""
+
+    @abstractmethod
+    async def apply(self, batch: Batch) -> Offsets:
+        """Write the batch; return next offsets now durable at the endpoint (may be {})."""
+
+    async def tick(self) -> Offsets:
+        """Called when a poll brings nothing: time-based flushes of buffering endpoints."""
+        return {}
+
+    async def close(self, failed: bool) -> Offsets:
+        """Flush (unless ``failed``) and disconnect; return offsets made durable by the flush."""
+        return {}
+
+
+class MaterializationTask(Task):
+    """Reads the bindings' collections as a consumer group and applies batches."""
+
+    poll_ms = 200
+
+    async def run(self) -> None:
+        from connectors import load_connector
+
+        ctx = self.ctx
+        spec: MaterializationSpec = ctx.spec
+        collections: list[Collection] = [ctx.collection(b.source) for b in spec.bindings]
+        bindings = {c.topic: i for i, c in enumerate(collections)}
+        m: Materialization = load_connector(spec.connector).build(ctx)
+        await m.open()
+        ctx.status.connected = True
+        reader = CollectionReader(ctx.kafka, f"localflow.{ctx.name}", collections,
+                                  on_assign=self._assigned(m), on_revoke=m.revoked,
+                                  options=ReaderOptions(**ctx.options.get("reader", {})), task=ctx.name)
+        await reader.start()
+        failed = True
+        try:
+            while not ctx.stopping.is_set():
+                records = await reader.batch(timeout_ms=self.poll_ms)
+                if records:
+                    started = time.perf_counter()
+                    try:
+                        durable = await m.apply(Batch(records, bindings))
+                    except Fenced as e:
+                        ctx.log.warning("replaced by another worker, batch of %d dropped: %s", len(records), e)
+                        raise
+                    metrics.BATCH_SIZE.labels(ctx.name).observe(len(records))
+                    metrics.BATCH_SECONDS.labels(ctx.name).observe(time.perf_counter() - started)
+                    self._latency(records, collections)
+                    ctx.status.progressed(len(records))
+                else:
+                    durable = await m.tick()
+                await self._committed(reader, durable)
+            failed = False
+        finally:
+            try:
+                durable = await m.close(failed)
+                if not failed:
+                    await self._committed(reader, durable)
+            finally:
+                await reader.stop()
+
+    def _assigned(self, m: Materialization):  # noqa: ANN202
+        async def on_assign(partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
+            positions = await m.assigned(partitions)
+            self.ctx.log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{positions.get(tp) or 0}"
+                                                        for tp in sorted(partitions)))
+            return positions
+
+        return on_assign
+
+    async def _committed(self, reader: CollectionReader, durable: Offsets) -> None:
+        if not durable:
+            return
+        metrics.checkpointed(self.ctx.name)
+        for tp, offset in durable.items():
+            hw = reader.highwater(tp)
+            if hw is not None:
+                metrics.CONSUMER_LAG.labels(self.ctx.name, tp.topic, str(tp.partition)).set(max(0, hw - offset))
+        owned = reader.assignment()
+        await reader.commit({tp: o for tp, o in durable.items() if tp in owned})
+
+    def _latency(self, records: list[Record], collections: list[Collection]) -> None:
+        now_ms = time.time() * 1000
+        last = records[-1]
+        topic_names = {c.topic: c.name for c in collections}
+        metrics.END_TO_END.labels(self.ctx.name, topic_names.get(last.topic, last.topic)).observe(
+            max(0.0, (now_ms - last.timestamp_ms) / 1000))
