@@ -13,7 +13,14 @@ import pytest
 
 from pipeline.catalog import KafkaConfig
 from pipeline.checkpoint import KafkaCheckpoints
-from pipeline.collection import SCHEMA_HEADER, TASK_HEADER, Collection, CollectionReader, CollectionWriter, read_to_end
+from pipeline.collection import (
+    SCHEMA_HEADER,
+    TASK_HEADER,
+    Collection,
+    CollectionReader,
+    CollectionWriter,
+    read_to_end,
+)
 from pipeline.errors import CheckpointError, ValidationFailed
 
 SCHEMA = {
