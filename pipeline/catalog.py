@@ -283,6 +283,11 @@ class Catalog(Model):
     tests: dict[str, list[TestStep]] = Field(default_factory=dict)
     _path: Path | None = PrivateAttr(default=None)
 
+    @field_validator("captures", "materializations", "tests", mode="before")
+    @classmethod
+    def _empty_section(cls, v: Any) -> Any:
+        return {} if v is None else v
+
     @property
     def path(self) -> Path | None:
         return self._path

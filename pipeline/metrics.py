@@ -37,6 +37,8 @@ END_TO_END = Histogram("localflow_end_to_end_latency_seconds",
 ARCHIVE_BYTES = Counter("localflow_archive_bytes", "Bytes of objects written to the archive (storage growth).",
                         ["task", "collection"])
 TASK_RESTARTS = Counter("localflow_task_restarts", "Times a task was restarted after a failure.", ["task"])
+TASK_INFO = Gauge("localflow_task_info", "1 for each task this process runs; `type` is capture, derivation or "
+                  "materialization (alerts join on it).", ["task", "type"])
 TASK_UP = Gauge("localflow_task_up", "1 while a task is running, 0 after it failed or stopped.", ["task"])
 
 

@@ -167,6 +167,7 @@ async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
     """Run a task until ``ctx.stopping``; restart it with backoff after any failure."""
     backoff = backoff or Backoff()
     status = ctx.status
+    metrics.TASK_INFO.labels(ctx.name, ctx.kind).set(1)
     while not ctx.stopping.is_set():
         started = time.monotonic()
         status.running = True

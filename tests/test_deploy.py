@@ -1,0 +1,167 @@
+"""The container deployment: compose file, worker commands, environment, alerts, dashboard.
+
+There is no Docker engine here, so these check everything that can be checked without one:
+the compose file against the Compose Specification's JSON schema (the copy shipped by PyPI's
+docker-compose 1.29 as compose/config/compose_spec.json, in tests/data/), every worker command
+against the real CLI and catalog, every variable against the code that reads it, the alert
+rules with promtool, and every dashboard metric against what the code exports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from pipeline.catalog import load_catalog
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+CATALOG = ROOT / "examples" / "sophia" / "flow.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_file_matches_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema = json.loads((ROOT / "tests" / "data" / "compose_spec.json").read_text())
+    validator = jsonschema.Draft201909Validator(schema)
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert errors == []
+    broken = {**compose, "services": {**compose["services"], "kafka": {**compose["services"]["kafka"], "imag": "x"}}}
+    assert list(validator.iter_errors(broken)), "the schema must reject an unknown service field"
+
+
+def _localflow_services(compose: dict[str, Any]) -> dict[str, list[str]]:
+    out = {}
+    for name, svc in compose["services"].items():
+        if svc.get("image", "").startswith("localflow") or "build" in svc:
+            cmd = svc["command"]
+            out[name] = cmd if isinstance(cmd, list) else shlex.split(cmd)
+    return out
+
+
+def test_every_task_of_the_catalog_has_one_worker_service(compose: dict[str, Any]) -> None:
+    catalog = load_catalog(CATALOG, env={})
+    run_tasks = []
+    for name, cmd in _localflow_services(compose).items():
+        if cmd[0] == "run":
+            assert cmd[1] == "examples/sophia/flow.yaml", name
+            run_tasks.append(cmd[cmd.index("--task") + 1])
+    assert sorted(run_tasks) == sorted(catalog.task_names())
+
+
+def test_every_worker_command_is_a_valid_localflow_invocation(compose: dict[str, Any]) -> None:
+    """Each command's options exist: `--help` after the same arguments parses and exits 0."""
+    for name, cmd in _localflow_services(compose).items():
+        result = subprocess.run([sys.executable, "-m", "pipeline", cmd[0], "--help"], capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == 0, f"{name}: `localflow {cmd[0]}` is not a command: {result.stderr}"
+        for option in (a for a in cmd[1:] if a.startswith("--")):
+            assert option in result.stdout, f"{name}: `localflow {cmd[0]}` has no option {option}"
+
+
+_READS = [
+    re.compile(r"environ(?:\.get)?[\[(]\s*[\"']([A-Z][A-Z0-9_]+)"),  # os.environ["X"], os.environ.get("X")
+    re.compile(r"getenv\(\s*[\"']([A-Z][A-Z0-9_]+)"),  # os.getenv("X")
+    re.compile(r"envvar=[\"']([A-Z][A-Z0-9_]+)"),  # typer options
+    re.compile(r"^[A-Z_]*ENV\w*\s*=\s*[\"']([A-Z][A-Z0-9_]+)[\"']", re.M),  # MASK_KEY_ENV = "X"
+]
+
+
+def _variables_the_code_reads() -> set[str]:
+    names: set[str] = set()
+    for path in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("connectors/**/*.py"), *ROOT.glob("transforms/**/*.py")]:
+        text = path.read_text()
+        for pattern in _READS:
+            names.update(pattern.findall(text))
+    names.update(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", CATALOG.read_text()))
+    return names
+
+
+def test_every_variable_a_worker_sets_is_read_by_the_code(compose: dict[str, Any]) -> None:
+    read = _variables_the_code_reads()
+    worker_env = compose["x-localflow-env"]
+    unread = sorted(set(worker_env) - read)
+    assert unread == [], f"compose sets variables nothing reads: {unread}"
+    example = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+    missing = sorted(set(worker_env) - example - {"SOPHIA_AGENT_LOG_DIR", "LOCALFLOW_METRICS_PORT"})
+    assert missing == [], f".env.example does not document: {missing}"
+
+
+def test_alert_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: apt-get install prometheus (.ci/run installs it)")
+    result = subprocess.run([promtool, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
+    for wanted in ("LocalflowAuthenticationFailure", "LocalflowCaptureFailing", "LocalflowMaterializationErrors",
+                   "LocalflowHighProcessingLag", "LocalflowStorageQuotaExceeded"):
+        assert wanted in names
+
+
+def _exported_metric_names() -> set[str]:
+    from prometheus_client import REGISTRY
+
+    import pipeline.metrics  # noqa: F401 - registers every metric
+
+    names = set()
+    for family in REGISTRY.collect():
+        names.add(family.name)
+        for sample in family.samples:
+            names.add(sample.name)
+    return names
+
+
+def _metrics_in(text: str) -> set[str]:
+    return set(re.findall(r"\b(localflow_[a-z_]+)\b", text))
+
+
+def test_every_dashboard_and_alert_metric_is_exported_by_the_code() -> None:
+    exported = _exported_metric_names()
+    # prometheus_client only lists samples of labelled metrics once they have children; accept the
+    # family name plus the standard suffixes of its type.
+    suffixes = ("_total", "_bucket", "_sum", "_count", "_created")
+    def known(name: str) -> bool:
+        return name in exported or any(name.endswith(s) and name[: -len(s)] in exported for s in suffixes)
+
+    dashboard = (ROOT / "deploy/grafana/dashboards/localflow.json").read_text()
+    used = _metrics_in(dashboard) | _metrics_in((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    assert used, "the dashboard queries no localflow metric"
+    assert sorted(n for n in used if not known(n)) == []
+    panels = [p["title"] for p in json.loads(dashboard)["panels"]]
+    for topic in ("Documents per second", "lag", "Dead letters", "End-to-end latency", "Postgres rows", "Archive growth"):
+        assert any(topic.lower() in t.lower() for t in panels), topic
+
+
+def test_prometheus_scrapes_every_worker(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for sc in config["scrape_configs"] for s in sc["static_configs"] for t in s["targets"]}
+    workers = {f"{n}:9100" for n, cmd in _localflow_services(compose).items() if cmd[0] == "run"}
+    assert targets == workers
+
+
+def test_dockerfile_is_small_non_root_with_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM ", text, re.M)
+    assert len(stages) >= 2, "multi-stage build"
+    final = text.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"^USER (?!root)\S+", final, re.M), "the final stage runs as a non-root user"
+    assert "HEALTHCHECK" in final and "/healthz" in final
+    assert 'ENTRYPOINT ["localflow"]' in final
+    assert "pip install" not in final and "gcc" not in final, "no build tools in the final stage"
