@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import re
+import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
+import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.catalog import Catalog, load_catalog, topic_of
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LocalflowError
 
 app = typer.Typer(
     name="localflow",
@@ -19,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: reflows docstring paragraphs to the terminal width
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -52,20 +62,399 @@ def validate(catalog: Path = CATALOG_ARG) -> None:
     Example: localflow validate examples/sophia/flow.yaml
     """
     cat = load_or_exit(catalog)
-    table = Table(title=f"{catalog}: valid", title_justify="left")
-    table.add_column("kind")
-    table.add_column("name")
-    table.add_column("details")
+    rows: list[tuple[str, str, str]] = []
     for name, spec in cat.collections.items():
         kind = "derivation" if spec.derive else "collection"
         extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
-        table.add_row(kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}")
+        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
     for name, cap in cat.captures.items():
-        table.add_row("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
-                      + ", ".join(b.target for b in cap.bindings))
+        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
+                     + ", ".join(b.target for b in cap.bindings)))
     for name, mat in cat.materializations.items():
-        table.add_row("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings))
+        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    if not console.is_terminal:  # pipes and CI: plain lines, never cut to a terminal's width
+        print(f"{catalog}: valid")
+        for row in rows:
+            print("  ".join(row))
+        return
+    table = Table(title=f"{catalog}: valid", title_justify="left")
+    for column in ("kind", "name", "details"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+def _log_options(default_level: str = "info") -> tuple[Any, Any]:
+    return (typer.Option(LogFormat.text, "--log-format",
+                         help="`text` (readable; rich on a terminal) or `json` (one object per line)."),
+            typer.Option(default_level, "--log-level", help="debug, info, warning or error."))
+
+
+_RUN_LOG_FORMAT, _RUN_LOG_LEVEL = _log_options()
+_QUIET_LOG_FORMAT, _QUIET_LOG_LEVEL = _log_options("warning")
+
+
+def _setup(log_format: LogFormat, log_level: str) -> None:
+    from pipeline.logs import setup_logging
+
+    setup_logging(log_format.value, log_level)
+
+
+def _exit_now(sig: signal.Signals) -> None:
+    """The second signal: exit at once, without flushing (the first one asked for that)."""
+    logging.getLogger("localflow").warning("received %s again: exiting at once, without flushing", sig.name)
+    sys.stderr.flush()
+    os._exit(128 + sig)
+
+
+@app.command()
+def run(
+    catalog: Path = CATALOG_ARG,
+    task: list[str] | None = typer.Option(
+        None, "--task", "-t", help="Run only this task (repeat for several). Default: every task of the catalog."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", envvar="LOCALFLOW_METRICS_PORT",
+        help="Serve /metrics, /healthz, /readyz and /status on this port (0: any free port, logged)."),
+    metrics_host: str = typer.Option(
+        "127.0.0.1", "--metrics-host", help="Address the metrics port binds (0.0.0.0 in a container)."),
+    shutdown_timeout: float = typer.Option(
+        30.0, "--shutdown-timeout",
+        help="Seconds tasks get to flush and commit after SIGTERM/SIGINT; then exit 1 naming those that did not stop."),
+    log_format: LogFormat = _RUN_LOG_FORMAT,
+    log_level: str = _RUN_LOG_LEVEL,
+) -> None:
+    """Run the catalog's tasks until SIGTERM or Ctrl-C: all of them, or those named by --task.
+
+    A task that fails is restarted with backoff (its error logged and counted in
+    localflow_errors_total); the others keep running. On SIGTERM or SIGINT every task stops
+    reading, flushes its open batch and commits its checkpoint, and the process exits 0; a
+    second signal exits at once. With --metrics-port the process serves Prometheus metrics,
+    /healthz, /readyz and /status (read by `localflow status --worker`).
+
+    \b
+    Example:
+      localflow run examples/sophia/flow.yaml --task sophia/postgres --metrics-port 9100
+    """
+    from pipeline.task import kind_of
+
+    _setup(log_format, log_level)
+    cat = load_or_exit(catalog)
+    names = list(dict.fromkeys(task or cat.task_names()))
+    if not names:
+        err_console.print(f"[bold red]error:[/] catalog {catalog} declares no task to run", highlight=False)
+        raise typer.Exit(2)
+    try:
+        kinds = {n: kind_of(cat, n) for n in names}
+    except ConfigError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    code = asyncio.run(_run(cat, kinds, metrics_host, metrics_port, shutdown_timeout))
+    raise typer.Exit(code)
+
+
+async def _run(catalog: Catalog, kinds: dict[str, Any], host: str, port: int | None, shutdown_timeout: float) -> int:
+    from pipeline.server import Telemetry
+    from pipeline.task import TASK_PREFIX, run_tasks
+
+    log = logging.getLogger("localflow.run")
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stopping.is_set():
+            _exit_now(sig)
+        log.info("received %s: stopping; tasks flush and commit (up to %gs; send it again to exit at once)",
+                 sig.name, shutdown_timeout)
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    telemetry = None
+    if port is not None:
+        telemetry = Telemetry(kinds)
+        try:
+            await telemetry.start(host, port)
+        except OSError as e:
+            log.error("cannot serve metrics on %s:%s: %s", host, port, e.strerror or e)
+            return 2
+        log.info("metrics, health and status on %s (/metrics /healthz /readyz /status)", telemetry.url)
+    log.info("running %d task(s): %s", len(kinds), ", ".join(kinds))
+    runner = asyncio.create_task(run_tasks(catalog, list(kinds), stopping), name="localflow-run")
+    try:
+        stop_wait = asyncio.create_task(stopping.wait())
+        await asyncio.wait({runner, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not runner.done():
+            await asyncio.wait({runner}, timeout=shutdown_timeout)
+        if not runner.done():
+            stuck = sorted(t.get_name().removeprefix(TASK_PREFIX) for t in asyncio.all_tasks()
+                           if t.get_name().startswith(TASK_PREFIX) and not t.done())
+            log.error("shutdown took longer than %gs: task(s) %s did not stop; exiting without their flush "
+                      "(they resume from their last checkpoint)", shutdown_timeout, ", ".join(stuck) or "?")
+            sys.stderr.flush()
+            os._exit(1)
+        runner.result()
+        log.info("all tasks stopped; checkpoints committed")
+        return 0
+    finally:
+        if telemetry is not None:
+            await telemetry.stop()
+
+
+@app.command()
+def replay(
+    catalog: Path = CATALOG_ARG,
+    materialization: str = typer.Option(..., "--materialization", "-m", help="The materialization to backfill."),
+    binding: list[str] | None = typer.Option(
+        None, "--binding", "-b", help="Replay only the binding reading this collection (repeatable). Default: all."),
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="Re-read each partition from its first record."),
+    from_timestamp: str | None = typer.Option(
+        None, "--from-timestamp",
+        help="Re-read records written at or after this time (RFC 3339, e.g. 2026-11-28T10:00:00Z; UTC if no zone)."),
+    log_format: LogFormat = _QUIET_LOG_FORMAT,
+    log_level: str = _QUIET_LOG_LEVEL,
+) -> None:
+    """Re-read collections into a materialization to backfill it, with a progress bar per partition.
+
+    Replay reads each partition from the start you choose up to its end when replay began,
+    applies the documents through the materialization's own connector (upserts, so nothing is
+    doubled) and leaves the endpoint's checkpoint where the workers expect it. Stop the
+    materialization's workers first: partitions they hold are not replayed, and the summary
+    says so. Exit 0 when every partition was replayed, 1 otherwise, 2 for bad arguments.
+
+    \b
+    Example:
+      localflow replay examples/sophia/flow.yaml --materialization sophia/postgres --from-beginning
+    """
+    from pipeline import replay as rp
+
+    _setup(log_format, log_level)
+    if from_beginning == (from_timestamp is not None):
+        err_console.print("[bold red]error:[/] give exactly one of --from-beginning or --from-timestamp", highlight=False)
+        raise typer.Exit(2)
+    cat = load_or_exit(catalog)
+    try:
+        collections = rp.sources_of(cat, materialization, binding)
+        since = rp.parse_timestamp(from_timestamp) if from_timestamp else None
+    except ConfigError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+
+    async def go() -> int:
+        plans = await rp.plan(cat, collections, since)
+        total = sum(p.end - p.start for p in plans)
+        console.print(f"replaying {total:,} documents of {len(plans)} partition(s) into {materialization}",
+                      highlight=False)
+        replayed = await rp.run_replay(cat, materialization, plans, console)
+        console.print(rp.summary(materialization, replayed))
+        return 0 if replayed.complete else 1
+
+    raise typer.Exit(_run_async(go))
+
+
+def _run_async(make: Any) -> int:
+    """Run a coroutine function; a ConfigError exits 2, an EndpointError 1, each with its message."""
+    try:
+        return asyncio.run(make())
+    except ConfigError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        return 2
+    except LocalflowError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        return 1
+
+
+def _workers(given: list[str] | None) -> list[str]:
+    if given:
+        return given
+    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w]
+
+
+@app.command()
+def status(
+    catalog: Path = CATALOG_ARG,
+    worker: list[str] | None = typer.Option(
+        None, "--worker", "-w",
+        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated)."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh in place until Ctrl-C."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+) -> None:
+    """Show each task: running or not, documents per second, lag per partition, checkpoint age, last error.
+
+    Lag (partition end minus the task's committed checkpoint) comes from the broker; running,
+    documents per second and errors come from the workers' /status (`localflow run
+    --metrics-port`), named with --worker or LOCALFLOW_WORKERS.
+
+    \b
+    Example:
+      localflow status examples/sophia/flow.yaml --worker http://127.0.0.1:9100 --watch
+    """
+    from pipeline import status as st
+
+    cat = load_or_exit(catalog)
+    urls = _workers(worker)
+
+    async def once() -> int:
+        console.print(st.render(await st.gather(cat, urls)))
+        return 0
+
+    async def live() -> int:
+        from rich.live import Live
+
+        with Live(console=console, auto_refresh=False, screen=False) as view:
+            while True:
+                view.update(st.render(await st.gather(cat, urls)), refresh=True)
+                await asyncio.sleep(interval)
+
+    try:
+        raise typer.Exit(_run_async(live if watch else once))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def preview(
+    collection: str = typer.Argument(..., help="The collection to read, e.g. sophia/sophia_raw_data."),
+    catalog: Path = typer.Option(Path("flow.yaml"), "--catalog", "-c", help="The catalog file.", dir_okay=False),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new documents until Ctrl-C."),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Stop after this many documents."),
+    from_beginning: bool = typer.Option(
+        False, "--from-beginning", help="Start at the first document instead of only showing new ones."),
+) -> None:
+    """Print a collection's documents as JSON lines, without moving any task's checkpoint.
+
+    Without --from-beginning, preview shows documents written from now on and waits for them
+    (until --limit or Ctrl-C). With --from-beginning it prints what the collection holds and
+    exits, or keeps going with --follow.
+
+    \b
+    Example:
+      localflow preview sophia/sophia_raw_data --catalog examples/sophia/flow.yaml --from-beginning --limit 5
+    """
+    from pipeline.preview import preview as read
+
+    cat = load_or_exit(catalog)
+
+    async def go() -> int:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await read(cat, collection, limit=limit, follow=follow or not from_beginning,
+                       from_beginning=from_beginning, out=sys.stdout.buffer, stopping=stopping)
+        except BrokenPipeError:  # `| head`: the reader is gone, which is fine
+            sys.stderr.close()
+        return 0
+
+    raise typer.Exit(_run_async(go))
+
+
+@app.command()
+def doctor(
+    catalog: Path = CATALOG_ARG,
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds each check may take."),
+) -> None:
+    """Check that the catalog can run here: Kafka, every task's endpoint, and api.estuary.dev.
+
+    One line per check: OK, FAIL or SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh
+    token present) is reported but never required: localflow is what runs while it is
+    unreachable. Secrets are never printed. Exit 1 when a required check fails.
+
+    \b
+    Example:
+      localflow doctor examples/sophia/flow.yaml
+    """
+    from pipeline.doctor import diagnose
+    from pipeline.logs import redact
+
+    _setup(LogFormat.text, "error")
+    cat = load_or_exit(catalog)
+    lines = asyncio.run(diagnose(cat, timeout=timeout))
+    width = max(len(ln.check.name) for ln in lines)
+    for ln in lines:
+        note = " (not required)" if ln.state == "FAIL" and not ln.check.required else ""
+        print(redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {ln.check.detail}{note}"))
+    failed = [ln for ln in lines if ln.blocking]
+    print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("test")
+def test_catalog(
+    catalog: Path = CATALOG_ARG,
+    test: list[str] | None = typer.Option(None, "--test", help="Run only this test (repeatable). Default: all."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds a verify step waits for the expected documents."),
+    keep_topics: bool = typer.Option(False, "--keep-topics", help="Keep the test's topics (to inspect them)."),
+    log_format: LogFormat = _QUIET_LOG_FORMAT,
+    log_level: str = _QUIET_LOG_LEVEL,
+) -> None:
+    """Run the catalog's `tests:` against the real broker, in topics of their own.
+
+    Each test ingests documents and verifies what its derivations made, in a namespace of
+    fresh topics (production topics and consumer groups are never touched; the topics are
+    deleted afterwards). A verify step compares, per key, only the properties the expected
+    document states. Each failing document is shown as a diff. Exit 1 when a test fails.
+
+    \b
+    Example:
+      localflow test examples/sophia/flow.yaml
+    """
+    from pipeline.catalog_test import run_tests
+
+    _setup(log_format, log_level)
+    cat = load_or_exit(catalog)
+    unknown = [t for t in test or [] if t not in cat.tests]
+    if unknown:
+        err_console.print(f"[bold red]error:[/] no test {', '.join(unknown)} in {catalog}; tests: "
+                          f"{', '.join(cat.tests) or 'none'}", highlight=False, markup=False)
+        raise typer.Exit(2)
+    if not cat.tests:
+        console.print(f"{catalog} declares no tests", highlight=False)
+        raise typer.Exit(0)
+    results = asyncio.run(run_tests(cat, test or None, timeout=timeout, keep_topics=keep_topics))
+    for r in results:
+        _print_result(r)
+    failed = sum(not r.passed for r in results)
+    console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _print_result(r: Any) -> None:
+    def show(value: Any) -> str:
+        return repr(value) if value.__class__.__name__ == "_Missing" else orjson.dumps(value).decode()
+
+    if r.passed:
+        console.print(f"[green]PASS[/] {escape(r.name)} ({r.steps} steps, {r.seconds:.1f}s)", highlight=False)
+        return
+    console.print(f"[red]FAIL[/] {escape(r.name)}: step {r.failed_step + 1} ({escape(r.step_title)}), "
+                  f"{r.seconds:.1f}s", highlight=False)
+    out = []
+    if r.error:
+        out.append(f"  {r.error}")
+    for f in r.failures:
+        key = orjson.dumps(f.key).decode()
+        if f.problem == "missing":
+            out.append(f"  document {key}: missing; expected {show(f.expected)}")
+        elif f.problem == "unexpected":
+            out.append(f"  document {key}: unexpected {show(f.actual)}")
+        else:
+            out.append(f"  document {key}: differs")
+            out.extend(f"    {d.pointer}: expected {show(d.expected)}, actual {show(d.actual)}" for d in f.differences)
+    out.extend(f"  note: {n}" for n in r.notes)
+    console.print("\n".join(out), highlight=False, markup=False)
+
+
+from pipeline.demo import demo_command, demo_sources_command  # noqa: E402 - registered here, defined there
+
+app.command("demo")(demo_command)
+app.command("demo-sources")(demo_sources_command)
 
 
 def main() -> None:
