@@ -1,0 +1,329 @@
+"""The ``sqlite`` engine: each transform's ``lambda`` is SQL that SQLite runs over a batch.
+
+What a lambda author can rely on:
+
+* Input. Each source collection is an in-memory table named after the last segment of its name
+  (``sophia/sophia_raw_data`` -> ``sophia_raw_data``), with one column per top-level property of
+  its schema: objects and arrays as JSON text (so ``data->>'type'`` works), other values as they
+  are, NULL where absent. Properties the schema does not declare are not loaded. The table
+  holds one batch at a time.
+* Output. The lambda is one statement; every row it returns is a document. Each column becomes
+  a top-level property (the last of two equal names wins), or, when the only column is named
+  ``json``, its JSON text is the whole document (a NULL ``json`` yields no document).
+* Shaping, by the derived collection's schema, at any depth of ``properties``/``items``:
+  JSON text where the schema expects an object or array is parsed; ``YYYY-MM-DD HH:MM:SS[.f]``
+  (SQLite's CURRENT_TIMESTAMP, which is UTC) becomes RFC 3339 UTC where it says
+  ``format: date-time``; 0/1 become false/true where it expects a boolean. A NULL column is left
+  out of the document unless the schema allows null there (no ``type``, or one that includes
+  "null"): an optional property is absent rather than null, so NULL never fails validation of an
+  optional property.
+* ``migrations`` (SQL scripts) run once per worker before the first batch. Tables they create
+  may hold state across batches, in that worker's memory only: it is lost on restart and not
+  shared between workers, so outputs must not depend on it for exactly-once results.
+* Errors. A lambda SQLite cannot compile is a catalog error (`localflow validate`). A runtime
+  error fails the batch, which is bisected to find the inputs that fail alone: those become
+  dead letters; the outputs of the others are kept. Each batch runs in one transaction, rolled
+  back on error, so state tables never see a failed attempt.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import Field, ValidationError
+
+from pipeline.catalog import Catalog, Model, pydantic_problems
+from pipeline.derivation import Document, Engine, Transformed
+from pipeline.errors import ConfigError
+
+Problems = list[tuple[str, str]]
+Shape = Callable[[Any], Any]
+
+_RUNTIME_ERRORS = (sqlite3.Error, ValueError, OverflowError)  # orjson.JSONDecodeError is a ValueError
+_SQLITE_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d+)?")
+
+
+class SqliteOptions(Model):
+    """``derive.using.sqlite``."""
+
+    migrations: list[str] = Field(
+        default_factory=list,
+        description="SQL scripts run once per worker before the first batch (e.g. CREATE TABLE of state).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """The in-memory table of one source collection."""
+
+    name: str
+    source: str
+    columns: tuple[str, ...]
+
+    def create_sql(self) -> str:
+        return f"CREATE TABLE {_quote(self.name)} ({', '.join(_quote(c) for c in self.columns)})"
+
+    def insert_sql(self) -> str:
+        return f"INSERT INTO {_quote(self.name)} VALUES ({', '.join('?' * len(self.columns))})"
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(self.columns)})"
+
+
+# ------------------------------------------------------------------------------------- catalog
+
+
+def check(catalog: Catalog, collection: str, place: str) -> Problems:
+    """Options, table names, migrations and lambdas of a derivation, compiled by SQLite."""
+    derive = catalog.collections[collection].derive
+    assert derive is not None
+    try:
+        options = SqliteOptions.model_validate(derive.options)
+    except ValidationError as e:
+        return pydantic_problems(e, f"{place}.using.sqlite")
+    problems: Problems = []
+    tables = _tables(catalog, collection, place, problems)
+    if problems:
+        return problems
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        problems.extend(_prepare(conn, options.migrations, tables.values(), place))
+        if problems:
+            return problems
+        hint = "; its tables: " + ", ".join(t.describe() for t in tables.values())
+        required = catalog.schema(collection).get("required", [])
+        for i, t in enumerate(derive.transforms):
+            where = f"{place}.transforms[{i}].lambda"
+            if not t.lambda_.strip():
+                problems.append((where, "is empty: write one SQL statement whose rows are the output documents"))
+                continue
+            try:
+                # Run on empty tables: compiles the statement and tells its columns.
+                cursor = conn.execute(t.lambda_)
+            except sqlite3.Error as e:
+                problems.append((where, f"SQLite rejects it: {e}{hint}"))
+                continue
+            names = [d[0] for d in cursor.description or ()]
+            missing = [p for p in required if p not in names]
+            if names and names != ["json"] and missing:
+                problems.append((where, f"its rows have columns {names} but {collection} requires "
+                                        f"{missing}: add columns named so (or one column `json` "
+                                        f"holding the whole document)"))
+    finally:
+        conn.close()
+    return problems
+
+
+def build(catalog: Catalog, collection: str) -> SqliteEngine:
+    """The engine of ``collection`` (the catalog was checked by ``check`` when loaded)."""
+    derive = catalog.collections[collection].derive
+    assert derive is not None
+    place = f"collections.{collection}.derive"
+    problems: Problems = []
+    tables = _tables(catalog, collection, place, problems)
+    if problems:
+        raise ConfigError(problems)
+    return SqliteEngine(
+        lambdas=[t.lambda_ for t in derive.transforms],
+        tables=[tables[t.source] for t in derive.transforms],
+        migrations=SqliteOptions.model_validate(derive.options).migrations,
+        schema=catalog.schema(collection),
+        place=place,
+    )
+
+
+def _tables(catalog: Catalog, collection: str, place: str, problems: Problems) -> dict[str, Table]:
+    """One table per source collection, named after its last path segment."""
+    derive = catalog.collections[collection].derive
+    assert derive is not None
+    tables: dict[str, Table] = {}
+    by_name: dict[str, str] = {}
+    for i, t in enumerate(derive.transforms):
+        if t.source in tables:
+            continue
+        name = t.source.rsplit("/", 1)[-1]
+        if name in by_name:
+            problems.append((f"{place}.transforms[{i}].source",
+                             f"its table would be {name!r}, already the table of {by_name[name]}; "
+                             f"a derivation cannot read two sources whose names end the same"))
+            continue
+        by_name[name] = t.source
+        columns = tuple(catalog.schema(t.source).get("properties", {}))
+        if not columns:
+            problems.append((f"{place}.transforms[{i}].source",
+                             f"the schema of {t.source} declares no properties, so its table has no columns"))
+            continue
+        tables[t.source] = Table(name, t.source, columns)
+    return tables
+
+
+def _prepare(conn: sqlite3.Connection, migrations: list[str], tables: Iterable[Table], place: str) -> Problems:
+    """Run the migrations, then create the source tables; the first problem, if any."""
+    for i, script in enumerate(migrations):
+        try:
+            conn.executescript(script)
+        except sqlite3.Error as e:
+            return [(f"{place}.using.sqlite.migrations[{i}]", f"SQLite rejects it: {e}")]
+    for table in tables:
+        try:
+            conn.execute(table.create_sql())
+        except sqlite3.Error as e:
+            return [(f"{place}.using.sqlite.migrations",
+                     f"cannot create the table of {table.source} ({table.describe()}): {e}")]
+    return []
+
+
+# ------------------------------------------------------------------------------------- runtime
+
+
+class SqliteEngine(Engine):
+    """One in-memory SQLite database per worker; transform ``i`` runs ``lambdas[i]`` over ``tables[i]``."""
+
+    def __init__(self, *, lambdas: list[str], tables: list[Table], migrations: list[str],
+                 schema: dict[str, Any], place: str) -> None:
+        self._lambdas = lambdas
+        self._tables = tables
+        self._migrations = migrations
+        self._place = place
+        self._properties = schema.get("properties", {})
+        self._document_shape = _shape(schema) or (lambda doc: doc)
+        self._plans: dict[tuple[str, ...], list[tuple[int, str, Shape | None, bool]]] = {}
+        self._conn: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self._conn = sqlite3.connect(":memory:", isolation_level=None)
+        problems = _prepare(self._conn, self._migrations, set(self._tables), self._place)
+        if problems:
+            raise ConfigError(problems)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def apply(self, transform: int, documents: Sequence[Document]) -> Transformed:
+        if not documents:
+            return Transformed()
+        try:
+            return Transformed(self._run(transform, documents))
+        except _RUNTIME_ERRORS as e:
+            if len(documents) == 1:
+                return Transformed(failed=[(0, f"{type(e).__name__}: {e}")])
+        # Bisect: the inputs that fail alone are dead letters, the rest still produce outputs.
+        mid = len(documents) // 2
+        out = self.apply(transform, documents[:mid])
+        out.extend(self.apply(transform, documents[mid:]), mid)
+        return out
+
+    def _run(self, transform: int, documents: Sequence[Document]) -> list[Document]:
+        conn = self._conn
+        assert conn is not None, "open() first"
+        table = self._tables[transform]
+        columns = table.columns
+        conn.execute("BEGIN")
+        try:
+            conn.execute(f"DELETE FROM {_quote(table.name)}")
+            conn.executemany(table.insert_sql(),
+                             [tuple([_sql_value(d.get(c)) for c in columns]) for d in documents])
+            cursor = conn.execute(self._lambdas[transform])
+            rows = cursor.fetchall()
+            out = self._documents(cursor.description, rows) if cursor.description else []
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return out
+
+    def _documents(self, description: Sequence[Sequence[Any]], rows: list[tuple[Any, ...]]) -> list[Document]:
+        names = tuple(d[0] for d in description)
+        if names == ("json",):
+            shape = self._document_shape
+            loads = orjson.loads
+            return [shape(loads(r[0])) for r in rows if r[0] is not None]
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plans[names] = self._plan(names)
+        out = []
+        for row in rows:
+            doc: Document = {}
+            for i, name, shape, keep_null in plan:
+                v = row[i]
+                if v is None:
+                    if keep_null:
+                        doc[name] = None
+                elif shape is None:
+                    doc[name] = v
+                else:
+                    doc[name] = shape(v)
+            out.append(doc)
+        return out
+
+    def _plan(self, names: tuple[str, ...]) -> list[tuple[int, str, Shape | None, bool]]:
+        """Per column: (index, property, how to shape its values, whether NULL is kept as null)."""
+        plan = []
+        for i, name in enumerate(names):
+            schema = self._properties.get(name, {})
+            types = _types(schema)
+            plan.append((i, name, _shape(schema), not types or "null" in types))
+        return plan
+
+
+def _sql_value(v: Any) -> Any:
+    """A JSON value as SQLite stores it: objects and arrays as JSON text."""
+    t = type(v)
+    if t is dict or t is list:
+        return orjson.dumps(v).decode()
+    return v
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    t = schema.get("type")
+    if t is None:
+        return set()
+    return {t} if isinstance(t, str) else set(t)
+
+
+def _shape(schema: dict[str, Any]) -> Shape | None:
+    """How to turn an SQLite value into what ``schema`` expects there (None: leave it as is)."""
+    if not isinstance(schema, dict):
+        return None
+    types = _types(schema)
+    parse = bool(types & {"object", "array"})
+    date_time = schema.get("format") == "date-time"
+    boolean = "boolean" in types and not types & {"integer", "number"}
+    properties = {k: s for k, s in ((k, _shape(v)) for k, v in schema.get("properties", {}).items()) if s}
+    items = _shape(schema["items"]) if "items" in schema else None
+    if not (parse or date_time or boolean or properties or items):
+        return None
+
+    def shape(v: Any) -> Any:
+        if type(v) is str:
+            if date_time and _SQLITE_DATETIME.fullmatch(v):
+                return f"{v[:10]}T{v[11:]}Z"
+            if not (parse and v[:1] in "{["):
+                return v
+            try:
+                v = orjson.loads(v)
+            except orjson.JSONDecodeError:
+                return v  # left as text: validation says why it is not an object
+        elif boolean and type(v) is int and v in (0, 1):
+            return v == 1
+        if properties and type(v) is dict:
+            for k, sub in properties.items():
+                if v.get(k) is not None:
+                    v[k] = sub(v[k])
+        elif items and type(v) is list:
+            v = [x if x is None else items(x) for x in v]
+        return v
+
+    return shape
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
