@@ -79,15 +79,27 @@ class Masker:
         for path in self.paths:
             node: Any = doc
             for token in path[:-1]:
-                node = node.get(token) if isinstance(node, dict) else None
+                node = _child(node, token)
                 if node is None:
                     break
-            if isinstance(node, dict) and path[-1] in node:
-                node[path[-1]] = self.mask(node[path[-1]])
+            last = path[-1]
+            if isinstance(node, dict) and last in node:
+                node[last] = self.mask(node[last])
+            elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+                node[int(last)] = self.mask(node[int(last)])
 
     def mask(self, value: Any) -> str:
         raw = value if isinstance(value, str) else repr(value)
         return "masked:" + hmac.new(self.key, raw.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _child(node: Any, token: str) -> Any:
+    """The member or array element a pointer token names (RFC 6901), or None."""
+    if isinstance(node, dict):
+        return node.get(token)
+    if isinstance(node, list) and token.isdigit() and int(token) < len(node):
+        return node[int(token)]
+    return None
 
 
 class CaptureTask(Task):
@@ -143,6 +155,8 @@ class CaptureTask(Task):
         for index, docs in by_binding.items():
             await writer.write(collections[index], docs, reason="invalid")
         for index, error, original in item.dead:
+            if maskers[index] is not None:  # raw input cannot be masked by pointer: withhold it
+                error, original = f"{error} (original withheld: the binding masks fields)", b""
             await writer.write_dead(collections[index], error, original, reason="unparseable")
         if item.source_bytes:
             metrics.BYTES_IN.labels(self.ctx.name, collections[0].name).inc(item.source_bytes)

@@ -1,0 +1,96 @@
+"""One log line -> the `data` of a raw document, and the line's own timestamp when it has one.
+
+A line that is a JSON object becomes `data` as it is. Any other line becomes
+``{"message": <the line>}`` plus ``"level"`` when the line names one (``ERROR``, ``[warn]``,
+``level=info``), normalized to lowercase syslog names (``warn`` -> ``warning``).
+Invalid UTF-8 never fails a line: it is decoded with U+FFFD replacement characters, so the
+line is kept (a dead letter would hide a whole line for one bad byte).
+Timestamps without a zone are read as UTC.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+_JSON_TIME_FIELDS = ("timestamp", "@timestamp", "time", "ts")
+
+_LEADING_TS = re.compile(
+    rb"\s*[\[(]?(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s?(?:Z|z|[+-]\d{2}(?::?\d{2})?)?)")
+
+_LEVEL = re.compile(
+    r"\b(?:level|lvl|severity|loglevel)\s*[=:]\s*[\"']?(?P<kv>[A-Za-z]+)"
+    r"|[\[<(](?P<br>[A-Za-z]+)[\]>)]"
+    r"|\b(?P<word>TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|CRITICAL|CRIT|FATAL|PANIC|ALERT|EMERG)\b")
+
+_LEVELS = {
+    "trace": "trace", "debug": "debug", "info": "info", "notice": "notice",
+    "warn": "warning", "warning": "warning", "error": "error", "err": "error",
+    "critical": "critical", "crit": "critical", "fatal": "fatal", "panic": "panic",
+    "alert": "alert", "emerg": "emergency", "emergency": "emergency",
+}
+_LEVEL_SCAN_CHARS = 200
+"""Only the head of a line names its level; a word deep in the message does not."""
+
+
+def parse_line(line: bytes) -> tuple[dict[str, Any], str | None]:
+    """``(data, timestamp)`` of one line (no newline); timestamp is RFC 3339 UTC or None."""
+    if line[:1] == b"{":
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj, _json_timestamp(obj)
+    text = line.decode("utf-8", "replace")
+    data: dict[str, Any] = {"message": text}
+    level = _level(text)
+    if level:
+        data["level"] = level
+    m = _LEADING_TS.match(line)
+    return data, (rfc3339(m.group(1).decode("ascii")) if m else None)
+
+
+def _level(text: str) -> str | None:
+    for m in _LEVEL.finditer(text, 0, _LEVEL_SCAN_CHARS):
+        level = _LEVELS.get((m.group("kv") or m.group("br") or m.group("word")).lower())
+        if level:
+            return level
+    return None
+
+
+def _json_timestamp(obj: dict[str, Any]) -> str | None:
+    for name in _JSON_TIME_FIELDS:
+        value = obj.get(name)
+        if value is None:
+            continue
+        ts = rfc3339(value)
+        if ts:
+            return ts
+    return None
+
+
+def rfc3339(value: Any) -> str | None:
+    """An ISO 8601 string or a Unix time (s, ms, us or ns) as RFC 3339 UTC; None if neither."""
+    try:
+        if isinstance(value, str):
+            dt = datetime.fromisoformat(value.strip())
+            dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+            while abs(seconds) >= 1e11:  # milliseconds, microseconds or nanoseconds
+                seconds /= 1000.0
+            dt = datetime.fromtimestamp(seconds, UTC)
+        else:
+            return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return format_utc(dt)
+
+
+def format_utc(dt: datetime) -> str:
+    """RFC 3339 with a ``Z`` zone, as every raw document carries it."""
+    return dt.isoformat().replace("+00:00", "Z")
