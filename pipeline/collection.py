@@ -314,19 +314,34 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked and self.reader.on_revoke:
-            await self.reader.on_revoke(set(revoked))
+            try:
+                await self.reader.on_revoke(set(revoked))
+            except Exception as e:  # noqa: BLE001 - see on_partitions_assigned
+                self.reader.failure = e
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        if not assigned:
+        try:
+            await self._assigned(assigned)
+        except Exception as e:  # noqa: BLE001 - aiokafka would log and drop it: keep it for batch()
+            self.reader.failure = e
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        if not assigned or self.reader.on_assign is None:
             return
-        positions = await self.reader.on_assign(set(assigned)) if self.reader.on_assign else {}
         consumer = self.reader.consumer
-        for tp in assigned:
-            offset = positions.get(tp)
-            if offset is not None:
-                consumer.seek(tp, offset)
-            elif self.reader.on_assign is not None:
-                await consumer.seek_to_beginning(tp)
+        # Meanwhile the fetcher starts at the group's committed offsets, which a task that stores
+        # its own may be behind or ahead of: paused, no such record reaches `batch()` before the seek.
+        consumer.pause(*assigned)
+        try:
+            positions = await self.reader.on_assign(set(assigned))
+            for tp in assigned:
+                offset = positions.get(tp)
+                if offset is not None:
+                    consumer.seek(tp, offset)
+                else:
+                    await consumer.seek_to_beginning(tp)
+        finally:
+            consumer.resume(*assigned)
 
 
 @dataclass
@@ -367,9 +382,18 @@ class CollectionReader:
             max_poll_interval_ms=o.max_poll_interval_ms, **o.extra,
         )
         self._group = group_id
+        self.failure: Exception | None = None
+        """An error raised by ``on_assign``/``on_revoke``; ``batch()`` raises it (the task restarts)."""
 
     async def start(self, partitions: Sequence[TopicPartition] | None = None) -> None:
-        """Join the group (or read ``partitions`` directly, without a group)."""
+        """Join the group (or read ``partitions`` directly, without a group).
+
+        Topics are created first with the catalog's partition count: some brokers auto-create a
+        subscribed topic with their own default count.
+        """
+        if partitions is None and self.collections:
+            topics = {c.topic: (c.partitions, c.replication_factor, {}) for c in self.collections.values()}
+            await Admin(self.kafka).ensure(topics)
         try:
             await self.consumer.start()
         except KafkaError as e:
@@ -391,6 +415,9 @@ class CollectionReader:
 
     async def batch(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Record]:
         """The next batch (possibly empty after ``timeout_ms``), in offset order per partition."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
         try:
             fetched = await self.consumer.getmany(timeout_ms=timeout_ms,
                                                   max_records=max_records or self.options.max_records)

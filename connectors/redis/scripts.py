@@ -1,0 +1,131 @@
+"""The server-side script of the `redis` materialization, and the argument layout it reads.
+
+Kept as a string in a module (not a .lua file) so it ships with the package whatever the build
+includes. The script runs atomically in Redis: the fence check, every document of a chunk, its
+stream entries and the checkpoint are applied together or not at all. It never fails halfway:
+SET overwrites any type, hashes are deleted before HSET, and the stream's type is checked before
+the first write (Redis refuses a ``#!lua`` script up front when memory is full).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+APPLY = """\
+#!lua
+-- localflow `redis` materialization: apply one chunk of documents and its checkpoint atomically.
+-- KEYS: checkpoint hash, fence hash. ARGV (built by materialization.py):
+--   nparts, then per partition: field ("<topic>:<partition>"), fence token, expected checkpoint
+--     ("" = none), checkpoint after this chunk, partition number;
+--   nbind, then per binding: mode ("j" json | "h" hash), ttl ms ("0" = none), stream key ("" = none),
+--     stream maxlen;
+--   position key prefix;
+--   then per document: binding index, partition index, offset, key, value
+--     (json: 1 arg; hash: field count n then 2n args), and the document JSON if the binding streams.
+-- Replies: {1, applied, refused} | {3} chunk already applied | {0, field, fence held} not our fence |
+--   {2, field, stored checkpoint} checkpoint is not where this worker left it | {4, key, type} bad stream.
+local ckpt, fence = KEYS[1], KEYS[2]
+local a = 1
+local nparts = tonumber(ARGV[a]); a = a + 1
+local fields, afters, pnums = {}, {}, {}
+local fresh, done, fresh_field = 0, 0, ''
+for i = 1, nparts do
+  local field, token, expected, after = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  fields[i], afters[i], pnums[i] = field, after, ARGV[a + 4]
+  a = a + 5
+  local held = redis.call('HGET', fence, field)
+  if held ~= token then return {0, field, held or ''} end
+  local stored = redis.call('HGET', ckpt, field)
+  if (stored or '') == expected then
+    fresh, fresh_field = fresh + 1, field
+  elseif stored and tonumber(stored) >= tonumber(after) then
+    done = done + 1  -- a retry of a chunk whose reply was lost: applied already
+  else
+    return {2, field, stored or ''}
+  end
+end
+if done > 0 then
+  if fresh > 0 then return {2, fresh_field, 'partly applied'} end
+  return {3}
+end
+
+local nbind = tonumber(ARGV[a]); a = a + 1
+local modes, ttls, streams, maxlens = {}, {}, {}, {}
+for i = 1, nbind do
+  modes[i], ttls[i], streams[i], maxlens[i] = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  a = a + 4
+  if streams[i] ~= '' then
+    local t = redis.call('TYPE', streams[i])['ok']
+    if t ~= 'none' and t ~= 'stream' then return {4, streams[i], t} end
+  end
+end
+local posprefix = ARGV[a]; a = a + 1
+
+local applied, refused = 0, 0
+local n = #ARGV
+while a <= n do
+  local b, p, off, key = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  a = a + 4
+  local mode, ttl, stream = modes[b], ttls[b], streams[b]
+  local first, last = a, a
+  if mode == 'h' then
+    first = a + 1
+    last = a + 2 * tonumber(ARGV[a])
+  end
+  a = last + 1
+  local doc
+  if stream ~= '' then
+    if mode == 'h' then doc = ARGV[a]; a = a + 1 else doc = ARGV[first] end
+  end
+
+  -- A key remembers "<partition>:<offset>" of the document it holds; an older or equal position
+  -- of the same partition is a replay or a re-delivery and must not make the key older.
+  local pkey = posprefix .. key
+  local pos = redis.call('GET', pkey)
+  local newer = true
+  if pos then
+    local sep = string.find(pos, ':', 1, true)
+    if sep and string.sub(pos, 1, sep - 1) == pnums[p] and tonumber(string.sub(pos, sep + 1)) >= tonumber(off) then
+      newer = false
+    end
+  end
+  if newer then
+    if mode == 'h' then
+      redis.call('DEL', key)
+      for i = first, last, 200 do
+        redis.call('HSET', key, unpack(ARGV, i, math.min(i + 199, last)))
+      end
+      if ttl ~= '0' then redis.call('PEXPIRE', key, ttl) end
+    elseif ttl ~= '0' then
+      redis.call('SET', key, ARGV[first], 'PX', ttl)
+    else
+      redis.call('SET', key, ARGV[first])
+    end
+    if ttl ~= '0' then
+      redis.call('SET', pkey, pnums[p] .. ':' .. off, 'PX', ttl)
+    else
+      redis.call('SET', pkey, pnums[p] .. ':' .. off)
+    end
+    if stream ~= '' then
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlens[b], '*', 'key', key, 'doc', doc)
+    end
+    applied = applied + 1
+  else
+    refused = refused + 1
+  end
+end
+
+for i = 1, nparts do
+  redis.call('HSET', ckpt, fields[i], afters[i])
+end
+return {1, applied, refused}
+"""
+
+APPLY_SHA = hashlib.sha1(APPLY.encode()).hexdigest()  # noqa: S324 - the script id Redis uses
+
+# Reply codes of APPLY (first element of its reply).
+FENCE = 0
+APPLIED = 1
+CHECKPOINT_MOVED = 2
+ALREADY_APPLIED = 3
+BAD_STREAM = 4
