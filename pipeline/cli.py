@@ -8,11 +8,11 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -20,6 +20,10 @@ from rich.table import Table
 
 from pipeline.catalog import Catalog, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
+from pipeline.logs import redact, setup_logging
+
+if TYPE_CHECKING:
+    from pipeline.task import TaskKind
 
 app = typer.Typer(
     name="localflow",
@@ -101,8 +105,6 @@ _QUIET_LOG_FORMAT, _QUIET_LOG_LEVEL = _log_options("warning")
 
 
 def _setup(log_format: LogFormat, log_level: str) -> None:
-    from pipeline.logs import setup_logging
-
     setup_logging(log_format.value, log_level)
 
 
@@ -152,13 +154,13 @@ def run(
     try:
         kinds = {n: kind_of(cat, n) for n in names}
     except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     code = asyncio.run(_run(cat, kinds, metrics_host, metrics_port, shutdown_timeout))
     raise typer.Exit(code)
 
 
-async def _run(catalog: Catalog, kinds: dict[str, Any], host: str, port: int | None, shutdown_timeout: float) -> int:
+async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: int | None, shutdown_timeout: float) -> int:
     from pipeline.server import Telemetry
     from pipeline.task import TASK_PREFIX, run_tasks
 
@@ -226,7 +228,8 @@ def replay(
     applies the documents through the materialization's own connector (upserts, so nothing is
     doubled) and leaves the endpoint's checkpoint where the workers expect it. Stop the
     materialization's workers first: partitions they hold are not replayed, and the summary
-    says so. Exit 0 when every partition was replayed, 1 otherwise, 2 for bad arguments.
+    says so. If the endpoint fails, replay stops with its error: run it again (replaying twice
+    is harmless). Exit 0 when every partition was replayed, 1 otherwise, 2 for bad arguments.
 
     \b
     Example:
@@ -243,7 +246,7 @@ def replay(
         collections = rp.sources_of(cat, materialization, binding)
         since = rp.parse_timestamp(from_timestamp) if from_timestamp else None
     except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
 
     async def go() -> int:
@@ -258,16 +261,13 @@ def replay(
     raise typer.Exit(_run_async(go))
 
 
-def _run_async(make: Any) -> int:
-    """Run a coroutine function; a ConfigError exits 2, an EndpointError 1, each with its message."""
+def _run_async(make: Callable[[], Awaitable[int]]) -> int:
+    """Run a command's coroutine; its exit code, or 2 for a ConfigError and 1 for another error."""
     try:
         return asyncio.run(make())
-    except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
-        return 2
     except LocalflowError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
-        return 1
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 def _workers(given: list[str] | None) -> list[str]:
@@ -289,7 +289,8 @@ def status(
 
     Lag (partition end minus the task's committed checkpoint) comes from the broker; running,
     documents per second and errors come from the workers' /status (`localflow run
-    --metrics-port`), named with --worker or LOCALFLOW_WORKERS.
+    --metrics-port`), named with --worker or LOCALFLOW_WORKERS. Exit 1 when the broker or a
+    worker did not answer (what could be read is still shown).
 
     \b
     Example:
@@ -297,16 +298,22 @@ def status(
     """
     from pipeline import status as st
 
+    _setup(LogFormat.text, "warning")
     cat = load_or_exit(catalog)
     urls = _workers(worker)
 
     async def once() -> int:
-        console.print(st.render(await st.gather(cat, urls)))
-        return 0
+        report = await st.gather(cat, urls)
+        console.print(st.render(report))
+        return 1 if report.problems else 0
 
     async def live() -> int:
         from rich.live import Live
 
+        if not console.is_terminal:  # a pipe or a file: one snapshot after the other
+            while True:
+                console.print(st.render(await st.gather(cat, urls)))
+                await asyncio.sleep(interval)
         with Live(console=console, auto_refresh=False, screen=False) as view:
             while True:
                 view.update(st.render(await st.gather(cat, urls)), refresh=True)
@@ -339,6 +346,7 @@ def preview(
     """
     from pipeline.preview import preview as read
 
+    _setup(LogFormat.text, "warning")
     cat = load_or_exit(catalog)
 
     async def go() -> int:
@@ -350,7 +358,7 @@ def preview(
             await read(cat, collection, limit=limit, follow=follow or not from_beginning,
                        from_beginning=from_beginning, out=sys.stdout.buffer, stopping=stopping)
         except BrokenPipeError:  # `| head`: the reader is gone, which is fine
-            sys.stderr.close()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return 0
 
     raise typer.Exit(_run_async(go))
@@ -372,18 +380,21 @@ def doctor(
       localflow doctor examples/sophia/flow.yaml
     """
     from pipeline.doctor import diagnose
-    from pipeline.logs import redact
 
     _setup(LogFormat.text, "error")
     cat = load_or_exit(catalog)
-    lines = asyncio.run(diagnose(cat, timeout=timeout))
-    width = max(len(ln.check.name) for ln in lines)
-    for ln in lines:
-        note = " (not required)" if ln.state == "FAIL" and not ln.check.required else ""
-        print(redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {ln.check.detail}{note}"))
-    failed = [ln for ln in lines if ln.blocking]
-    print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
-    raise typer.Exit(1 if failed else 0)
+
+    async def go() -> int:
+        lines = await diagnose(cat, timeout=timeout)
+        width = max(len(ln.check.name) for ln in lines)
+        for ln in lines:
+            note = " (not required)" if ln.state == "FAIL" and not ln.check.required else ""
+            print(redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {ln.check.detail}{note}"))
+        failed = [ln for ln in lines if ln.blocking]
+        print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
+        return 1 if failed else 0
+
+    raise typer.Exit(_run_async(go))
 
 
 @app.command("test")
@@ -406,49 +417,29 @@ def test_catalog(
     Example:
       localflow test examples/sophia/flow.yaml
     """
-    from pipeline.catalog_test import run_tests
+    from pipeline.catalog_test import report_lines, run_tests
 
     _setup(log_format, log_level)
     cat = load_or_exit(catalog)
     unknown = [t for t in test or [] if t not in cat.tests]
     if unknown:
-        err_console.print(f"[bold red]error:[/] no test {', '.join(unknown)} in {catalog}; tests: "
-                          f"{', '.join(cat.tests) or 'none'}", highlight=False, markup=False)
+        err_console.print(f"[bold red]error:[/] no test {escape(', '.join(unknown))} in {catalog}; tests: "
+                          f"{escape(', '.join(cat.tests)) or 'none'}", highlight=False)
         raise typer.Exit(2)
     if not cat.tests:
         console.print(f"{catalog} declares no tests", highlight=False)
         raise typer.Exit(0)
-    results = asyncio.run(run_tests(cat, test or None, timeout=timeout, keep_topics=keep_topics))
-    for r in results:
-        _print_result(r)
-    failed = sum(not r.passed for r in results)
-    console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
-    raise typer.Exit(1 if failed else 0)
 
+    async def go() -> int:
+        results = await run_tests(cat, test or None, timeout=timeout, keep_topics=keep_topics)
+        for r in results:
+            console.print("[green]PASS[/]" if r.passed else "[red]FAIL[/]", highlight=False, end=" ")
+            console.print("\n".join(report_lines(r)), highlight=False, markup=False)
+        failed = sum(not r.passed for r in results)
+        console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
+        return 1 if failed else 0
 
-def _print_result(r: Any) -> None:
-    def show(value: Any) -> str:
-        return repr(value) if value.__class__.__name__ == "_Missing" else orjson.dumps(value).decode()
-
-    if r.passed:
-        console.print(f"[green]PASS[/] {escape(r.name)} ({r.steps} steps, {r.seconds:.1f}s)", highlight=False)
-        return
-    console.print(f"[red]FAIL[/] {escape(r.name)}: step {r.failed_step + 1} ({escape(r.step_title)}), "
-                  f"{r.seconds:.1f}s", highlight=False)
-    out = []
-    if r.error:
-        out.append(f"  {r.error}")
-    for f in r.failures:
-        key = orjson.dumps(f.key).decode()
-        if f.problem == "missing":
-            out.append(f"  document {key}: missing; expected {show(f.expected)}")
-        elif f.problem == "unexpected":
-            out.append(f"  document {key}: unexpected {show(f.actual)}")
-        else:
-            out.append(f"  document {key}: differs")
-            out.extend(f"    {d.pointer}: expected {show(d.expected)}, actual {show(d.actual)}" for d in f.differences)
-    out.extend(f"  note: {n}" for n in r.notes)
-    console.print("\n".join(out), highlight=False, markup=False)
+    raise typer.Exit(_run_async(go))
 
 
 from pipeline.demo import demo_command, demo_sources_command  # noqa: E402 - registered here, defined there

@@ -6,6 +6,22 @@ in the object names. Several workers of one materialization share its partitions
 consumer group (``localflow.<task>``); on assignment the runtime asks the connector where each
 partition resumes, and seeks there. Kafka's committed group offsets are advisory only (for
 lag in `localflow status`), never the source of truth.
+
+Runtime options (``TaskContext.options``) that `localflow replay` sets to backfill an endpoint:
+
+* ``start_offsets`` (``{TopicPartition: offset}``): where a partition starts when it is assigned,
+  instead of the stored offset ``assigned()`` returns. ``assigned()`` is still called, so the
+  connector fences as usual; ``apply()`` then receives records *below* its stored offset and
+  MUST apply them (a replay re-applies on purpose; upserts and "never older" rules keep it
+  safe). An entry is dropped once a batch of its partition is durable, so a later
+  re-assignment resumes from the endpoint's checkpoint, which by then covers the replay.
+* ``stop_at_end`` (``{TopicPartition: offset}``): the task returns (flushing and committing
+  as on a stop) once every one of these partitions that this worker holds has been read up to
+  its offset. Where the stored offset is further, the entry is raised to it, so the endpoint's
+  checkpoint never ends behind where it was. Partitions another worker of the group holds are
+  not waited for.
+* ``progress`` (``{TopicPartition: offset}``, filled in by the task): the next offset to read
+  of each partition, after each applied batch (for progress bars).
 """
 
 from __future__ import annotations
@@ -85,6 +101,7 @@ class MaterializationTask(Task):
     """Reads the bindings' collections as a consumer group and applies batches."""
 
     poll_ms = 200
+    _ever_assigned = False
 
     async def run(self) -> None:
         from connectors import load_connector
@@ -115,9 +132,14 @@ class MaterializationTask(Task):
                     metrics.BATCH_SECONDS.labels(ctx.name).observe(time.perf_counter() - started)
                     self._latency(records, collections)
                     ctx.status.progressed(len(records))
+                    if "progress" in ctx.options:
+                        ctx.options["progress"].update(Batch(records, bindings).next_offsets())
                 else:
                     durable = await m.tick()
                 await self._committed(reader, durable)
+                if "stop_at_end" in ctx.options and await self._reached_end(reader):
+                    ctx.log.info("replay reached its end offsets")
+                    break
             failed = False
         finally:
             try:
@@ -128,17 +150,42 @@ class MaterializationTask(Task):
                 await reader.stop()
 
     def _assigned(self, m: Materialization):  # noqa: ANN202
+        options = self.ctx.options
+
         async def on_assign(partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
             positions = await m.assigned(partitions)
+            start, stop = options.get("start_offsets", {}), options.get("stop_at_end")
+            for tp in partitions & start.keys():
+                stored = positions.get(tp)
+                positions[tp] = start[tp]
+                if stop is not None and tp in stop and stored is not None and stored > stop[tp]:
+                    stop[tp] = stored
+            if "progress" in options:
+                options["progress"].update({tp: positions.get(tp) or 0 for tp in partitions})
+            self._ever_assigned = True
             self.ctx.log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{positions.get(tp) or 0}"
                                                         for tp in sorted(partitions)))
             return positions
 
         return on_assign
 
+    async def _reached_end(self, reader: CollectionReader) -> bool:
+        """True once this worker holds no ``stop_at_end`` partition that is not read to its offset."""
+        if not self._ever_assigned:
+            return False
+        stop: Offsets = self.ctx.options["stop_at_end"]
+        for tp in reader.assignment():
+            if tp in stop and await reader.position(tp) < stop[tp]:
+                return False
+        return True
+
     async def _committed(self, reader: CollectionReader, durable: Offsets) -> None:
         if not durable:
             return
+        start = self.ctx.options.get("start_offsets")
+        if start:
+            for tp in durable:
+                start.pop(tp, None)
         metrics.checkpointed(self.ctx.name)
         for tp, offset in durable.items():
             hw = reader.highwater(tp)

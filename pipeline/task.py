@@ -21,6 +21,7 @@ from pipeline import metrics
 from pipeline.catalog import Catalog
 from pipeline.collection import Collection, CollectionWriter
 from pipeline.errors import ConfigError, Fenced, LocalflowError
+from pipeline.logs import current_task
 
 TaskKind = Literal["capture", "derivation", "materialization"]
 
@@ -167,6 +168,7 @@ async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
     """Run a task until ``ctx.stopping``; restart it with backoff after any failure."""
     backoff = backoff or Backoff()
     status = ctx.status
+    current_task.set(ctx.name)  # library log lines from this coroutine name the task
     metrics.TASK_INFO.labels(ctx.name, ctx.kind).set(1)
     while not ctx.stopping.is_set():
         started = time.monotonic()
@@ -220,4 +222,8 @@ async def run_tasks(catalog: Catalog, names: Sequence[str] | None, stopping: asy
     """Run the named tasks (all when None) until ``stopping`` is set; each is supervised alone."""
     names = list(names) if names else catalog.task_names()
     contexts = [TaskContext(catalog, n, kind_of(catalog, n), stopping, dict(options or {})) for n in names]
-    await asyncio.gather(*(supervise(c) for c in contexts))
+    await asyncio.gather(*(asyncio.create_task(supervise(c), name=TASK_PREFIX + c.name) for c in contexts))
+
+
+TASK_PREFIX = "localflow:"
+"""Prefix of the asyncio task names ``run_tasks`` creates (to say which task did not stop)."""

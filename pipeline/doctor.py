@@ -1,0 +1,170 @@
+"""`localflow doctor`: can this catalog run here? One line per check, secrets never shown.
+
+Checks, in order: the Kafka broker; each task's endpoint through its connector's ``doctor``
+hook (required unless the connector says otherwise); and, per the SPEC's "Estuary fallback",
+``api.estuary.dev`` (DNS, then HTTPS) and the Estuary tokens (expiry read from the JWT without
+verifying it; the refresh token only reported present or absent). Estuary being unreachable
+is expected (it is why localflow exists), so those checks are never required.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import httpx
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from pipeline.catalog import Catalog
+from pipeline.connector import Check
+
+ESTUARY_HOST = "api.estuary.dev"
+ESTUARY_TOKEN_ENVS = ("ESTUARY_ACCESS_TOKEN", "ESTUARY_JWT_TOKEN")
+ESTUARY_REFRESH_ENV = "ESTUARY_REFRESH_TOKEN"
+ESTUARY_TOKEN_LIFETIME = 14 * 86400
+"""The seed: Estuary access tokens expire after 14 days (used when a token has no ``exp``)."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One printed line: a check and whether it ran (``SKIP`` when nothing could be checked)."""
+
+    state: Literal["OK", "FAIL", "SKIP"]
+    check: Check
+
+    @property
+    def blocking(self) -> bool:
+        return self.state == "FAIL" and self.check.required
+
+
+def line(check: Check) -> Line:
+    return Line("OK" if check.ok else "FAIL", check)
+
+
+async def check_kafka(catalog: Catalog, timeout: float) -> Check:  # noqa: ASYNC109
+    servers = catalog.kafka.bootstrap_servers
+    admin = AIOKafkaAdminClient(**catalog.kafka.client_options(), request_timeout_ms=int(timeout * 1000))
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            topics = await admin.list_topics()
+    except (KafkaError, OSError, TimeoutError) as e:
+        return Check(f"kafka {servers}", False, f"unreachable: {type(e).__name__}: {e}".rstrip(": "))
+    finally:
+        await admin.close()
+    return Check(f"kafka {servers}", True, f"answered, {len(topics)} topics")
+
+
+async def check_endpoints(catalog: Catalog, timeout: float) -> list[Line]:  # noqa: ASYNC109
+    """Each capture's and materialization's connector ``doctor`` hook, names prefixed by task."""
+    from connectors import load_connector
+
+    out: list[Line] = []
+    for name, spec in {**catalog.captures, **catalog.materializations}.items():
+        connector = load_connector(spec.connector)
+        if connector.doctor is None:
+            out.append(Line("SKIP", Check(f"{name}: {spec.connector}", True,
+                                          "the connector has no doctor check", required=False)))
+            continue
+        try:
+            async with asyncio.timeout(timeout):
+                checks = await connector.doctor(spec.config)
+        except TimeoutError:
+            checks = [Check(spec.connector, False, f"no answer within {timeout:g}s")]
+        except Exception as e:  # noqa: BLE001 - a broken hook is a failed check, not a crash
+            checks = [Check(spec.connector, False, f"check failed: {type(e).__name__}: {e}")]
+        out.extend(line(Check(f"{name}: {c.name}", c.ok, c.detail, c.required)) for c in checks)
+    return out
+
+
+async def check_estuary(host: str, timeout: float) -> list[Check]:  # noqa: ASYNC109
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError) as e:
+        why = f"{type(e).__name__}: {e}".rstrip(": ")
+        return [Check(f"estuary dns {host}", False, f"does not resolve ({why}); localflow runs without it",
+                      required=False),
+                Check(f"estuary https {host}", False, "not tried: the name does not resolve", required=False)]
+    address = infos[0][4][0]
+    checks = [Check(f"estuary dns {host}", True, f"resolves to {address}", required=False)]
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(f"https://{host}/")
+    except httpx.HTTPError as e:
+        checks.append(Check(f"estuary https {host}", False, f"unreachable: {type(e).__name__}: {e}", required=False))
+    else:
+        checks.append(Check(f"estuary https {host}", True, f"answered HTTP {response.status_code}", required=False))
+    return checks
+
+
+def check_tokens(env: dict[str, str], now: float | None = None) -> list[Check]:
+    """Expiry of the Estuary access token and presence of the refresh token; never the tokens."""
+    now = time.time() if now is None else now
+    checks = []
+    name = next((n for n in ESTUARY_TOKEN_ENVS if env.get(n)), None)
+    if name is None:
+        checks.append(Check("estuary token", False, f"{' / '.join(ESTUARY_TOKEN_ENVS)} not set "
+                            f"(only needed to use Estuary itself)", required=False))
+    else:
+        checks.append(_token_expiry(name, env[name], now))
+    present = bool(env.get(ESTUARY_REFRESH_ENV))
+    checks.append(Check("estuary refresh token", present,
+                        f"{ESTUARY_REFRESH_ENV} is {'present' if present else 'not set'}", required=False))
+    return checks
+
+
+def _token_expiry(name: str, token: str, now: float) -> Check:
+    label = f"estuary token {name}"
+    claims = _jwt_claims(token)
+    if claims is None:
+        return Check(label, False, "is not a JWT: its expiry cannot be read", required=False)
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, int | float) and isinstance(iat, int | float):
+        exp = iat + ESTUARY_TOKEN_LIFETIME
+    if not isinstance(exp, int | float):
+        return Check(label, False, "a JWT without `exp` or `iat`: its expiry cannot be read", required=False)
+    when = datetime.fromtimestamp(exp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    left = exp - now
+    if left <= 0:
+        return Check(label, False, f"expired {when} ({_days(-left)} ago); Estuary tokens last 14 days: "
+                                   f"get a new one, or use the refresh token", required=False)
+    return Check(label, True, f"valid until {when} (in {_days(left)})", required=False)
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """The payload of a JWT, decoded without verifying its signature (we only read the dates)."""
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _days(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 60:.0f} minutes"
+
+
+async def diagnose(catalog: Catalog, *, timeout: float = 5.0, estuary_host: str = ESTUARY_HOST,  # noqa: ASYNC109
+                   env: dict[str, str] | None = None) -> list[Line]:
+    """Every check of the catalog, in print order."""
+    kafka, endpoints, estuary = await asyncio.gather(
+        check_kafka(catalog, timeout), check_endpoints(catalog, timeout), check_estuary(estuary_host, timeout))
+    tokens = check_tokens(dict(os.environ) if env is None else env)
+    return [line(kafka), *endpoints, *(line(c) for c in estuary), *(line(c) for c in tokens)]

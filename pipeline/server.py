@@ -1,0 +1,158 @@
+"""The worker's HTTP endpoint (``localflow run --metrics-port``): metrics, health, readiness, status.
+
+* ``/metrics``: every metric of ``pipeline.metrics`` in the Prometheus text format.
+* ``/healthz``: 200 while the process is alive and its event loop answers.
+* ``/readyz``: 200 when every task of this process is running, connected to its endpoints and
+  not stalled (it has a backlog but made no progress for ``stall_after`` seconds); else 503.
+  The body says, per task, ``ok`` or why not.
+* ``/status``: JSON for `localflow status`: per task running, connected, documents per second,
+  restarts, last error (redacted), last progress and checkpoint times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from pipeline import metrics
+from pipeline.logs import redact
+from pipeline.task import STATUS, TaskKind
+
+RATE_WINDOW = 10.0
+"""Seconds over which documents per second are averaged."""
+
+
+class Telemetry:
+    """The HTTP server of one worker process; ``tasks`` are the task names it runs."""
+
+    def __init__(self, tasks: dict[str, TaskKind], *, stall_after: float = 300.0) -> None:
+        self.tasks = tasks
+        self.stall_after = stall_after
+        self.started_at = time.time()
+        self._samples: deque[tuple[float, dict[str, int]]] = deque()
+        self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self.host = ""
+        self.port = 0
+        for name, kind in tasks.items():  # series exist (at 0) before the first event
+            metrics.TASK_RESTARTS.labels(name)
+            metrics.TASK_UP.labels(name)
+            metrics.TASK_INFO.labels(name, kind)
+            for error_kind in ("auth", "source", "endpoint", "config", "fenced", "internal"):
+                metrics.ERRORS.labels(name, error_kind)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (port 0: any free port, see ``self.port``)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the bound port when 0 was asked
+        sockets = getattr(server, "sockets", None) or []
+        self.host, self.port = host, sockets[0].getsockname()[1] if sockets else port
+        self._sampler = asyncio.create_task(self._sample(), name="localflow-telemetry-sampler")
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _sample(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._samples.append((now, {n: s.documents for n, s in STATUS.items()}))
+            while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+                self._samples.popleft()
+            await asyncio.sleep(1.0)
+
+    def rate(self, task: str) -> float:
+        """Documents per second of ``task`` over about the last ``RATE_WINDOW`` seconds."""
+        status = STATUS.get(task)
+        if status is None or not self._samples:
+            return 0.0
+        at, counts = self._samples[0]
+        elapsed = time.monotonic() - at
+        return (status.documents - counts.get(task, 0)) / elapsed if elapsed > 0.5 else 0.0
+
+    def readiness(self) -> dict[str, str]:
+        """``ok`` or the reason, per task of this process."""
+        lagging = _tasks_with_lag()
+        now = time.time()
+        out = {}
+        for name in self.tasks:
+            s = STATUS.get(name)
+            if s is None or not s.running:
+                reason = "not running" + (f" (last error: {redact(s.last_error)})" if s and s.last_error else "")
+            elif not s.connected:
+                reason = "starting: not connected to its endpoints yet"
+            elif name in lagging and now - (s.last_progress_at or self.started_at) > self.stall_after:
+                reason = f"stalled: has a backlog but made no progress for {self.stall_after:g}s"
+            else:
+                reason = "ok"
+            out[name] = reason
+        return out
+
+    def status(self) -> dict[str, Any]:
+        checkpoints = metrics.checkpoint_times()
+        tasks = {}
+        for name, kind in self.tasks.items():
+            s = STATUS.get(name)
+            tasks[name] = {
+                "kind": kind,
+                "running": bool(s and s.running),
+                "connected": bool(s and s.connected),
+                "documents": s.documents if s else 0,
+                "docs_per_second": round(self.rate(name), 3),
+                "restarts": s.restarts if s else 0,
+                "last_error": redact(s.last_error) if s and s.last_error else None,
+                "last_error_at": s.last_error_at if s else None,
+                "last_progress_at": s.last_progress_at if s else None,
+                "checkpoint_at": checkpoints.get(name),
+            }
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started_at": self.started_at,
+                "now": time.time(), "tasks": tasks}
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        tasks = self.readiness()
+        ready = all(r == "ok" for r in tasks.values())
+        return web.json_response({"ready": ready, "tasks": tasks}, status=200 if ready else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+
+def _tasks_with_lag() -> set[str]:
+    """Tasks with a positive consumer lag on some partition (from the lag gauge)."""
+    out = set()
+    for family in metrics.CONSUMER_LAG.collect():
+        for sample in family.samples:
+            if sample.value > 0:
+                out.add(sample.labels["task"])
+    return out

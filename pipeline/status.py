@@ -1,0 +1,211 @@
+"""`localflow status`: what each task of a catalog is doing, from the broker and the workers.
+
+Two sources, each for what it knows:
+* the broker, for lag: per input partition, the fetch high watermark minus the task's
+  checkpoint, which for derivations and materializations is the group ``localflow.<task>``'s
+  committed offset (read per partition, without joining the group); capture checkpoints are
+  the records of ``localflow.checkpoints`` (their write time gives the checkpoint age);
+* the workers, for the rest: each `localflow run --metrics-port P` serves ``/status``;
+  ``--worker http://host:P`` (or LOCALFLOW_WORKERS) names them. A task no worker reports is
+  shown as not running when workers were given, and as unknown when none were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+import orjson
+from rich import box
+from rich.console import Group
+from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
+
+from pipeline.catalog import Catalog
+from pipeline.checkpoint import CHECKPOINT_TOPIC
+from pipeline.collection import Collection, read_to_end
+from pipeline.errors import EndpointError
+from pipeline.logs import redact
+from pipeline.offsets import high_watermarks, partitions_of, probe_consumer
+from pipeline.task import kind_of
+
+
+@dataclass
+class PartitionLag:
+    collection: str
+    partition: int
+    end: int
+    checkpoint: int | None
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - (self.checkpoint or 0))
+
+
+@dataclass
+class TaskReport:
+    name: str
+    kind: str
+    workers: int = 0
+    """Workers reporting this task as running."""
+    running: bool | None = None
+    """None: unknown (no worker was asked)."""
+    docs_per_second: float | None = None
+    checkpoint_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    partitions: list[PartitionLag] = field(default_factory=list)
+    missing_topics: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    """Collections a capture writes."""
+
+
+@dataclass
+class StatusReport:
+    tasks: list[TaskReport]
+    problems: list[str]
+    at: float
+
+
+async def worker_status(urls: list[str], timeout: float = 3.0) -> tuple[list[dict[str, Any]], list[str]]:  # noqa: ASYNC109
+    """The ``/status`` of each worker that answered, and a line for each that did not."""
+    answers, problems = [], []
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        async def one(url: str) -> None:
+            try:
+                response = await client.get(url.rstrip("/") + "/status")
+                response.raise_for_status()
+                answers.append(response.json())
+            except (httpx.HTTPError, ValueError) as e:
+                problems.append(f"worker {url} did not answer /status: {type(e).__name__}: {e}")
+
+        await asyncio.gather(*(one(u) for u in urls))
+    return answers, problems
+
+
+def inputs_of(catalog: Catalog, task: str) -> list[str]:
+    """The collections a derivation or materialization reads (captures read none)."""
+    if task in catalog.materializations:
+        return [b.source for b in catalog.materializations[task].bindings]
+    derive = catalog.collections[task].derive if task in catalog.collections else None
+    return list(dict.fromkeys(t.source for t in derive.transforms)) if derive else []
+
+
+async def gather(catalog: Catalog, workers: list[str]) -> StatusReport:
+    """One report per task of the catalog."""
+    answers, problems = await worker_status(workers) if workers else ([], [])
+    reports = {name: TaskReport(name, kind_of(catalog, name)) for name in catalog.task_names()}
+    for name, capture in catalog.captures.items():
+        reports[name].targets = [b.target for b in capture.bindings]
+    for report in reports.values():
+        if workers:
+            report.running = False
+    for answer in answers:
+        for name, t in answer.get("tasks", {}).items():
+            report = reports.get(name)
+            if report is None:
+                continue
+            if t.get("running"):
+                report.running = True
+                report.workers += 1
+                report.docs_per_second = (report.docs_per_second or 0.0) + float(t.get("docs_per_second") or 0)
+            report.checkpoint_at = _latest(report.checkpoint_at, t.get("checkpoint_at"))
+            if t.get("last_error") and (t.get("last_error_at") or 0) >= (report.last_error_at or 0):
+                report.last_error, report.last_error_at = t["last_error"], t.get("last_error_at")
+    try:
+        await _lags(catalog, reports)
+        await _capture_checkpoints(catalog, reports)
+    except EndpointError as e:
+        problems.append(str(e))
+    return StatusReport(list(reports.values()), problems, time.time())
+
+
+async def _lags(catalog: Catalog, reports: dict[str, TaskReport]) -> None:
+    topics = {Collection.from_catalog(catalog, name).topic
+              for report in reports.values() for name in inputs_of(catalog, report.name)}
+    if not topics:
+        return
+    async with probe_consumer(catalog.kafka) as consumer:
+        tps_of = {topic: await partitions_of(consumer, topic) for topic in topics}
+        ends = await high_watermarks(consumer, [tp for tps in tps_of.values() for tp in tps])
+    for report in reports.values():
+        inputs = inputs_of(catalog, report.name)
+        if not inputs:
+            continue
+        async with probe_consumer(catalog.kafka, group_id=f"localflow.{report.name}") as group:
+            for name in inputs:
+                topic = Collection.from_catalog(catalog, name).topic
+                if not tps_of[topic]:
+                    report.missing_topics.append(topic)
+                for tp in tps_of[topic]:
+                    committed = await group.committed(tp)
+                    report.partitions.append(PartitionLag(name, tp.partition, ends[tp], committed))
+
+
+async def _capture_checkpoints(catalog: Catalog, reports: dict[str, TaskReport]) -> None:
+    captures = {n for n, r in reports.items() if r.kind == "capture"}
+    if not captures:
+        return
+    for record in await read_to_end(catalog.kafka, CHECKPOINT_TOPIC, timeout=30):
+        task = record.key.decode(errors="replace") if record.key else ""
+        if task not in captures or not record.value:
+            continue
+        try:
+            written = orjson.loads(record.value)["written_at"]
+            at = datetime.fromisoformat(written.replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        reports[task].checkpoint_at = _latest(reports[task].checkpoint_at, at)
+
+
+def _latest(a: float | None, b: Any) -> float | None:
+    if b is None:
+        return a
+    return max(a or 0.0, float(b))
+
+
+def ago(at: float | None, now: float) -> str:
+    """``3s ago``, ``4m ago``, ``2h ago``, ``5d ago``; ``never`` for None."""
+    if at is None:
+        return "never"
+    s = max(0.0, now - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def render(report: StatusReport) -> Group:
+    """Per task a heading line (running, docs/s, checkpoint age), its partitions' lag, its last error."""
+    parts: list[Any] = [f"[yellow]![/] {escape(redact(p))}" for p in report.problems]
+    for t in report.tasks:
+        if t.running is None:
+            running = "running: unknown (pass --worker)"
+        elif t.running:
+            running = f"[green]running[/] on {t.workers} worker{'s' if t.workers != 1 else ''}"
+        else:
+            running = "[red]not running[/]"
+        rate = f"{t.docs_per_second:,.1f} docs/s" if t.docs_per_second is not None else "- docs/s"
+        unknown = t.checkpoint_at is None and t.running is None and t.kind != "capture"
+        checkpoint = "age unknown" if unknown else ago(t.checkpoint_at, report.at)
+        parts.append(f"\n[bold]{t.name}[/] ({t.kind}) · {running} · {rate} · checkpoint {checkpoint}")
+        if t.kind == "capture":
+            parts.append(f"  writes to {', '.join(t.targets)}")
+        else:
+            table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+            for column in ("collection", "partition", "end", "checkpoint", "lag"):
+                table.add_column(column, justify="left" if column == "collection" else "right")
+            for p in t.partitions:
+                table.add_row(p.collection, str(p.partition), str(p.end),
+                              "none" if p.checkpoint is None else str(p.checkpoint), f"{p.lag:,}")
+            for topic in t.missing_topics:
+                table.add_row(topic, "-", "-", "-", "no topic yet")
+            parts.append(Padding(table, (0, 0, 0, 2), expand=False))
+        parts.append(f"  last error {ago(t.last_error_at, report.at)}: {escape(redact(t.last_error))}"
+                     if t.last_error else "  no error")
+    return Group(*parts)
