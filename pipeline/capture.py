@@ -9,6 +9,8 @@ unacknowledged item, with the same keys (``metadata.id`` is deterministic).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -27,6 +29,8 @@ from pipeline.errors import ConfigError
 from pipeline.task import Task, TaskContext
 
 MASK_KEY_ENV = "LOCALFLOW_MASK_KEY"
+STOP_GRACE = 5.0
+"""Seconds an in-flight poll may still finish after a stop before it is abandoned."""
 
 
 @dataclass
@@ -124,7 +128,7 @@ class CaptureTask(Task):
             ctx.log.info("capture started from %s", "its checkpoint" if state else "the beginning")
             stream = capture.run(state)
             try:
-                async for item in stream:
+                while (item := await self._next(stream)) is not None:
                     await self._emit(item, collections, maskers, writer)
                     if item.state is not None:
                         await store.save(writer, ctx.name, item.state)
@@ -139,6 +143,31 @@ class CaptureTask(Task):
                 await capture.close()
             finally:
                 await writer.stop()
+
+    async def _next(self, stream: AsyncIterator[Captured]) -> Captured | None:
+        """The capture's next item; None when it ended, or when stopping and it is not ready.
+
+        An in-flight poll (a hung request, a slow scrape) gets ``STOP_GRACE`` seconds after a
+        stop, then is abandoned: it yielded nothing, so no state advanced and nothing is lost.
+        """
+        pending = asyncio.ensure_future(anext(stream))
+        stopping = asyncio.ensure_future(self.ctx.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({pending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if pending not in done:
+                done, _ = await asyncio.wait({pending}, timeout=STOP_GRACE)
+            if pending in done:
+                try:
+                    return pending.result()
+                except StopAsyncIteration:
+                    return None
+            self.ctx.log.info("stopping: abandoned a poll still in flight after %.0fs", STOP_GRACE)
+            pending.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await pending
+            return None
+        finally:
+            stopping.cancel()
 
     async def _emit(self, item: Captured, collections: list, maskers: list[Masker | None],
                     writer: CollectionWriter) -> None:

@@ -188,6 +188,13 @@ def test_a_task_that_does_not_stop_within_the_shutdown_timeout_exits_1_naming_it
     assert f"task(s) {name}/api did not stop" in w.output()
 
 
+def test_sigterm_abandons_a_hung_poll_after_its_grace_and_exits_0(
+        tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
+    with worker_stuck_in_a_request(tmp_path, unique_name(), "30") as w:
+        assert w.stop(signal.SIGTERM, timeout=25) == 0
+    assert "abandoned a poll still in flight" in w.output()
+
+
 def test_a_second_signal_exits_at_once(
         tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
     with worker_stuck_in_a_request(tmp_path, unique_name(), "120") as w:
