@@ -36,7 +36,7 @@ from aiokafka import TopicPartition
 from pipeline import metrics
 from pipeline.catalog import MaterializationSpec
 from pipeline.collection import Collection, CollectionReader, ReaderOptions, Record
-from pipeline.errors import Fenced
+from pipeline.errors import EndpointError, Fenced
 from pipeline.task import Task, TaskContext
 
 Offsets = dict[TopicPartition, int]
@@ -192,7 +192,10 @@ class MaterializationTask(Task):
             if hw is not None:
                 metrics.CONSUMER_LAG.labels(self.ctx.name, tp.topic, str(tp.partition)).set(max(0, hw - offset))
         owned = reader.assignment()
-        await reader.commit({tp: o for tp, o in durable.items() if tp in owned})
+        try:
+            await reader.commit({tp: o for tp, o in durable.items() if tp in owned})
+        except EndpointError as e:  # advisory only (the endpoint holds the checkpoint): never fail for it
+            self.ctx.log.debug("advisory offset commit skipped: %s", e)
 
     def _latency(self, records: list[Record], collections: list[Collection]) -> None:
         now_ms = time.time() * 1000

@@ -3,7 +3,7 @@
 What a user sees: the tables and their columns, the rows (last document per key, or every
 document in delta mode), `localflow_checkpoints` at the end of each topic, dead letters, and
 error messages. Fault injection (kill -9, SIGSTOP of a worker, a Postgres restart) runs the
-workers as their own processes (tests/pg_worker.py) or against private servers.
+workers as their own processes (tests/materialization_worker.py) or against private servers.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pipeline.task import STATUS, TaskContext, run_tasks
 from tests.helpers import wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "pg_worker.py"
+WORKER = ROOT / "tests" / "materialization_worker.py"
 READER = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
 
 DOC_SCHEMA: dict[str, Any] = {

@@ -42,7 +42,7 @@ from pipeline.task import Backoff, TaskContext, supervise
 from tests.helpers import wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "redis_worker.py"
+WORKER = ROOT / "tests" / "materialization_worker.py"
 READER = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
 """Same as the subprocess worker: a short session, so partitions of a dead worker move quickly."""
 

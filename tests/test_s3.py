@@ -43,7 +43,7 @@ from pipeline.materialization import Batch
 from pipeline.services import S3, Services, free_port
 from pipeline.task import STATUS, TaskContext, run_tasks
 from tests.helpers import wait_for_async
-from tests.s3_worker import READER
+from tests.materialization_worker import READER
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
@@ -704,7 +704,7 @@ async def test_every_document_is_archived_exactly_once_across_kill_9(
 
     def spawn(log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3_worker.py"), str(cat.path), "kill9"],
+            return subprocess.Popen([sys.executable, str(ROOT / "tests" / "materialization_worker.py"), str(cat.path), "kill9"],
                                     stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
     log = env.tmp / "worker.log"

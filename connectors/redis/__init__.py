@@ -7,33 +7,15 @@ live in Redis next to the data, written in the same atomic step (see ``materiali
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from connectors.redis.config import RedisBinding, RedisConfig, check
-from pipeline.connector import Check, Connector
-
-if TYPE_CHECKING:
-    from pipeline.task import TaskContext
-
-
-def _build(ctx: TaskContext) -> Any:
-    from connectors.redis.materialization import RedisMaterialization
-
-    return RedisMaterialization(ctx)
-
-
-async def _doctor(config: RedisConfig) -> list[Check]:
-    from connectors.redis.materialization import doctor
-
-    return await doctor(config)
-
+from pipeline.connector import Connector
 
 CONNECTOR = Connector(
     name="redis",
     kind="materialization",
     config=RedisConfig,
     resource=RedisBinding,
-    build=_build,
+    build="connectors.redis.materialization:RedisMaterialization",
     check=check,
-    doctor=_doctor,
+    doctor="connectors.redis.materialization:doctor",
 )

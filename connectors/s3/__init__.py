@@ -6,32 +6,14 @@ the implementation is imported inside ``build`` and ``doctor``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from connectors.s3.config import S3Config, S3Resource
-from pipeline.connector import Check, Connector
-
-if TYPE_CHECKING:
-    from pipeline.task import TaskContext
-
-
-def _build(ctx: TaskContext) -> Any:
-    from connectors.s3.materialization import S3Materialization
-
-    return S3Materialization(ctx)
-
-
-async def _doctor(config: S3Config) -> list[Check]:
-    from connectors.s3.client import doctor
-
-    return await doctor(config)
-
+from pipeline.connector import Connector
 
 CONNECTOR = Connector(
     name="s3",
     kind="materialization",
     config=S3Config,
     resource=S3Resource,
-    build=_build,
-    doctor=_doctor,
+    build="connectors.s3.materialization:S3Materialization",
+    doctor="connectors.s3.client:doctor",
 )

@@ -1,9 +1,10 @@
-"""A materialization worker in its own process, for tests that kill -9 or pause it.
+"""One materialization task in its own process, for tests that kill -9, pause or SIGTERM it.
 
-    python tests/redis_worker.py CATALOG TASK
+    python tests/materialization_worker.py CATALOG TASK
 
-Runs TASK supervised (restart with backoff after failures) until SIGTERM, then flushes and
-exits 0. A short consumer session lets the group notice a killed worker quickly.
+Runs TASK supervised (restarted with backoff after a failure, e.g. when it was fenced) until
+SIGTERM, then exits 0. A short consumer session lets the group notice a killed or paused worker
+quickly. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from pipeline.catalog import load_catalog
-from pipeline.task import Backoff, TaskContext, supervise
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.catalog import load_catalog  # noqa: E402
+from pipeline.task import Backoff, TaskContext, supervise  # noqa: E402
 
 READER = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
 
