@@ -1,9 +1,11 @@
 """Capture checkpoints, stored in Kafka so a capture container needs no volume.
 
 Materializations keep their checkpoints in their own endpoint, in the same transaction as the
-data (Postgres table, Redis MULTI/EXEC, S3 object names); captures keep theirs here, in a
-compacted topic keyed by task. A checkpoint is written only after the documents it covers
-were acknowledged by the broker.
+data (Postgres table, Redis script, S3 object names); captures keep theirs here: one small
+compacted topic per capture task (``localflow.checkpoints.<task>``), keyed by the task. The
+latest checkpoint is the topic's last record, so loading reads one record whatever the
+history (brokers that never compact, such as Tansu, keep every old checkpoint; nothing reads
+them). A checkpoint is written only after the documents it covers were acknowledged.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ValidationError
 
-from pipeline.catalog import KafkaConfig
-from pipeline.collection import Admin, CollectionWriter, read_to_end
-from pipeline.errors import CheckpointError
+from pipeline.catalog import KafkaConfig, topic_of
+from pipeline.collection import Admin, CollectionWriter, Record
+from pipeline.errors import CheckpointError, EndpointError
+from pipeline.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
 
-CHECKPOINT_TOPIC = "localflow.checkpoints"
+CHECKPOINT_PREFIX = "localflow.checkpoints."
+_TAIL = 8  # records read back from the end: a compacted tail may hold gaps
 
 
 class CaptureCheckpoint(BaseModel):
@@ -29,44 +34,73 @@ class CaptureCheckpoint(BaseModel):
     state: dict[str, Any]
     written_at: str
 
+    @property
+    def written_at_epoch(self) -> float:
+        return datetime.fromisoformat(self.written_at.replace("Z", "+00:00")).timestamp()
+
 
 class KafkaCheckpoints:
-    """Load and save capture checkpoints in the compacted ``localflow.checkpoints`` topic."""
+    """Load and save capture checkpoints, one compacted topic per capture task."""
 
-    def __init__(self, kafka: KafkaConfig, topic: str = CHECKPOINT_TOPIC) -> None:
+    def __init__(self, kafka: KafkaConfig, prefix: str = CHECKPOINT_PREFIX) -> None:
         self.kafka = kafka
-        self.topic = topic
+        self.prefix = prefix
+        self._admin = Admin(kafka)
 
-    async def ensure(self) -> None:
-        await Admin(self.kafka).ensure(
-            {self.topic: (1, 1, {"cleanup.policy": "compact"})}
-        )
+    def topic(self, task: str) -> str:
+        """``localflow.checkpoints.sophia.agent_logs`` for task ``sophia/agent_logs``."""
+        return self.prefix + topic_of(task)
 
-    async def load(self, task: str) -> dict[str, Any] | None:
-        """The latest state saved by ``task``; None when it never saved one.
+    async def ensure(self, task: str) -> None:
+        await self._admin.ensure({self.topic(task): (1, 1, {"cleanup.policy": "compact"})})
 
-        Raises CheckpointError when the latest one is unreadable: a broken checkpoint is
-        reported, never silently reset (that would re-capture or skip data).
+    async def latest(self, task: str) -> CaptureCheckpoint | None:
+        """The last checkpoint ``task`` saved; None when it never saved one.
+
+        Raises CheckpointError when it is unreadable: a broken checkpoint is reported, never
+        silently reset (that would re-capture or skip data).
         """
-        await self.ensure()
-        key = task.encode()
-        latest = None
-        for rec in await read_to_end(self.kafka, self.topic, timeout=30):
-            if rec.key == key:
-                latest = rec
-        if latest is None or latest.value is None:
+        record = await self._last_record(self.topic(task))
+        if record is None or not record.value:
             return None
         try:
-            return CaptureCheckpoint.model_validate_json(latest.value).state
+            return CaptureCheckpoint.model_validate_json(record.value)
         except ValidationError as e:
             raise CheckpointError(
-                f"checkpoint of task {task!r} at {self.topic}[{latest.partition}]@{latest.offset} is unreadable: "
+                f"checkpoint of task {task!r} at {record.topic}[{record.partition}]@{record.offset} is unreadable: "
                 f"{e.errors(include_url=False)[0]['msg']}; fix or delete it deliberately "
                 f"(localflow will not reset it silently)") from None
+
+    async def load(self, task: str) -> dict[str, Any] | None:
+        """The state of the latest checkpoint (see ``latest``)."""
+        await self.ensure(task)
+        checkpoint = await self.latest(task)
+        return None if checkpoint is None else checkpoint.state
 
     async def save(self, writer: CollectionWriter, task: str, state: dict[str, Any]) -> None:
         """Write ``state`` for ``task`` and wait for the broker's acknowledgement."""
         envelope = {"version": 1, "task": task, "state": state,
                     "written_at": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
-        fut = await writer.producer.send(self.topic, orjson.dumps(envelope), key=task.encode())
+        fut = await writer.producer.send(self.topic(task), orjson.dumps(envelope), key=task.encode())
         await fut
+
+    async def _last_record(self, topic: str) -> Record | None:
+        async with probe_consumer(self.kafka, partition_fetch_bytes=16 * 1024 * 1024) as consumer:
+            tps = await partitions_of(consumer, topic)
+            if not tps:
+                return None
+            tp = tps[0]
+            end = (await high_watermarks(consumer, [tp]))[tp]
+            begin = (await beginning_offsets(consumer, [tp]))[tp]
+            if end <= begin:
+                return None
+            consumer.seek(tp, max(begin, end - _TAIL))
+            last = None
+            try:
+                while await consumer.position(tp) < end:
+                    for m in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
+                        if m.offset < end:
+                            last = Record(tp.topic, tp.partition, m.offset, m.timestamp, m.key, m.value)
+            except KafkaError as e:
+                raise EndpointError(f"Kafka: cannot read checkpoint topic {topic}: {e!r}") from e
+            return last

@@ -4,7 +4,7 @@ Two sources, each for what it knows:
 * the broker, for lag: per input partition, the fetch high watermark minus the task's
   checkpoint, which for derivations and materializations is the group ``localflow.<task>``'s
   committed offset (read per partition, without joining the group); capture checkpoints are
-  the records of ``localflow.checkpoints`` (their write time gives the checkpoint age);
+  the last record of ``localflow.checkpoints.<task>`` (their write time gives the checkpoint age);
 * the workers, for the rest: each `localflow run --metrics-port P` serves ``/status``;
   ``--worker http://host:P`` (or LOCALFLOW_WORKERS) names them. A task no worker reports is
   shown as not running when workers were given, and as unknown when none were.
@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import httpx
-import orjson
 from rich import box
 from rich.console import Group
 from rich.markup import escape
@@ -27,9 +25,9 @@ from rich.padding import Padding
 from rich.table import Table
 
 from pipeline.catalog import Catalog
-from pipeline.checkpoint import CHECKPOINT_TOPIC
-from pipeline.collection import Collection, read_to_end
-from pipeline.errors import EndpointError
+from pipeline.checkpoint import KafkaCheckpoints
+from pipeline.collection import Collection
+from pipeline.errors import CheckpointError, EndpointError
 from pipeline.logs import redact
 from pipeline.offsets import high_watermarks, partitions_of, probe_consumer
 from pipeline.task import kind_of
@@ -148,19 +146,16 @@ async def _lags(catalog: Catalog, reports: dict[str, TaskReport]) -> None:
 
 
 async def _capture_checkpoints(catalog: Catalog, reports: dict[str, TaskReport]) -> None:
-    captures = {n for n, r in reports.items() if r.kind == "capture"}
-    if not captures:
-        return
-    for record in await read_to_end(catalog.kafka, CHECKPOINT_TOPIC, timeout=30):
-        task = record.key.decode(errors="replace") if record.key else ""
-        if task not in captures or not record.value:
+    store = KafkaCheckpoints(catalog.kafka)
+    for task, report in reports.items():
+        if report.kind != "capture":
             continue
         try:
-            written = orjson.loads(record.value)["written_at"]
-            at = datetime.fromisoformat(written.replace("Z", "+00:00")).timestamp()
-        except (ValueError, KeyError, TypeError):
+            checkpoint = await store.latest(task)
+        except CheckpointError:
             continue
-        reports[task].checkpoint_at = _latest(reports[task].checkpoint_at, at)
+        if checkpoint is not None:
+            report.checkpoint_at = _latest(report.checkpoint_at, checkpoint.written_at_epoch)
 
 
 def _latest(a: float | None, b: Any) -> float | None:

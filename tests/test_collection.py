@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from pipeline.catalog import KafkaConfig
 from pipeline.checkpoint import KafkaCheckpoints
@@ -19,6 +21,7 @@ from pipeline.collection import (
     Collection,
     CollectionReader,
     CollectionWriter,
+    murmur2,
     read_to_end,
 )
 from pipeline.errors import CheckpointError, ValidationFailed
@@ -157,6 +160,43 @@ async def test_a_client_we_did_not_write_reads_json_keys_and_values(
         assert value["source"] == "test"
 
 
+def test_murmur2_is_the_java_clients_key_hash() -> None:
+    # Kafka's UtilsTest.testMurmur2 vectors (Java returns them as signed ints).
+    java = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+            b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
+            b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}
+    assert {k: murmur2(k) - (1 << 32) * (murmur2(k) >> 31) for k in java} == java
+    rng = random.Random(5)
+    keys = [rng.randbytes(n) for n in range(90) for _ in range(20)]
+    assert [murmur2(k) for k in keys] == [aiokafka_murmur2(k) for k in keys]
+
+
+async def test_keys_land_in_the_partition_a_java_client_would_choose(
+        kafka: KafkaConfig, collection: Collection, unique_name: Callable[..., str]) -> None:
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    docs = [doc(f"key-{i}-{'x' * (i % 7)}", i) for i in range(60)]
+    async with CollectionWriter(kafka, "partitions") as writer:
+        await writer.write(collection, docs)
+    ours = {r.key: r.partition for r in await read_to_end(kafka, collection.topic)}
+
+    other = Collection(f"test/{unique_name()}", SCHEMA, ["/metadata/id"], partitions=3)
+    async with CollectionWriter(kafka, "setup") as writer:
+        await writer.ensure([other])
+
+    def produce_like_java() -> dict[bytes, int]:
+        placed: dict[bytes, int] = {}
+        producer = confluent_kafka.Producer({"bootstrap.servers": kafka.bootstrap_servers,
+                                             "partitioner": "murmur2"})  # librdkafka's Java-compatible one
+        for key in ours:
+            producer.produce(other.topic, b"{}", key=key,
+                             on_delivery=lambda err, m: placed.__setitem__(m.key(), m.partition()))
+        producer.flush(30)
+        return placed
+
+    assert await asyncio.to_thread(produce_like_java) == ours
+    assert len(set(ours.values())) == 3
+
+
 async def test_group_reader_resumes_from_offsets_the_task_stored(kafka: KafkaConfig, collection: Collection,
                                                                  unique_name: Callable[..., str]) -> None:
     async with CollectionWriter(kafka, "w") as writer:
@@ -184,14 +224,14 @@ async def test_group_reader_resumes_from_offsets_the_task_stored(kafka: KafkaCon
 
 async def test_capture_checkpoints_round_trip_and_broken_ones_are_reported(
         kafka: KafkaConfig, unique_name: Callable[..., str]) -> None:
-    store = KafkaCheckpoints(kafka, topic=unique_name("checkpoints"))
+    store = KafkaCheckpoints(kafka, prefix=unique_name("checkpoints") + ".")
     async with CollectionWriter(kafka, "cp") as writer:
         assert await store.load("task-a") is None
         await store.save(writer, "task-a", {"cursor": 1})
         await store.save(writer, "task-b", {"cursor": 9})
         await store.save(writer, "task-a", {"cursor": 2})
         assert await store.load("task-a") == {"cursor": 2}
-        fut = await writer.producer.send(store.topic, b'{"version": 7}', key=b"task-b")
+        fut = await writer.producer.send(store.topic("task-b"), b'{"version": 7}', key=b"task-b")
         await fut
     with pytest.raises(CheckpointError, match="checkpoint of task 'task-b' .* is unreadable"):
         await store.load("task-b")

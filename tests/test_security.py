@@ -1,0 +1,506 @@
+"""Security: secrets from the environment only and never shown; SQL built from quoted identifiers,
+document values never in SQL text; the file capture stays in its directory; TLS and authentication
+options of Kafka, Postgres and Redis reach their clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import pwd
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_args
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+import yaml
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import BaseModel, SecretStr
+from redis.asyncio import Redis
+
+from connectors import load_connector
+from pipeline.catalog import KafkaConfig, load_catalog
+from pipeline.collection import CollectionReader, CollectionWriter, read_to_end
+from pipeline.errors import EndpointError
+from pipeline.services import HOST, Services, free_port
+from pipeline.task import run_tasks
+from tests.helpers import wait_for_async
+from tests.pipeline_harness import (
+    CAPTURES,
+    CONSUMERS,
+    EXAMPLE,
+    ROOT,
+    AgentLogs,
+    SourceServer,
+    TaskProcess,
+    api_records,
+    pipeline_env,
+    sophia_catalog,
+)
+
+RAW_SCHEMA = str((EXAMPLE.parent / "schemas" / "raw.schema.yaml").resolve())
+PENDING = (OSError, asyncpg.PostgresError)
+"""Errors that mean "not yet" while polling a server that is starting or restarting."""
+
+
+# ============================================================================ secrets
+
+
+def _secret_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every SecretStr field of a config model, sub-models included."""
+    out = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        types = [info.annotation, *get_args(info.annotation)]
+        if SecretStr in types:
+            out.append(prefix + key)
+        for t in types:
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out += _secret_fields(t, f"{prefix}{key}.")
+    return out
+
+
+def test_every_secret_of_the_sophia_catalog_is_an_environment_reference() -> None:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    reference = re.compile(r"^\$\{[A-Z][A-Z0-9_]*(:-)?\}$")  # no default: a default would be a secret in the file
+    found = {}
+    for section in ("captures", "materializations"):
+        for name, task in raw[section].items():
+            ((connector, config),) = task["endpoint"].items()
+            for path in _secret_fields(load_connector(connector).config):
+                node: Any = config
+                for part in path.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None:
+                    found[f"{section}.{name}.{path}"] = node
+    for path in _secret_fields(KafkaConfig):
+        value = (raw.get("kafka") or {}).get(path)
+        if value is not None:
+            found[f"kafka.{path}"] = value
+    assert {p: v for p, v in found.items() if not reference.match(str(v))} == {}
+    assert {"captures.sophia/sophia_ai_data.token", "materializations.sophia/postgres.password",
+            "materializations.sophia/redis.password", "materializations.sophia/s3-archive.aws_secret_access_key"} \
+        <= found.keys()
+
+
+def _secrets() -> dict[str, str]:
+    """Known, unmistakable secret values (random, so no other text can contain them by chance)."""
+    rand = os.urandom(6).hex()
+    claims = base64.urlsafe_b64encode(orjson.dumps({"sub": "sophia", "exp": int(time.time()) + 86400})).decode()
+    return {
+        "SOPHIA_API_TOKEN": f"api-token-{rand}-A",
+        "POSTGRES_PASSWORD": f"pg-pass-{rand}-B",
+        "REDIS_PASSWORD": f"redis-pass-{rand}-C",
+        "AWS_ACCESS_KEY_ID": f"AKIA{rand.upper()}D",
+        "AWS_SECRET_ACCESS_KEY": f"aws-secret-{rand}-E",
+        "ESTUARY_ACCESS_TOKEN": f"eyJhbGciOiJIUzI1NiJ9.{claims.rstrip('=')}.sig{rand}F",
+        "ESTUARY_REFRESH_TOKEN": f"refresh-{rand}-G",
+    }
+
+
+async def _require_password_auth(pg: Services, user: str, password: str) -> None:
+    """Let `user` in over TCP only with its password (scram-sha-256); the harness's superuser keeps trust."""
+    data = pg.postgres.data_dir
+    assert data is not None
+    (data / "pg_hba.conf").write_text(
+        "local all all trust\n"
+        f"host all postgres {HOST}/32 trust\n"
+        f"host all all {HOST}/32 scram-sha-256\n")
+    conn = await asyncpg.connect(pg.postgres.url)
+    try:
+        await conn.execute(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
+        await conn.execute(f"GRANT CREATE ON DATABASE postgres TO {user}")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+async def _connects(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except asyncpg.InvalidPasswordError:
+        return False
+    await conn.close()
+    return True
+
+
+async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics_or_doctor(
+        tmp_path: Path, fresh_services: Callable[..., Services]) -> None:
+    secrets = _secrets()
+    services = fresh_services(kafka=True, postgres=True, redis=True, s3=True)
+    await _require_password_auth(services, "sophia_writer", secrets["POSTGRES_PASSWORD"])
+    pg = f"postgresql://sophia_writer:{{}}@{HOST}:{services.postgres.port}/postgres"
+    assert not await _connects(pg.format("wrong")) and await _connects(pg.format(secrets["POSTGRES_PASSWORD"])), \
+        "Postgres must check the password, or the test proves nothing"
+    redis = Redis.from_url(services.redis.url)
+    await redis.config_set("requirepass", secrets["REDIS_PASSWORD"])
+    await redis.aclose()
+
+    sources = SourceServer(token=secrets["SOPHIA_API_TOKEN"])
+    try:
+        logs = AgentLogs(tmp_path / "agents")
+        env = pipeline_env(services, sources, logs.directory, **secrets)
+        for name in ("POSTGRES_URL", "REDIS_URL"):  # the passwords must come from *_PASSWORD, not a URL
+            env.pop(name)
+        env["POSTGRES_USER"] = "sophia_writer"
+        catalog = sophia_catalog(tmp_path / "flow.yaml")
+        workers = [
+            TaskProcess("captures", catalog, env, tmp_path / "logs",
+                        ["--log-format", "json", "--log-level", "debug", "--metrics-port", "0"], tasks=CAPTURES),
+            TaskProcess("consumers", catalog, env, tmp_path / "logs",
+                        ["--log-format", "text", "--log-level", "debug", "--metrics-port", "0"], tasks=CONSUMERS),
+        ]
+        (tmp_path / "logs").mkdir()
+        for w in workers:
+            w.start()
+        rng = random.Random(7)
+        sources.add_records(api_records("sec", 30, rng) + [{"type": "user_query", "note": "no id"},
+                                                           {"id": "nul", "type": "user_query", "note": "\u0000"}])
+        logs.write(30, too_long=1, nul=1)
+        redis = Redis(host=HOST, port=services.redis.port, password=secrets["REDIS_PASSWORD"])
+        try:
+            # The secrets work: rows, keys and objects land (and bad input gives dead letters).
+            await _wait_rows(services, "sophia_processed_data", 30)
+            await _wait_rows(services, "sophia_agent_logs", 30)
+            await wait_for_async(lambda: _redis_keys(redis, "sophia:processed:*", 30), timeout=120,
+                                 message="30 processed keys in Redis")
+            # Error paths quote connection details: make the endpoints fail for a moment.
+            said = workers[1].output().count("Redis at")
+            services.redis.kill()
+            await wait_for_async(lambda: workers[1].output().count("Redis at") > said, timeout=60,
+                                 message="the redis task to report the outage")
+            services.redis.start()  # empty, without its password until we set it again
+            fresh = Redis.from_url(services.redis.url)
+            await fresh.config_set("requirepass", secrets["REDIS_PASSWORD"])
+            await fresh.aclose()
+            said = workers[1].output().count("Postgres at")
+            services.postgres.kill()
+            await wait_for_async(lambda: workers[1].output().count("Postgres at") > said, timeout=60,
+                                 message="the postgres task to report the outage")
+            services.postgres.start()
+            sources.add_records(api_records("sec2", 5, rng))
+            await _wait_rows(services, "sophia_processed_data", 35)
+            shown = {"metrics": [], "status": []}
+            async with httpx.AsyncClient() as client:
+                for w in workers:
+                    url = re.search(r"on (http://127\.0\.0\.1:\d+) ", w.output()).group(1)
+                    shown["metrics"].append((await client.get(url + "/metrics")).text)
+                    shown["status"].append((await client.get(url + "/status")).text)
+        finally:
+            await redis.aclose()
+        for w in workers:
+            assert w.terminate() == 0, w.output()[-3000:]
+        shown["logs"] = [w.output() for w in workers]
+        assert '"level":"debug"' in shown["logs"][0] and " DEBUG " in shown["logs"][1], "debug logs, the most verbose"
+        shown["topics"] = await _all_topics(services.kafka.bootstrap_servers)
+        assert any(t.endswith(".dead") and content for t, content in shown["topics"].items()), "dead letters exist"
+        wrong = {**env, "POSTGRES_PASSWORD": secrets["POSTGRES_PASSWORD"] + "x",
+                 "REDIS_PASSWORD": secrets["REDIS_PASSWORD"] + "x"}
+        shown["doctor"] = [await asyncio.to_thread(_doctor, catalog, env),
+                           await asyncio.to_thread(_doctor, catalog, wrong)]
+        assert re.search(r"OK\s+sophia/postgres: postgres ", shown["doctor"][0]), shown["doctor"][0]
+        assert re.search(r"OK\s+sophia/redis: redis ", shown["doctor"][0]), shown["doctor"][0]
+        assert re.search(r"FAIL\s+sophia/postgres: postgres ", shown["doctor"][1]), shown["doctor"][1]
+        assert re.search(r"FAIL\s+sophia/redis: redis ", shown["doctor"][1]), shown["doctor"][1]
+        assert all("localflow_documents_out_total" in m for m in shown["metrics"]), "real scrapes"
+    finally:
+        sources.close()
+    leaks = [(where, name) for where, texts in shown.items() for text in
+             (texts.values() if isinstance(texts, dict) else texts)
+             for name, value in {**secrets, "POSTGRES_PASSWORD+x": secrets["POSTGRES_PASSWORD"] + "x"}.items()
+             if value in text]
+    assert leaks == [], f"secrets shown: {leaks}"
+
+
+def _doctor(catalog: Path, env: dict[str, str]) -> str:
+    """`localflow doctor CATALOG`: its whole output."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", "doctor", str(catalog)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    return done.stdout + done.stderr
+
+
+async def _wait_rows(services: Services, table: str, n: int) -> None:
+    """Until estuary.<table> holds ``n`` rows (read as the harness's superuser)."""
+    async def rows() -> bool:
+        conn = await asyncpg.connect(services.postgres.url, timeout=5)
+        try:
+            return await conn.fetchval(f"SELECT count(*) FROM estuary.{table}") >= n
+        finally:
+            await conn.close()
+
+    await wait_for_async(rows, timeout=120, message=f"{n} rows in estuary.{table}", ignore=PENDING)
+
+
+async def _redis_keys(redis: Redis, pattern: str, n: int) -> bool:
+    return len([k async for k in redis.scan_iter(match=pattern)]) >= n
+
+
+async def _all_topics(bootstrap: str) -> dict[str, str]:
+    """Every topic's messages (keys, values, headers) as text: data, dead letters, checkpoints."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    kafka = KafkaConfig(bootstrap_servers=bootstrap)
+    out = {}
+    for t in topics:
+        records = await read_to_end(kafka, t, timeout=60)
+        out[t] = "\n".join((r.key or b"").decode(errors="replace") + " " + r.value.decode(errors="replace")
+                           for r in records)
+    return out
+
+
+# ============================================================================ SQL
+
+
+async def test_sql_identifiers_are_quoted_and_document_values_never_reach_sql_text(
+        tmp_path: Path, fresh_services: Callable[..., Services], kafka_bootstrap: str,
+        unique_name: Callable[..., str]) -> None:
+    pg = fresh_services(postgres=True)
+    conn = await asyncpg.connect(pg.postgres.url)
+    await conn.execute("ALTER SYSTEM SET log_statement = 'all'")
+    await conn.execute("SELECT pg_reload_conf()")
+    await conn.execute("CREATE TABLE public.victim (n int)")
+    name = unique_name()
+    marker = f"LFMARK{os.urandom(4).hex()}"
+    schema, table, column = 'sch"ema; DROP TABLE public.victim; --', 'ta"ble\'; DROP TABLE public.victim; --', 'co"l; x'
+    catalog_path = tmp_path / "flow.yaml"
+    catalog_path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": kafka_bootstrap},
+        "collections": {f"{name}/docs": {"key": ["/id"], "schema": {
+            "type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string"}, "note": {"type": "string"}, column: {"type": "string"}}}}},
+        "materializations": {f"{name}/pg": {"endpoint": {"postgres": {"url": pg.postgres.url, "schema": schema}},
+                                            "bindings": [{"source": f"{name}/docs", "resource": {"table": table}}]}},
+    }))
+    catalog = load_catalog(catalog_path)
+    docs = [{"id": "'); DROP TABLE public.victim; --", "note": f"{marker} x'); DELETE FROM public.victim; --",
+             column: f"{marker}$$; DROP TABLE public.victim; $$"},
+            {"id": f"{marker}-2", "note": "\\'; SELECT pg_sleep(30); --", column: "E'\\x27'"}]
+    from pipeline.collection import Collection
+
+    async with CollectionWriter(catalog.kafka, "test") as writer:
+        await writer.write(Collection.from_catalog(catalog, f"{name}/docs"), docs)
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(run_tasks(catalog, None, stopping))
+    qualified = '"' + schema.replace('"', '""') + '"."' + table.replace('"', '""') + '"'
+    try:
+        async def landed() -> bool:
+            try:
+                return await conn.fetchval(f"SELECT count(*) FROM {qualified}") == 2
+            except asyncpg.UndefinedTableError:
+                return False
+        await wait_for_async(landed, timeout=120, message="both documents in the table", ignore=PENDING)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(runner, 60)
+    rows = {r["id"]: dict(r) for r in await conn.fetch(f"SELECT * FROM {qualified}")}
+    assert await conn.fetchval("SELECT to_regclass('public.victim') IS NOT NULL"), "the victim table survived"
+    await conn.close()
+    for doc in docs:
+        assert {k: rows[doc["id"]][k] for k in doc} == doc, "every value stored verbatim, as data"
+    log = pg.postgres.log_path.read_text(errors="replace")
+    assert "statement: " in log or "execute " in log, "statement logging works, or this proves nothing"
+    in_sql = [ln for ln in log.splitlines()
+              if marker in ln and ("statement: " in ln.lower() or re.search(r"execute [^:]*:", ln))]
+    assert in_sql == [], "document values must reach Postgres as COPY data or parameters, never in SQL text"
+
+
+# ============================================================================ files
+
+
+async def test_the_file_capture_never_follows_a_symlink_out_of_its_directory(
+        tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "secret.log").write_text("OUTSIDE-SECRET file\n")
+    (outside / "dir" / "deep.log").write_text("OUTSIDE-SECRET deep\n")
+    root = tmp_path / "agents"
+    (root / "sub").mkdir(parents=True)
+    (root / "inside.log").write_text("inside line\n")
+    (root / "escape.log").symlink_to(outside / "secret.log")
+    (root / "relative.log").symlink_to(Path("..") / "outside" / "secret.log")
+    (root / "linked").symlink_to(outside / "dir", target_is_directory=True)
+    (root / "sub" / "alias.log").symlink_to(root / "inside.log")  # inside: allowed, read once
+    name = unique_name()
+    collection = f"{name}/logs"
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": services_env["KAFKA_BOOTSTRAP_SERVERS"]},
+        "collections": {collection: {"schema": RAW_SCHEMA, "key": ["/metadata/id"]}},
+        "captures": {f"{name}/tail": {"interval": "500ms", "endpoint": {"files": {"directory": str(root)}},
+                                      "bindings": [{"target": collection, "resource": {"globs": ["**/*.log"]}}]}},
+    }))
+    catalog = load_catalog(path)
+    stopping = asyncio.Event()
+    caplog.set_level(logging.WARNING)
+    runner = asyncio.create_task(run_tasks(catalog, None, stopping))
+    topic = collection.replace("/", ".")
+    try:
+        async def messages() -> list[str]:
+            return [r.doc["data"]["message"] for r in await read_to_end(catalog.kafka, topic)]
+
+        await wait_for_async(messages, timeout=60, message="the inside line")
+        # Created while the capture watches: a new escape (file events) and a file swapped for a symlink.
+        (root / "late.log").symlink_to(outside / "secret.log")
+        (root / "inside2.log").write_text("inside two\n")
+        await wait_for_async(lambda: _has(messages, "inside two"), timeout=60, message="a file created later")
+        (root / "inside2.log").unlink()
+        (root / "inside2.log").symlink_to(outside / "dir" / "deep.log")
+        (root / "inside3.log").write_text("inside three\n")
+        await wait_for_async(lambda: _has(messages, "inside three"), timeout=60,
+                             message="a file created after the swap")
+        got = await messages()
+    finally:
+        stopping.set()
+        await asyncio.wait_for(runner, 30)
+    assert sorted(got) == ["inside line", "inside three", "inside two"]
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    for link in ("escape.log", "relative.log", "late.log"):
+        assert f"{root / link} leads out of {root}" in warned, warned
+
+
+async def _has(messages: Callable[[], Any], text: str) -> bool:
+    return text in await messages()
+
+
+# ============================================================================ TLS and authentication
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+        "-subj", "/CN=localflow test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+        "-days", "2", "-extfile", str(ext))
+    return ca, cert, key
+
+
+async def test_kafka_sasl_and_tls_options_reach_every_kafka_client(tmp_path: Path) -> None:
+    ca, _, _ = _certificates(tmp_path / "tls")
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": "127.0.0.1:1", "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                  "sasl_username": "${KAFKA_USERNAME}", "sasl_password": "${KAFKA_PASSWORD}", "ssl_cafile": str(ca)},
+        "collections": {"t/docs": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]}},
+    }))
+    catalog = load_catalog(path, env={"KAFKA_USERNAME": "sophia", "KAFKA_PASSWORD": "kafka-secret-123"})
+    assert "kafka-secret-123" not in repr(catalog.kafka) and "kafka-secret-123" not in catalog.kafka.model_dump_json()
+
+    writer = CollectionWriter(catalog.kafka, "t")
+    reader = CollectionReader(catalog.kafka, "g", [])
+    admin = AIOKafkaAdminClient(**catalog.kafka.client_options())
+    for client in (writer.producer.client, reader.consumer._client, admin._client):  # noqa: SLF001
+        assert (client._security_protocol, client._sasl_mechanism, client._sasl_plain_username,  # noqa: SLF001
+                client._sasl_plain_password) == ("SASL_SSL", "SCRAM-SHA-512", "sophia", "kafka-secret-123")  # noqa: SLF001
+        issuers = [dict(x[0] for x in c["issuer"]) for c in client._ssl_context.get_ca_certs()]  # noqa: SLF001
+        assert {"commonName": "localflow test CA"} in issuers
+
+
+async def test_kafka_sasl_handshake_is_sent_and_its_password_never_shown(
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Tansu speaks no SASL PLAIN: its refusal of our handshake proves the mechanism went on the wire."""
+    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap, security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
+                        sasl_username="sophia", sasl_password=SecretStr("kafka-secret-456"))
+    caplog.set_level(logging.DEBUG, logger="aiokafka")
+    writer = CollectionWriter(kafka, "t", producer_options={"request_timeout_ms": 3000})
+    with pytest.raises(EndpointError) as failed:
+        await writer.start()
+    await writer.producer.stop()
+    assert "UnsupportedSaslMechanismError" in caplog.text
+    assert "kafka-secret-456" not in str(failed.value) and "kafka-secret-456" not in caplog.text
+
+
+def _tls_redis(port: int, ca: Path, cert: Path, key: Path, password: str) -> subprocess.Popen[bytes]:
+    """A redis-server that speaks only TLS (our test CA) and requires ``password``."""
+    return subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port), "--bind", HOST,
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+         "--tls-auth-clients", "no", "--requirepass", password, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+async def test_redis_password_and_tls_reach_a_tls_redis_that_requires_a_password(tmp_path: Path) -> None:
+    from connectors.redis.config import RedisConfig
+    from connectors.redis.materialization import doctor
+
+    ca, cert, key = _certificates(tmp_path / "tls")
+    port = free_port()
+    server = _tls_redis(port, ca, cert, key, "redis-secret-789")
+    try:
+        url = f"rediss://{HOST}:{port}/0?ssl_ca_certs={ca}"
+        good = RedisConfig.model_validate({"url": url, "password": "redis-secret-789"})
+        checks = []
+        deadline = time.monotonic() + 10
+        while not (checks and checks[0].ok) and time.monotonic() < deadline:
+            checks = await doctor(good)
+            await asyncio.sleep(0.1)  # the server is starting; bounded by the deadline
+        assert checks[0].ok, checks[0].detail
+        wrong = await doctor(RedisConfig.model_validate({"url": url, "password": "not-it-000"}))
+        assert not wrong[0].ok and "authentication failed" in wrong[0].detail and "not-it-000" not in wrong[0].detail
+        plain = await doctor(RedisConfig.model_validate({"url": f"redis://{HOST}:{port}/0", "password": "redis-secret-789"}))
+        assert not plain[0].ok, "without TLS the TLS port refuses us: the option matters"
+        flag = await doctor(RedisConfig.model_validate({"host": HOST, "port": port, "tls": True,
+                                                        "password": "redis-secret-789"}))
+        assert not flag[0].ok and "CERTIFICATE_VERIFY_FAILED" in flag[0].detail, \
+            "tls: true reaches the client (it verifies the certificate, here against the system CAs)"
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def test_postgres_password_and_sslmode_reach_postgres(tmp_path: Path,
+                                                          fresh_services: Callable[..., Services]) -> None:
+    from connectors.postgres.config import PostgresConfig
+
+    services = fresh_services(postgres=True)
+    await _require_password_auth(services, "tls_user", "pg-secret-321")
+    options = {"host": HOST, "port": services.postgres.port, "user": "tls_user", "password": "pg-secret-321"}
+    require = PostgresConfig.model_validate({**options, "advanced": {"sslmode": "require"}})
+    with pytest.raises(Exception) as refused:  # noqa: PT011 - asyncpg's error type for a server without TLS varies
+        await asyncpg.connect(**require.connect_options())
+    assert "SSL" in str(refused.value) or "ssl" in str(refused.value).lower()
+    # Turn TLS on in the server, then the same settings connect over TLS, with the password.
+    ca, cert, key = _certificates(tmp_path / "tls")
+    data = services.postgres.data_dir
+    assert data is not None
+    entry = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+    for src, name in ((cert, "server.crt"), (key, "server.key")):
+        shutil.copy(src, data / name)
+        os.chmod(data / name, 0o600)
+        if entry is not None:
+            os.chown(data / name, entry.pw_uid, entry.pw_gid)
+    admin = await asyncpg.connect(services.postgres.url)
+    await admin.execute("ALTER SYSTEM SET ssl = on")
+    await admin.execute("SELECT pg_reload_conf()")
+    await admin.close()
+    conn = await asyncpg.connect(**require.connect_options())
+    try:
+        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
+        assert await conn.fetchval("SELECT current_user") == "tls_user"
+    finally:
+        await conn.close()
+    wrong = PostgresConfig.model_validate({**options, "password": "nope-999"})
+    with pytest.raises(asyncpg.InvalidPasswordError) as bad:
+        await asyncpg.connect(**wrong.connect_options())
+    assert "nope-999" not in str(bad.value)
