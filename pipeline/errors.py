@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def describe(e: BaseException) -> str:
+    """Type and text of an error, for messages (timeouts often have no text)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 class LocalflowError(Exception):
     """Base of every error localflow raises on purpose."""
 

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Literal, TextIO
@@ -67,6 +67,17 @@ _redactor = Redactor()
 def redact(text: str) -> str:
     """``text`` with every known kind of secret replaced by ``***`` (for anything printed)."""
     return _redactor(text)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` without the given secret values (longest first, so none leaves a tail behind) and
+    without URL credentials: for connectors quoting a driver's error, which may hold a DSN."""
+    for s in sorted(secrets, key=len, reverse=True):
+        if s:
+            text = text.replace(s, MASK)
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(rf"\g<scheme>\g<user>:{MASK}@", text)
+    return text
 
 
 class _ContextFilter(logging.Filter):

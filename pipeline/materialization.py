@@ -123,8 +123,9 @@ class MaterializationTask(Task):
                 records = await reader.batch(timeout_ms=self.poll_ms)
                 if records:
                     started = time.perf_counter()
+                    batch = Batch(records, bindings)
                     try:
-                        durable = await m.apply(Batch(records, bindings))
+                        durable = await m.apply(batch)
                     except Fenced as e:
                         ctx.log.warning("replaced by another worker, batch of %d dropped: %s", len(records), e)
                         raise
@@ -133,7 +134,7 @@ class MaterializationTask(Task):
                     self._latency(records, collections)
                     ctx.status.progressed(len(records))
                     if "progress" in ctx.options:
-                        ctx.options["progress"].update(Batch(records, bindings).next_offsets())
+                        ctx.options["progress"].update(batch.next_offsets())
                 else:
                     durable = await m.tick()
                 await self._committed(reader, durable)

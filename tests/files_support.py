@@ -20,7 +20,7 @@ import yaml
 from pipeline.catalog import Catalog, KafkaConfig, load_catalog, topic_of
 from pipeline.checkpoint import KafkaCheckpoints
 from pipeline.collection import read_to_end
-from pipeline.task import TaskContext, run_tasks, supervise
+from pipeline.task import TaskContext, run_tasks
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
 
@@ -85,13 +85,10 @@ class Flow:
 @asynccontextmanager
 async def running(catalog: Catalog, task: str, *, expect_errors: bool = False) -> AsyncIterator[TaskContext]:
     """The capture task, supervised as in production, until the block ends (then stopped cleanly)."""
-    ctx = TaskContext(catalog, task, "capture", asyncio.Event())
-    runner = asyncio.create_task(supervise(ctx))
-    try:
+    from tests.helpers import running as supervised  # not at the top: this file also runs as a script
+
+    async with supervised(catalog, task) as ctx:
         yield ctx
-    finally:
-        ctx.stopping.set()
-        await asyncio.wait_for(runner, timeout=30)
     if not expect_errors:
         assert ctx.status.last_error is None, ctx.status.last_error
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar, cast
 
-__all__ = ["wait_for", "wait_for_async"]
+from pipeline.catalog import Catalog
+from pipeline.task import TaskContext, kind_of, supervise
+
+__all__ = ["running", "wait_for", "wait_for_async"]
 
 T = TypeVar("T")
 
@@ -95,3 +99,15 @@ async def wait_for_async(
         if expired or loop.time() >= deadline:
             raise _timeout_error(message, timeout, last)
         await asyncio.sleep(interval)  # polling interval, bounded by the deadline above
+
+
+@asynccontextmanager
+async def running(catalog: Catalog, name: str) -> AsyncIterator[TaskContext]:
+    """The task, supervised in the background as in production; stopped (and awaited) on exit."""
+    ctx = TaskContext(catalog, name, kind_of(catalog, name))
+    task = asyncio.create_task(supervise(ctx))
+    try:
+        yield ctx
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, timeout=30)

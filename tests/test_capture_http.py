@@ -12,8 +12,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +28,7 @@ from connectors import load_connector
 from connectors.http.config import HttpConfig
 from pipeline.catalog import Catalog, load_catalog, topic_of
 from pipeline.collection import read_to_end
-from pipeline.task import TaskContext, supervise
-from tests.helpers import wait_for_async
+from tests.helpers import running, wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
 """The SPEC's raw document schema, which every capture writes."""
@@ -97,18 +95,6 @@ def make_catalog(tmp_path: Path, kafka: str, collection: str, capture: str, endp
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(doc))
     return load_catalog(path, env=env or {})
-
-
-@asynccontextmanager
-async def running(catalog: Catalog, name: str) -> AsyncIterator[TaskContext]:
-    """The capture task, supervised in the background; stopped (and awaited) on exit."""
-    ctx = TaskContext(catalog, name, "capture")
-    task = asyncio.create_task(supervise(ctx))
-    try:
-        yield ctx
-    finally:
-        ctx.stopping.set()
-        await asyncio.wait_for(task, timeout=30)
 
 
 async def documents(catalog: Catalog, topic: str) -> list[dict[str, Any]]:

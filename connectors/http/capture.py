@@ -37,7 +37,7 @@ from pipeline import metrics
 from pipeline.capture import Capture, Captured
 from pipeline.catalog import CaptureBinding, pointer_tokens
 from pipeline.connector import Check
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, describe
 
 STATE_VERSION = 1
 _MISSING: Any = object()
@@ -158,7 +158,7 @@ class HttpCapture(Capture):
                 async with asyncio.timeout(self.config.timeout):
                     response, body = await _send(self.client, method, url, res.body, adv.max_body_bytes)
             except (httpx.TransportError, TimeoutError) as e:
-                why = _describe(e)
+                why = describe(e)
             else:
                 status = response.status_code
                 if status < 400:
@@ -371,11 +371,6 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _describe(e: BaseException) -> str:
-    """Type and text of an error (timeouts often have no text)."""
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
 def _backoff(initial: float, attempt: int) -> float:
     delay = initial * 2 ** min(attempt, 30)
     return random.uniform(delay / 2, delay)
@@ -390,7 +385,7 @@ async def doctor(config: HttpConfig) -> list[Check]:
         async with _client(config) as client:
             response = await client.request(config.method, config.url)
     except httpx.HTTPError as e:
-        return [*checks, Check(name, False, f"unreachable: {_describe(e)}")]
+        return [*checks, Check(name, False, f"unreachable: {describe(e)}")]
     status = response.status_code
     if status in (401, 403):
         return [*checks, Check(name, False, f"HTTP {status}: the API refuses the token (set SOPHIA_API_TOKEN)")]

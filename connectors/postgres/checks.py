@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.connector import Check
+from pipeline.logs import scrub
 
 from . import sql
-from .config import PostgresConfig, TableResource, redact
+from .config import PostgresConfig, TableResource
 
 if TYPE_CHECKING:
     from pipeline.catalog import Catalog, MaterializationSpec
@@ -52,7 +53,7 @@ async def doctor(config: PostgresConfig) -> list[Check]:
     try:
         conn = await asyncpg.connect(**config.connect_options())
     except Exception as e:  # noqa: BLE001 - every failure is a doctor line, not a crash
-        return [Check(name, False, f"cannot connect: {type(e).__name__}: {redact(str(e), config.secrets())}")]
+        return [Check(name, False, f"cannot connect: {type(e).__name__}: {scrub(str(e), config.secrets())}")]
     try:
         version = await conn.fetchval("SHOW server_version")
         checks = [Check(name, True, f"PostgreSQL {version}, connected as {await conn.fetchval('SELECT current_user')}")]
@@ -73,6 +74,6 @@ async def doctor(config: PostgresConfig) -> list[Check]:
                             "needs TEMPORARY on the database: batches are loaded through a temporary table"))
         return checks
     except Exception as e:  # noqa: BLE001
-        return [Check(name, False, f"{type(e).__name__}: {redact(str(e), config.secrets())}")]
+        return [Check(name, False, f"{type(e).__name__}: {scrub(str(e), config.secrets())}")]
     finally:
         await conn.close()

@@ -20,15 +20,12 @@ Example (the Sophia catalog)::
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
 from pipeline.catalog import Duration, Model
-
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@\s]*@")
 
 
 class PostgresAdvanced(Model):
@@ -113,14 +110,6 @@ class PostgresConfig(Model):
         if self.advanced.sslmode is not None:
             opts["ssl"] = self.advanced.sslmode
         return opts
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """``text`` without the given secrets and without any password written in a URL."""
-    text = _URL_PASSWORD.sub(r"\1:***@", text)
-    for s in sorted(secrets, key=len, reverse=True):
-        text = text.replace(s, "***")
-    return text
 
 
 class Index(Model):

@@ -34,11 +34,12 @@ from aiokafka import TopicPartition
 from pipeline import metrics
 from pipeline.collection import Record
 from pipeline.errors import ConfigError, EndpointError, Fenced
+from pipeline.logs import scrub
 from pipeline.materialization import Batch, Materialization, Offsets
 from pipeline.task import TaskContext
 
 from . import sql
-from .config import PostgresConfig, redact
+from .config import PostgresConfig
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ class PostgresMaterialization(Materialization):
                                                    init=self._init_connection, server_settings=settings)
         except Exception as e:  # noqa: BLE001 - reported without the DSN, which may hold the password
             raise EndpointError(f"Postgres at {cfg.where()}: bad connection settings: "
-                                f"{type(e).__name__}: {redact(str(e), cfg.secrets())}") from None
+                                f"{type(e).__name__}: {scrub(str(e), cfg.secrets())}") from None
         self._partitions = await self._retry("create the schema and tables", self._prepare)
         self.ctx.log.info("tables ready in %s: %s", cfg.where(), ", ".join(t.qualified for t in self._tables))
 
@@ -312,7 +313,7 @@ class PostgresMaterialization(Materialization):
             except (Fenced, ConfigError, EndpointError):
                 raise
             except Exception as e:
-                message = f"{type(e).__name__}: {redact(str(e), cfg.secrets())}"
+                message = f"{type(e).__name__}: {scrub(str(e), cfg.secrets())}"
                 if not isinstance(e, TRANSIENT):
                     error = EndpointError(f"Postgres at {cfg.where()}: cannot {what}: {message}")
                     # Server-reported errors are safe to chain; client-side ones may quote the DSN.

@@ -29,6 +29,7 @@ from connectors.prometheus.parse import (
 from pipeline import metrics
 from pipeline.capture import Capture, Captured
 from pipeline.connector import Check
+from pipeline.errors import describe
 
 STATE_VERSION = 1
 _ACCEPT_OPENMETRICS = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
@@ -121,7 +122,7 @@ async def read(client: httpx.AsyncClient, target: str, config: PrometheusConfig)
     try:
         response, body = await _fetch(client, target, config)
     except (httpx.TransportError, TimeoutError, BodyTooLarge) as e:
-        raise ScrapeFailed(f"unreachable: {_describe(e)}") from e
+        raise ScrapeFailed(f"unreachable: {describe(e)}") from e
     if response.status_code != 200:
         raise ScrapeFailed(f"HTTP {response.status_code} {response.reason_phrase}", len(body))
     try:
@@ -159,11 +160,6 @@ def _document(target: str, job: str, fmt: str | None, sample: Sample, target_lab
         "data": {"name": sample.name, "type": sample.type, "labels": labels, **value_fields(sample.value)},
         "metadata": metadata,
     }
-
-
-def _describe(e: BaseException) -> str:
-    """Type and text of an error (timeouts often have no text)."""
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _rfc3339(seconds: float) -> str:

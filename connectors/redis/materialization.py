@@ -45,6 +45,7 @@ from pipeline import metrics
 from pipeline.collection import Record
 from pipeline.connector import Check
 from pipeline.errors import ConfigError, EndpointError, Fenced
+from pipeline.logs import scrub
 from pipeline.materialization import Batch, Materialization, Offsets
 from pipeline.task import Backoff
 
@@ -105,13 +106,6 @@ def client(config: RedisConfig) -> Redis:
     if config.url is not None:
         return Redis.from_url(config.url.get_secret_value(), **common)
     return Redis(host=config.host, port=config.port, ssl=config.tls, **common)
-
-
-def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with every secret replaced, for messages that quote a driver's error."""
-    for s in secrets:
-        text = text.replace(s, "***")
-    return text
 
 
 class RedisMaterialization(Materialization):
