@@ -81,8 +81,12 @@ class KafkaCheckpoints:
         """Write ``state`` for ``task`` and wait for the broker's acknowledgement."""
         envelope = {"version": 1, "task": task, "state": state,
                     "written_at": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
-        fut = await writer.producer.send(self.topic(task), orjson.dumps(envelope), key=task.encode())
-        await fut
+        topic = self.topic(task)
+        try:
+            await (await writer.producer.send(topic, orjson.dumps(envelope), key=task.encode()))
+        except KafkaError as e:
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: checkpoint of task {task!r} "
+                                f"not acknowledged by {topic}: {e!r}") from e
 
     async def _last_record(self, topic: str) -> Record | None:
         async with probe_consumer(self.kafka, partition_fetch_bytes=16 * 1024 * 1024) as consumer:

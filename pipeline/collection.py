@@ -509,6 +509,10 @@ class CollectionReader:
             raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: fetch failed: {e!r}") from e
         out: list[Record] = []
         loads = orjson.loads
+        if self._group and fetched:
+            # Records fetched just before a rebalance took their partition belong to its new owner.
+            owned = self.consumer.assignment()
+            fetched = {tp: ms for tp, ms in fetched.items() if tp in owned}
         for tp, messages in fetched.items():
             for m in messages:
                 rec = Record(tp.topic, tp.partition, m.offset, m.timestamp, m.key, m.value)
