@@ -26,9 +26,11 @@ Runtime options (``TaskContext.options``) that `localflow replay` sets to backfi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -199,8 +201,12 @@ class MaterializationTask(Task):
             self.ctx.log.debug("advisory offset commit skipped: %s", e)
 
     def _latency(self, records: list[Record], collections: list[Collection]) -> None:
-        now_ms = time.time() * 1000
+        """Document timestamp (else Kafka record time) to now, sampled on each batch's last record."""
         last = records[-1]
-        topic_names = {c.topic: c.name for c in collections}
-        metrics.END_TO_END.labels(self.ctx.name, topic_names.get(last.topic, last.topic)).observe(
-            max(0.0, (now_ms - last.timestamp_ms) / 1000))
+        born = last.timestamp_ms / 1000
+        stamp = last.doc.get("timestamp") if isinstance(last.doc, dict) else None
+        if isinstance(stamp, str):
+            with contextlib.suppress(ValueError):
+                born = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        name = next((c.name for c in collections if c.topic == last.topic), last.topic)
+        metrics.END_TO_END.labels(self.ctx.name, name).observe(max(0.0, time.time() - born))
