@@ -1,0 +1,50 @@
+"""The results: a table on the terminal and ``results.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import Row
+
+
+def _figure(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(rows: list[Row]) -> Table:
+    t = Table(title="localflow benchmarks (medians)", title_justify="left")
+    for name, justify in (("stage", "left"), ("unit", "left"), ("localflow", "right"), ("ceiling", "right"),
+                          ("ratio", "right"), ("target", "left"), ("met", "center"), ("CPU ratio", "right")):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        ratio = r.ratio
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[r.met]
+        t.add_row(r.stage, r.unit, _figure(r.localflow), _figure(r.ceiling),
+                  "" if ratio is None else f"{ratio:.2f}", r.target, met,
+                  "" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}")
+    return t
+
+
+def show(rows: list[Row], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(table(rows))
+    for r in rows:
+        if r.note:
+            console.print(f"[dim]{r.stage}: {r.note}[/]", highlight=False)
+
+
+def write(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
+    body = {**meta, "rows": [r.as_dict() for r in rows]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
