@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -156,6 +157,7 @@ def run(
     except ConfigError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    gc.freeze()  # the catalog, schemas and imports live as long as the worker: keep them out of GC scans
     code = asyncio.run(_run(cat, kinds, metrics_host, metrics_port, shutdown_timeout))
     raise typer.Exit(code)
 

@@ -436,6 +436,9 @@ class ReaderOptions:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
+    fetch_max_wait_ms: int = 100
+    """How long the broker may hold a fetch waiting for data: part of every idle document's latency
+    (some brokers, Tansu among them, do not answer a waiting fetch early when data arrives)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -463,7 +466,7 @@ class CollectionReader:
             auto_offset_reset="earliest", isolation_level="read_uncommitted",
             fetch_max_bytes=o.fetch_max_bytes, max_partition_fetch_bytes=o.max_partition_fetch_bytes,
             session_timeout_ms=o.session_timeout_ms, heartbeat_interval_ms=o.heartbeat_interval_ms,
-            max_poll_interval_ms=o.max_poll_interval_ms, **o.extra,
+            max_poll_interval_ms=o.max_poll_interval_ms, fetch_max_wait_ms=o.fetch_max_wait_ms, **o.extra,
         )
         self._group = group_id
         self.failure: Exception | None = None
