@@ -388,6 +388,14 @@ class Record:
         return TopicPartition(self.topic, self.partition)
 
 
+def next_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
+    """Per partition, the offset after the last of ``records`` (what to commit once they are done)."""
+    out: dict[TopicPartition, int] = {}
+    for r in records:
+        out[r.tp] = r.offset + 1
+    return out
+
+
 AssignFn = Callable[[set[TopicPartition]], Awaitable[dict[TopicPartition, int | None]]]
 RevokeFn = Callable[[set[TopicPartition]], Awaitable[None]]
 
@@ -531,7 +539,17 @@ class CollectionReader:
         return out
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit next offsets to the group (advisory for tasks that store their own)."""
+        """Commit next offsets of the partitions this reader still owns, and report their lag.
+
+        Advisory for tasks that store their own checkpoints; the checkpoint of those that don't.
+        """
+        if self.task:
+            for tp, offset in offsets.items():
+                hw = self.highwater(tp)
+                if hw is not None:
+                    metrics.CONSUMER_LAG.labels(self.task, tp.topic, str(tp.partition)).set(max(0, hw - offset))
+        owned = self.consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in owned}
         if offsets and self._group:
             try:
                 await self.consumer.commit(offsets)

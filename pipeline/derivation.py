@@ -26,7 +26,14 @@ from aiokafka import TopicPartition
 import transforms
 from pipeline import metrics
 from pipeline.catalog import DeriveSpec
-from pipeline.collection import Collection, CollectionReader, CollectionWriter, ReaderOptions, Record
+from pipeline.collection import (
+    Collection,
+    CollectionReader,
+    CollectionWriter,
+    ReaderOptions,
+    Record,
+    next_offsets,
+)
 from pipeline.task import Task, TaskContext
 
 Document = dict[str, Any]
@@ -152,16 +159,8 @@ class DerivationTask(Task):
         await asyncio.gather(*pending)
 
     async def _commit(self, reader: CollectionReader, records: list[Record]) -> None:
-        offsets: dict[TopicPartition, int] = {}
-        for r in records:
-            offsets[r.tp] = r.offset + 1
-        owned = reader.assignment()
-        await reader.commit({tp: o for tp, o in offsets.items() if tp in owned})
+        await reader.commit(next_offsets(records))
         metrics.checkpointed(self.ctx.name)
-        for tp, offset in offsets.items():
-            hw = reader.highwater(tp)
-            if hw is not None:
-                metrics.CONSUMER_LAG.labels(self.ctx.name, tp.topic, str(tp.partition)).set(max(0, hw - offset))
 
     async def _assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Resume each partition from the group's committed offset (None: from the beginning)."""

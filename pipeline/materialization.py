@@ -37,7 +37,7 @@ from aiokafka import TopicPartition
 
 from pipeline import metrics
 from pipeline.catalog import MaterializationSpec
-from pipeline.collection import Collection, CollectionReader, ReaderOptions, Record
+from pipeline.collection import Collection, CollectionReader, ReaderOptions, Record, next_offsets
 from pipeline.errors import EndpointError, Fenced
 from pipeline.task import Task, TaskContext
 
@@ -54,10 +54,7 @@ class Batch:
 
     def next_offsets(self) -> Offsets:
         """Per partition, the offset after the last record of this batch."""
-        out: Offsets = {}
-        for r in self.records:
-            out[r.tp] = r.offset + 1
-        return out
+        return next_offsets(self.records)
 
 
 class Materialization(ABC):
@@ -190,13 +187,8 @@ class MaterializationTask(Task):
             for tp in durable:
                 start.pop(tp, None)
         metrics.checkpointed(self.ctx.name)
-        for tp, offset in durable.items():
-            hw = reader.highwater(tp)
-            if hw is not None:
-                metrics.CONSUMER_LAG.labels(self.ctx.name, tp.topic, str(tp.partition)).set(max(0, hw - offset))
-        owned = reader.assignment()
         try:
-            await reader.commit({tp: o for tp, o in durable.items() if tp in owned})
+            await reader.commit(durable)
         except EndpointError as e:  # advisory only (the endpoint holds the checkpoint): never fail for it
             self.ctx.log.debug("advisory offset commit skipped: %s", e)
 
