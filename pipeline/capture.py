@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline import metrics
-from pipeline.catalog import CaptureSpec, pointer_tokens
+from pipeline.catalog import MISSING, CaptureSpec, pointer_tokens, resolve
 from pipeline.checkpoint import KafkaCheckpoints
 from pipeline.collection import CollectionWriter
 from pipeline.errors import ConfigError
@@ -76,34 +76,21 @@ class Masker:
     """Replaces values at JSON pointers with a keyed hash, so equal values still join."""
 
     def __init__(self, pointers: list[str], key: bytes) -> None:
-        self.paths = [pointer_tokens(p) for p in pointers]
+        tokens = [pointer_tokens(p) for p in pointers]
+        self.paths = [(t[:-1], t[-1]) for t in tokens]  # (parent, member): catalog pointers are never ""
         self.key = key
 
     def __call__(self, doc: dict[str, Any]) -> None:
-        for path in self.paths:
-            node: Any = doc
-            for token in path[:-1]:
-                node = _child(node, token)
-                if node is None:
-                    break
-            last = path[-1]
+        for parent, last in self.paths:
+            node = resolve(doc, parent)
             if isinstance(node, dict) and last in node:
                 node[last] = self.mask(node[last])
-            elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            elif isinstance(node, list) and resolve(node, (last,)) is not MISSING:
                 node[int(last)] = self.mask(node[int(last)])
 
     def mask(self, value: Any) -> str:
         raw = value if isinstance(value, str) else repr(value)
         return "masked:" + hmac.new(self.key, raw.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def _child(node: Any, token: str) -> Any:
-    """The member or array element a pointer token names (RFC 6901), or None."""
-    if isinstance(node, dict):
-        return node.get(token)
-    if isinstance(node, list) and token.isdigit() and int(token) < len(node):
-        return node[int(token)]
-    return None
 
 
 class CaptureTask(Task):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -508,3 +509,29 @@ def key_problem(schema: dict[str, Any], pointer: str) -> str:
 def pointer_tokens(pointer: str) -> list[str]:
     """RFC 6901 tokens of a JSON pointer (``/a~1b/c`` -> ``["a/b", "c"]``)."""
     return [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+"""What ``resolve`` gives for a pointer naming nothing (distinct from a JSON null)."""
+
+
+def resolve(doc: Any, tokens: Sequence[str]) -> Any:
+    """The value at a JSON pointer's tokens in ``doc``, or MISSING: tokens name object members or,
+    in arrays, indices written as RFC 6901 says (``0``, ``12``; not ``01`` nor ``-``)."""
+    node = doc
+    for token in tokens:
+        if isinstance(node, dict):
+            node = node.get(token, MISSING)  # MISSING is neither dict nor list: the next token returns it
+        elif (isinstance(node, list) and token.isascii() and token.isdigit() and (token[0] != "0" or token == "0")
+              and int(token) < len(node)):
+            node = node[int(token)]
+        else:
+            return MISSING
+    return node

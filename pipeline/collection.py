@@ -27,7 +27,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline import metrics
-from pipeline.catalog import Catalog, KafkaConfig, pointer_tokens, schema_fingerprint, topic_of
+from pipeline.catalog import (
+    MISSING,
+    Catalog,
+    KafkaConfig,
+    pointer_tokens,
+    resolve,
+    schema_fingerprint,
+    topic_of,
+)
 from pipeline.errors import EndpointError, ValidationFailed
 
 log = logging.getLogger("localflow.collection")
@@ -35,8 +43,6 @@ log = logging.getLogger("localflow.collection")
 TASK_HEADER = "localflow-task"
 SCHEMA_HEADER = "localflow-schema"
 DEAD_SUFFIX = ".dead"
-
-_MISSING = object()
 
 
 def _date_time(value: str) -> bool:
@@ -89,13 +95,14 @@ class Collection:
             raise ValidationFailed(f"{self.name}: {where} {why}") from None
 
     def key_of(self, doc: dict[str, Any]) -> list[Any]:
-        """The document's key values, in key order."""
+        """The document's key values, in key order. (``catalog.resolve`` inlined: this runs for every
+        document written, and a call per key costs a few percent; keys never cross arrays.)"""
         out = []
         for path in self._paths:
             node: Any = doc
             for token in path:
-                node = node.get(token, _MISSING) if isinstance(node, dict) else _MISSING
-                if node is _MISSING:
+                node = node.get(token, MISSING) if isinstance(node, dict) else MISSING
+                if node is MISSING:
                     raise ValidationFailed(f"{self.name}: key /{'/'.join(path)} is missing")
             out.append(node)
         return out
@@ -169,17 +176,15 @@ def _non_finite(node: Any, place: str) -> str | None:
     else:
         return None
     for k, v in items:
-        where = _non_finite(v, f"{place}/{k}")
+        where = _non_finite(v, f"{place}/{str(k).replace('~', '~0').replace('/', '~1')}")
         if where is not None:
             return where
     return None
 
 
 def doc_value(doc: Any, pointer: str) -> Any:
-    """The value at a JSON pointer of ``doc`` (for messages)."""
-    for token in pointer_tokens(pointer) if pointer else []:
-        doc = doc[int(token)] if isinstance(doc, list) else doc[token]
-    return doc
+    """The value at a JSON pointer of ``doc``, or MISSING (for messages)."""
+    return resolve(doc, pointer_tokens(pointer))
 
 
 def original_bytes(doc: Any) -> bytes:

@@ -33,14 +33,13 @@ import httpx
 import orjson
 
 from connectors.http.config import HttpConfig, HttpResource, binding_key
-from pipeline import metrics
+from pipeline import httpclient, metrics
 from pipeline.capture import Capture, Captured
-from pipeline.catalog import CaptureBinding, pointer_tokens
+from pipeline.catalog import MISSING, CaptureBinding, pointer_tokens, resolve
 from pipeline.connector import Check
 from pipeline.errors import CheckpointError, describe
 
 STATE_VERSION = 1
-_MISSING: Any = object()
 
 
 class PollFailed(Exception):
@@ -186,11 +185,8 @@ class HttpCapture(Capture):
 
 
 def _client(config: HttpConfig) -> httpx.AsyncClient:
-    headers = {"Accept": "application/json", "User-Agent": "localflow", **config.headers}
-    if config.bearer():
-        headers["Authorization"] = f"Bearer {config.bearer()}"
-    return httpx.AsyncClient(headers=headers, timeout=config.timeout, verify=config.advanced.verify_tls,
-                             follow_redirects=True)
+    return httpclient.client({"Accept": "application/json", **config.headers}, config.bearer(), config.timeout,
+                             config.advanced.verify_tls)
 
 
 async def _send(client: httpx.AsyncClient, method: str, url: httpx.URL, body: dict[str, Any] | None,
@@ -198,20 +194,10 @@ async def _send(client: httpx.AsyncClient, method: str, url: httpx.URL, body: di
     """Send one request and read its body, refusing one larger than ``limit`` bytes."""
     request = client.build_request(method, url, json=body if method == "POST" else None)
     response = await client.send(request, stream=True)
-    too_large = PollFailed(f"{method} {url}: the response body is larger than advanced.max_body_bytes={limit}; "
-                           f"ask the API for smaller pages (a page-size parameter) or raise the limit")
     try:
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return response, b"".join(chunks)
+        return response, await httpclient.read_limited(response, limit, "advanced.max_body_bytes")
+    except httpclient.BodyTooLarge as e:
+        raise PollFailed(f"{e}; ask the API for smaller pages (a page-size parameter) or raise the limit") from e
     finally:
         await response.aclose()
 
@@ -249,14 +235,14 @@ def _parse_page(response: httpx.Response, body: bytes, res: HttpResource) -> tup
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise Unreadable(f"{response.request.method} {response.url}: the response body is not JSON ({e})") from e
-    records = _resolve(doc, pointer_tokens(res.records))
+    records = resolve(doc, pointer_tokens(res.records))
     if not isinstance(records, list):
         raise Unreadable(f"{response.request.method} {response.url}: no array of records at "
                          f"{res.records or 'the top'} of the response (check the binding's `records` pointer)")
     nxt: dict[str, Any] | None = None
     p = res.pagination
     if p is not None and p.type == "next_link":
-        link = _resolve(doc, pointer_tokens(p.pointer))
+        link = resolve(doc, pointer_tokens(p.pointer))
         if isinstance(link, str) and link:
             nxt = {"url": str(response.url.join(link))}
     elif p is not None and p.type == "link_header":
@@ -264,8 +250,8 @@ def _parse_page(response: httpx.Response, body: bytes, res: HttpResource) -> tup
         if link:
             nxt = {"url": str(response.url.join(link))}
     elif p is not None and p.type == "cursor":
-        cursor = _resolve(doc, pointer_tokens(p.pointer))
-        if cursor not in (_MISSING, None, ""):
+        cursor = resolve(doc, pointer_tokens(p.pointer))
+        if cursor not in (MISSING, None, ""):
             nxt = {"cursor": cursor}
     return records, nxt
 
@@ -285,13 +271,13 @@ class Shaper:
         if not isinstance(record, dict):
             raise Unreadable(f"a record is not a JSON object: {orjson.dumps(record)[:100].decode()}")
         if self.id is not None:
-            value = _resolve(record, self.id)
-            if value is _MISSING or value is None or value == "":
+            value = resolve(record, self.id)
+            if value is MISSING or value is None or value == "":
                 raise Unreadable(f"a record has no id at {self.id_pointer}")
             ident = value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
         else:
             ident = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        stamp = _timestamp(_resolve(record, self.timestamp)) if self.timestamp is not None else None
+        stamp = _timestamp(resolve(record, self.timestamp)) if self.timestamp is not None else None
         return {"timestamp": stamp or now, "source": self.source, "data": record,
                 "metadata": {"id": ident, "url": url}}
 
@@ -299,22 +285,8 @@ class Shaper:
         """The record's incremental cursor value, or None."""
         if self.incremental is None:
             return None
-        value = _resolve(record, self.incremental)
-        return None if value is _MISSING else value
-
-
-def _resolve(node: Any, tokens: list[str]) -> Any:
-    """The value at a JSON pointer's tokens, or _MISSING."""
-    for token in tokens:
-        if isinstance(node, dict):
-            node = node.get(token, _MISSING)
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-            node = node[int(token)]
-        else:
-            return _MISSING
-        if node is _MISSING:
-            return node
-    return node
+        value = resolve(record, self.incremental)
+        return None if value is MISSING else value
 
 
 def _timestamp(value: Any) -> str | None:

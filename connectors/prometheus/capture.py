@@ -26,7 +26,7 @@ from connectors.prometheus.parse import (
     value_fields,
     with_target_labels,
 )
-from pipeline import metrics
+from pipeline import httpclient, metrics
 from pipeline.capture import Capture, Captured
 from pipeline.connector import Check
 from pipeline.errors import describe
@@ -35,10 +35,6 @@ STATE_VERSION = 1
 _ACCEPT_OPENMETRICS = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                        "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 _ACCEPT_TEXT = "text/plain;version=0.0.4;q=1.0,*/*;q=0.1"
-
-
-class BodyTooLarge(Exception):
-    """A target's body passed advanced.max_body_bytes."""
 
 
 class ScrapeFailed(Exception):
@@ -110,18 +106,15 @@ class PrometheusCapture(Capture):
 
 def _client(config: PrometheusConfig) -> httpx.AsyncClient:
     headers = {"Accept": _ACCEPT_OPENMETRICS if config.advanced.openmetrics else _ACCEPT_TEXT,
-               "User-Agent": "localflow", "X-Prometheus-Scrape-Timeout-Seconds": f"{config.timeout:g}"}
-    if config.bearer():
-        headers["Authorization"] = f"Bearer {config.bearer()}"
-    return httpx.AsyncClient(headers=headers, timeout=config.timeout, verify=config.advanced.verify_tls,
-                             follow_redirects=True)
+               "X-Prometheus-Scrape-Timeout-Seconds": f"{config.timeout:g}"}
+    return httpclient.client(headers, config.bearer(), config.timeout, config.advanced.verify_tls)
 
 
 async def read(client: httpx.AsyncClient, target: str, config: PrometheusConfig) -> tuple[str, list[Sample], int]:
     """The format, samples and body size of one scrape; ScrapeFailed says why there are none."""
     try:
         response, body = await _fetch(client, target, config)
-    except (httpx.TransportError, TimeoutError, BodyTooLarge) as e:
+    except (httpx.TransportError, TimeoutError, httpclient.BodyTooLarge) as e:
         raise ScrapeFailed(f"unreachable: {describe(e)}") from e
     if response.status_code != 200:
         raise ScrapeFailed(f"HTTP {response.status_code} {response.reason_phrase}", len(body))
@@ -134,16 +127,9 @@ async def read(client: httpx.AsyncClient, target: str, config: PrometheusConfig)
 
 async def _fetch(client: httpx.AsyncClient, target: str, config: PrometheusConfig) -> tuple[httpx.Response, bytes]:
     """GET a target within the timeout, refusing a body over advanced.max_body_bytes."""
-    limit = config.advanced.max_body_bytes
     async with asyncio.timeout(config.timeout), client.stream("GET", target) as response:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"the body is larger than advanced.max_body_bytes={limit}")
-            chunks.append(chunk)
-        return response, b"".join(chunks)
+        return response, await httpclient.read_limited(response, config.advanced.max_body_bytes,
+                                                       "advanced.max_body_bytes")
 
 
 def _document(target: str, job: str, fmt: str | None, sample: Sample, target_labels: dict[str, str],

@@ -42,6 +42,7 @@ from redis.retry import Retry
 from connectors.redis import scripts
 from connectors.redis.config import RedisBinding, RedisConfig, Template, default_template, parse_template
 from pipeline import metrics
+from pipeline.catalog import MISSING, resolve
 from pipeline.collection import Record
 from pipeline.connector import Check
 from pipeline.errors import ConfigError, EndpointError, Fenced
@@ -59,8 +60,6 @@ CHUNK_BYTES = 4 * 1024 * 1024
 
 VERIFY_EVERY = 5.0
 """While idle, check this often that Redis still holds our fences (a restart may have emptied it)."""
-
-_MISSING = object()
 
 
 class StateLost(EndpointError):
@@ -379,16 +378,9 @@ def render(template: Template, doc: dict[str, Any]) -> str:
         if isinstance(part, str):
             out.append(part)
             continue
-        node: Any = doc
-        for token in part:
-            if isinstance(node, dict):
-                node = node.get(token, _MISSING)
-            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-                node = node[int(token)]
-            else:
-                node = _MISSING
-            if node is _MISSING:
-                raise LookupError(f"the document has no /{'/'.join(part)}")
+        node = resolve(doc, part)
+        if node is MISSING:
+            raise LookupError(f"the document has no /{'/'.join(part)}")
         out.append(_text(node))
     return "".join(out)
 
