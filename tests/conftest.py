@@ -12,6 +12,7 @@ their own servers from `fresh_services(...)`.
 
 from __future__ import annotations
 
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,16 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from pipeline.services import Services  # noqa: E402
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A SIGTERM (`timeout`, a cancelled CI job) interrupts like Ctrl-C: fixtures tear down and
+    the servers the session started are stopped instead of being left behind."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")
