@@ -14,20 +14,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
-RAW_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "timestamp": {"type": "string", "format": "date-time"},
-        "source": {"type": "string"},
-        "data": {"type": "object"},
-        "metadata": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
-    },
-    "required": ["timestamp", "source", "data", "metadata"],
-}
+RAW_SCHEMA: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml").read_text())
+"""The Sophia raw document schema, exactly as the example catalog declares it."""
 RAW_KEY = ["/metadata/id"]
 
 TYPES = ["agent_interaction", "system_metric", "user_query", "user_response", "system_event"]

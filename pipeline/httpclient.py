@@ -5,7 +5,25 @@ from __future__ import annotations
 
 import httpx
 
+from pipeline.capture import Capture
 from pipeline.errors import SourceError
+
+
+class PollingCapture(Capture):
+    """A capture that polls over HTTP: one client from ``open`` to ``close``."""
+
+    client: httpx.AsyncClient
+
+    def new_client(self) -> httpx.AsyncClient:
+        """The connector's client (headers, token, timeout from its config)."""
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        self.client = self.new_client()
+
+    async def close(self) -> None:
+        if hasattr(self, "client"):
+            await self.client.aclose()
 
 
 class BodyTooLarge(SourceError):

@@ -7,10 +7,12 @@ import base64
 import random
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from pipeline.catalog import KafkaConfig
@@ -26,16 +28,8 @@ from pipeline.collection import (
 )
 from pipeline.errors import CheckpointError, ValidationFailed
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "timestamp": {"type": "string", "format": "date-time"},
-        "source": {"type": "string"},
-        "data": {"type": "object"},
-        "metadata": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
-    },
-    "required": ["timestamp", "source", "data", "metadata"],
-}
+SCHEMA = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
+                        .read_text())  # the Sophia raw documents, as the example catalog declares them
 
 
 def doc(key: str, seq: int) -> dict[str, Any]:

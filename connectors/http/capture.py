@@ -34,7 +34,7 @@ import orjson
 
 from connectors.http.config import HttpConfig, HttpResource, binding_key
 from pipeline import httpclient, metrics
-from pipeline.capture import Capture, Captured
+from pipeline.capture import Captured
 from pipeline.catalog import MISSING, CaptureBinding, pointer_tokens, resolve
 from pipeline.connector import Check
 from pipeline.errors import CheckpointError, describe
@@ -56,18 +56,13 @@ class Unreadable(ValueError):
     """A page or record that cannot become documents; it becomes a dead letter."""
 
 
-class HttpCapture(Capture):
+class HttpCapture(httpclient.PollingCapture):
     """Polls each binding's resource in turn, every ``interval``."""
 
     config: HttpConfig
-    client: httpx.AsyncClient
 
-    async def open(self) -> None:
-        self.client = _client(self.config)
-
-    async def close(self) -> None:
-        if hasattr(self, "client"):
-            await self.client.aclose()
+    def new_client(self) -> httpx.AsyncClient:
+        return _client(self.config)
 
     async def run(self, state: dict[str, Any] | None) -> AsyncIterator[Captured]:
         states = _load_state(state, self.ctx.name)

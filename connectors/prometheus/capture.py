@@ -27,7 +27,7 @@ from connectors.prometheus.parse import (
     with_target_labels,
 )
 from pipeline import httpclient, metrics
-from pipeline.capture import Capture, Captured
+from pipeline.capture import Captured
 from pipeline.connector import Check
 from pipeline.errors import describe
 
@@ -55,18 +55,13 @@ class Scrape:
     size: int = 0
 
 
-class PrometheusCapture(Capture):
+class PrometheusCapture(httpclient.PollingCapture):
     """Scrapes all targets concurrently each interval; one ``Captured`` per target."""
 
     config: PrometheusConfig
-    client: httpx.AsyncClient
 
-    async def open(self) -> None:
-        self.client = _client(self.config)
-
-    async def close(self) -> None:
-        if hasattr(self, "client"):
-            await self.client.aclose()
+    def new_client(self) -> httpx.AsyncClient:
+        return _client(self.config)
 
     async def run(self, state: dict[str, Any] | None) -> AsyncIterator[Captured]:
         last = dict((state or {}).get("last_scrape", {}))
