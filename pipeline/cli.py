@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from pipeline.catalog import Catalog, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
-from pipeline.logs import redact, setup_logging
+from pipeline.logs import describe, setup_logging
 
 if TYPE_CHECKING:
     from pipeline.task import TaskKind
@@ -105,8 +106,16 @@ _RUN_LOG_FORMAT, _RUN_LOG_LEVEL = _log_options()
 _QUIET_LOG_FORMAT, _QUIET_LOG_LEVEL = _log_options("warning")
 
 
-def _setup(log_format: LogFormat, log_level: str) -> None:
-    setup_logging(log_format.value, log_level)
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+_OUTPUT = typer.Option(Output.text, "--output", "-o", help="`text` (for people) or `json` (one object, for scripts).")
+
+
+def _setup(log_format: LogFormat, log_level: str, *, quiet_clients: bool = False) -> None:
+    setup_logging(log_format.value, log_level, quiet_clients=quiet_clients)
 
 
 def _exit_now(sig: signal.Signals) -> None:
@@ -272,6 +281,20 @@ def _run_async(make: Callable[[], Awaitable[int]]) -> int:
         return 2 if isinstance(e, ConfigError) else 1
 
 
+def _run_command(make: Callable[[], Awaitable[int]]) -> int:
+    """`_run_async` for doctor, preview, status and test: the error in plain words, and where to
+    find a broker when none answered."""
+    from pipeline.doctor import NO_BROKER_HINT
+
+    try:
+        return asyncio.run(make())
+    except LocalflowError as e:
+        err_console.print(f"[bold red]error:[/] {escape(describe(e))}", highlight=False)
+        if describe(e).startswith("no Kafka broker"):
+            err_console.print(NO_BROKER_HINT, highlight=False, markup=False)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
 def _workers(given: list[str] | None) -> list[str]:
     if given:
         return given
@@ -348,7 +371,7 @@ def preview(
     """
     from pipeline.preview import preview as read
 
-    _setup(LogFormat.text, "warning")
+    _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
 
     async def go() -> int:
@@ -363,40 +386,47 @@ def preview(
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return 0
 
-    raise typer.Exit(_run_async(go))
+    raise typer.Exit(_run_command(go))
 
 
 @app.command()
 def doctor(
     catalog: Path = CATALOG_ARG,
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds each check may take."),
+    output: Output = _OUTPUT,
 ) -> None:
     """Check that the catalog can run here: Kafka, every task's endpoint, and api.estuary.dev.
 
-    One line per check: OK, FAIL or SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh
-    token present) is reported but never required: localflow is what runs while it is
-    unreachable. Secrets are never printed. Exit 1 when a required check fails.
+    One line per check: OK, FAIL (a required check failed), WARN (an optional one did) or
+    SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh token present) is reported but
+    never required: localflow is what runs while it is unreachable. Secrets are never
+    printed. Exit 1 when a required check fails.
 
     \b
     Example:
       localflow doctor examples/sophia/flow.yaml
+      localflow doctor examples/sophia/flow.yaml --output json
     """
-    from pipeline.doctor import diagnose
+    from pipeline import doctor as dr
 
-    _setup(LogFormat.text, "error")
+    _setup(LogFormat.text, "error", quiet_clients=True)
     cat = load_or_exit(catalog)
 
     async def go() -> int:
-        lines = await diagnose(cat, timeout=timeout)
-        width = max(len(ln.check.name) for ln in lines)
-        for ln in lines:
-            note = " (not required)" if ln.state == "FAIL" and not ln.check.required else ""
-            print(redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {ln.check.detail}{note}"))
-        failed = [ln for ln in lines if ln.blocking]
-        print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
-        return 1 if failed else 0
+        lines = await dr.diagnose(cat, timeout=timeout)
+        if output == Output.json:
+            print(orjson.dumps(dr.as_json(lines), option=orjson.OPT_INDENT_2).decode())
+        else:
+            print("\n".join(dr.render(lines)))
+        return 1 if any(ln.blocking for ln in lines) else 0
 
-    raise typer.Exit(_run_async(go))
+    raise typer.Exit(_run_command(go))
+
+
+class Broker(StrEnum):
+    auto = "auto"
+    embedded = "embedded"
+    catalog = "catalog"
 
 
 @app.command("test")
@@ -405,23 +435,31 @@ def test_catalog(
     test: list[str] | None = typer.Option(None, "--test", help="Run only this test (repeatable). Default: all."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds a verify step waits for the expected documents."),
     keep_topics: bool = typer.Option(False, "--keep-topics", help="Keep the test's topics (to inspect them)."),
+    broker: Broker = typer.Option(
+        Broker.auto, "--broker",
+        help="`catalog`: the catalog's broker; `embedded`: a broker of its own (Tansu, stopped afterwards); "
+             "`auto`: the catalog's when KAFKA_BOOTSTRAP_SERVERS is set, else embedded."),
     log_format: LogFormat = _QUIET_LOG_FORMAT,
     log_level: str = _QUIET_LOG_LEVEL,
 ) -> None:
-    """Run the catalog's `tests:` against the real broker, in topics of their own.
+    """Run the catalog's `tests:` in topics of their own, on the catalog's broker or an embedded one.
 
-    Each test ingests documents and verifies what its derivations made, in a namespace of
-    fresh topics (production topics and consumer groups are never touched; the topics are
-    deleted afterwards). A verify step compares, per key, only the properties the expected
-    document states. Each failing document is shown as a diff. Exit 1 when a test fails.
+    With no broker configured (KAFKA_BOOTSTRAP_SERVERS unset) the tests need no infrastructure:
+    they run on an embedded broker started for them and stopped afterwards. Each test ingests
+    documents and verifies what its derivations made, in a namespace of fresh topics
+    (production topics and consumer groups are never touched; the topics are deleted
+    afterwards). A verify step compares, per key, only the properties the expected document
+    states. Each failing document is shown as a diff. Exit 1 when a test fails.
 
     \b
     Example:
       localflow test examples/sophia/flow.yaml
     """
+    from pipeline.catalog import KafkaConfig
     from pipeline.catalog_test import report_lines, run_tests
+    from pipeline.services import Kafka, ServiceError
 
-    _setup(log_format, log_level)
+    _setup(log_format, log_level, quiet_clients=True)
     cat = load_or_exit(catalog)
     unknown = [t for t in test or [] if t not in cat.tests]
     if unknown:
@@ -431,6 +469,19 @@ def test_catalog(
     if not cat.tests:
         console.print(f"{catalog} declares no tests", highlight=False)
         raise typer.Exit(0)
+    embedded = Kafka() if broker == Broker.embedded or (
+        broker == Broker.auto and not os.environ.get(Kafka.env_var)) else None
+    if embedded is not None:
+        why = "" if broker == Broker.embedded else f"no broker configured ({Kafka.env_var} is not set): "
+        err_console.print(f"{why}testing on an embedded broker", highlight=False, markup=False)
+        try:
+            embedded.start()
+        except ServiceError as e:
+            err_console.print(f"[bold red]error:[/] cannot start the embedded broker: {escape(str(e))}\n"
+                              f"Set {Kafka.env_var} to test on your broker, or install it: "
+                              "pip install 'localflow[services]'", highlight=False)
+            raise typer.Exit(1) from None
+        cat = cat.model_copy(update={"kafka": KafkaConfig(bootstrap_servers=embedded.bootstrap_servers)})
 
     async def go() -> int:
         results = await run_tests(cat, test or None, timeout=timeout, keep_topics=keep_topics)
@@ -441,7 +492,12 @@ def test_catalog(
         console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
         return 1 if failed else 0
 
-    raise typer.Exit(_run_async(go))
+    try:
+        code = _run_command(go)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    raise typer.Exit(code)
 
 
 from pipeline.demo import demo_command, demo_sources_command  # noqa: E402 - registered here, defined there
