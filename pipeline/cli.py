@@ -190,7 +190,7 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
         loop.add_signal_handler(sig, on_signal, sig)
     telemetry = None
     if port is not None:
-        telemetry = Telemetry(kinds)
+        telemetry = Telemetry(kinds, kafka=catalog.kafka)  # registered in Kafka, for `localflow status`
         try:
             await telemetry.start(host, port)
         except OSError as e:
@@ -295,10 +295,11 @@ def _run_command(make: Callable[[], Awaitable[int]]) -> int:
         return 2 if isinstance(e, ConfigError) else 1
 
 
-def _workers(given: list[str] | None) -> list[str]:
+def _workers(given: list[str] | None) -> list[str] | None:
+    """--worker, else LOCALFLOW_WORKERS, else None: the workers of the registry."""
     if given:
         return given
-    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w]
+    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w] or None
 
 
 @app.command()
@@ -306,38 +307,49 @@ def status(
     catalog: Path = CATALOG_ARG,
     worker: list[str] | None = typer.Option(
         None, "--worker", "-w",
-        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated)."),
+        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated), "
+             "else every live worker of the registry in Kafka."),
     watch: bool = typer.Option(False, "--watch", help="Refresh in place until Ctrl-C."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    output: Output = _OUTPUT,
 ) -> None:
     """Show each task: running or not, documents per second, lag per partition, checkpoint age, last error.
 
-    Lag (partition end minus the task's committed checkpoint) comes from the broker; running,
-    documents per second and errors come from the workers' /status (`localflow run
-    --metrics-port`), named with --worker or LOCALFLOW_WORKERS. Exit 1 when the broker or a
-    worker did not answer (what could be read is still shown).
+    Lag (partition end minus the task's committed checkpoint, in documents) comes from the
+    broker; running, documents per second and errors from the workers' /status (`localflow
+    run --metrics-port`). Workers register themselves in Kafka (topic localflow.workers), so
+    status finds every live worker of the cluster; --worker or LOCALFLOW_WORKERS name them
+    instead. Exit 1 when the broker or a worker did not answer (what could be read is still
+    shown).
 
     \b
     Example:
-      localflow status examples/sophia/flow.yaml --worker http://127.0.0.1:9100 --watch
+      localflow status examples/sophia/flow.yaml --watch
+      localflow status examples/sophia/flow.yaml --output json
     """
     from pipeline import status as st
 
-    _setup(LogFormat.text, "warning")
+    _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
     urls = _workers(worker)
 
+    def show(report: st.StatusReport) -> None:
+        if output == Output.json:
+            print(orjson.dumps(report.as_json()).decode(), flush=True)
+        else:
+            console.print(st.render(report))
+
     async def once() -> int:
         report = await st.gather(cat, urls)
-        console.print(st.render(report))
+        show(report)
         return 1 if report.problems else 0
 
     async def live() -> int:
         from rich.live import Live
 
-        if not console.is_terminal:  # a pipe or a file: one snapshot after the other
+        if output == Output.json or not console.is_terminal:  # a pipe or a file: one snapshot after the other
             while True:
-                console.print(st.render(await st.gather(cat, urls)))
+                show(await st.gather(cat, urls))
                 await asyncio.sleep(interval)
         with Live(console=console, auto_refresh=False, screen=False) as view:
             while True:
@@ -345,7 +357,7 @@ def status(
                 await asyncio.sleep(interval)
 
     try:
-        raise typer.Exit(_run_async(live if watch else once))
+        raise typer.Exit(_run_command(live if watch else once))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
