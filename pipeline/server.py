@@ -1,6 +1,8 @@
 """The worker's HTTP endpoint (``localflow run --metrics-port``): metrics, health, readiness, status.
 
-* ``/metrics``: every metric of ``pipeline.metrics`` in the Prometheus text format.
+* ``/metrics``: every metric of ``pipeline.metrics``, negotiated as prometheus_client's own
+  handlers do: OpenMetrics when the ``Accept`` header asks for it (as Prometheus does), else
+  the text format; gzip when accepted; ``?name[]=...`` for only some metrics.
 * ``/healthz``: 200 while the process is alive and its event loop answers.
 * ``/readyz``: 200 when every task of this process is running, connected to its endpoints and
   not stalled (it has a backlog but made no progress for ``stall_after`` seconds); else 503.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import os
 import socket
@@ -29,7 +32,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from pipeline import metrics
 from pipeline.catalog import KafkaConfig
@@ -212,8 +216,7 @@ class Telemetry:
                 "now": time.time(), "tasks": tasks}
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(REGISTRY)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return metrics_response(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -225,6 +228,18 @@ class Telemetry:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
+
+
+def metrics_response(request: web.Request) -> web.Response:
+    """The registry's metrics for ``request``, as prometheus_client's ``MetricsHandler`` answers."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    names = request.query.getall("name[]", [])
+    body = encoder(REGISTRY.restricted_registry(names) if names else REGISTRY)
+    headers = {"Content-Type": content_type}
+    if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 def _tasks_with_lag() -> set[str]:
