@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from pipeline.services import free_port
-from tests.cli_support import DOC_SCHEMA, ROOT, cli_env, localflow, write_catalog
+from tests.cli_support import ROOT, cli_env, localflow, redis_catalog
 
 
 def jwt(**claims: int) -> str:
@@ -20,16 +20,6 @@ def jwt(**claims: int) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
 
     return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'sub': 'sophia', **claims})}.c2lnbmF0dXJlLW5vdC1jaGVja2Vk"
-
-
-def redis_catalog(tmp_path: Path, name: str) -> Path:
-    return write_catalog(tmp_path / "flow.yaml", {
-        "kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
-        "collections": {f"{name}/docs": {"schema": DOC_SCHEMA, "key": ["/id"]}},
-        "materializations": {f"{name}/cache": {
-            "endpoint": {"redis": {"url": "${REDIS_URL}"}},
-            "bindings": [{"source": f"{name}/docs", "resource": {"key": "k:{/id}"}}]}},
-    })
 
 
 def line_of(out: str, check: str) -> str:

@@ -10,26 +10,15 @@ from pathlib import Path
 import orjson
 
 from pipeline.services import free_port
-from tests.cli_support import DOC_SCHEMA, cli_env, localflow, worker, write_catalog
+from tests.cli_support import cli_env, localflow, redis_catalog, worker
 from tests.helpers import wait_for
 
 HINT = "no broker? try localflow demo --keep-services"
 
 
-def docs_catalog(tmp_path: Path, name: str) -> Path:
-    """A collection and a Redis materialization reading it: a task with a consumer group."""
-    return write_catalog(tmp_path / "flow.yaml", {
-        "kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
-        "collections": {f"{name}/docs": {"schema": DOC_SCHEMA, "key": ["/id"]}},
-        "materializations": {f"{name}/cache": {
-            "endpoint": {"redis": {"url": "${REDIS_URL}"}},
-            "bindings": [{"source": f"{name}/docs", "resource": {"key": "k:{/id}"}}]}},
-    })
-
-
 def test_preview_with_no_broker_prints_one_line_and_the_hint(tmp_path: Path, unique_name: Callable[..., str]) -> None:
     name, kafka = unique_name(), f"127.0.0.1:{free_port()}"
-    result = localflow("preview", f"{name}/docs", "--catalog", str(docs_catalog(tmp_path, name)), "--from-beginning",
+    result = localflow("preview", f"{name}/docs", "--catalog", str(redis_catalog(tmp_path, name)), "--from-beginning",
                        env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL="redis://127.0.0.1:1/0"))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: no Kafka broker answers at {kafka}", HINT]
@@ -39,7 +28,7 @@ def test_preview_with_no_broker_prints_one_line_and_the_hint(tmp_path: Path, uni
 def test_status_with_no_broker_says_so_once_and_shows_every_task(tmp_path: Path,
                                                                   unique_name: Callable[..., str]) -> None:
     name, kafka = unique_name(), f"127.0.0.1:{free_port()}"
-    result = localflow("status", str(docs_catalog(tmp_path, name)),
+    result = localflow("status", str(redis_catalog(tmp_path, name)),
                        env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL="redis://127.0.0.1:1/0"))
     assert result.returncode == 1
     assert result.stderr == "", "no log line of a client library, no unclosed client"
@@ -52,7 +41,7 @@ def test_status_with_no_broker_says_so_once_and_shows_every_task(tmp_path: Path,
 def test_status_finds_the_workers_of_the_catalog_without_being_told(
         tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
     name = unique_name()
-    catalog = docs_catalog(tmp_path, name)
+    catalog = redis_catalog(tmp_path, name)
     env = cli_env(LOCALFLOW_WORKERS="")
     with worker(catalog, "--metrics-port", "0", log=tmp_path / "run.log") as w:
         url = w.url()

@@ -59,10 +59,10 @@ async def _counts(env: dict[str, str]) -> dict[str, int]:
     return out
 
 
-async def _run(*args: str) -> tuple[int, str, str]:
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run `python -m pipeline ARGS` to its end (killed after 4 minutes): exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline", *args, cwd=ROOT,
+        sys.executable, "-m", "pipeline", *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with asyncio.timeout(240):
@@ -72,6 +72,12 @@ async def _run(*args: str) -> tuple[int, str, str]:
             proc.kill()
             await proc.wait()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+def assert_closed(port: int) -> None:
+    """Nothing listens on ``port`` any more (the demo stopped the server it started there)."""
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
 
 
 async def test_demo_fills_every_table_redis_and_the_archive_and_says_how_to_query_them(
@@ -119,8 +125,7 @@ async def test_sigterm_ends_the_demo_cleanly_and_stops_the_servers_it_started() 
             await proc.wait()
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
     port = int(re.search(rb"psql -h 127\.0\.0\.1 -p (\d+)", out).group(1))
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
-        pass
+    assert_closed(port)
 
 
 def test_the_live_view_of_the_sophia_catalog_fits_80_columns_and_24_lines() -> None:
@@ -181,13 +186,13 @@ async def test_kept_services_answer_preview_status_and_postgres_with_the_printed
             assert scrape.status_code == 200 and "localflow_output_documents_total" in scrape.text
             await _line_matching(proc.stdout, rb"sophia_raw_data=[1-9]", seen)
             shell = env | exports
-            status = await _run_env(shell, "status", str(CATALOG), "--output", "json")
+            status = await _run("status", str(CATALOG), "--output", "json", env=shell)
             report = orjson.loads(status[1])
             assert report["workers"] == [metrics_url.removesuffix("/metrics")], "status finds the demo"
             proc.send_signal(signal.SIGTERM)  # the tasks stop; the servers stay
             await _line_matching(proc.stdout, rb"^Ctrl-C or SIGTERM stops them\.", seen)
-        code, out, err = await _run_env(shell, "preview", "sophia/sophia_raw_data", "--catalog", str(CATALOG),
-                                        "--from-beginning", "-n", "1")
+        code, out, err = await _run("preview", "sophia/sophia_raw_data", "--catalog", str(CATALOG),
+                                    "--from-beginning", "-n", "1", env=shell)
         assert code == 0, err
         assert orjson.loads(out)["source"]
         conn = await asyncpg.connect(exports["POSTGRES_URL"])
@@ -203,16 +208,8 @@ async def test_kept_services_answer_preview_status_and_postgres_with_the_printed
             await proc.wait()
     assert proc.returncode == 0, f"{b''.join(seen).decode()}{rest.decode()}\n--- stderr\n{err.decode()}"
     port = int(exports["POSTGRES_URL"].rsplit(":", 1)[1].split("/")[0])
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
-        pass
+    assert_closed(port)
 
-
-async def _run_env(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline", *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_on_a_terminal_the_demo_keeps_its_servers_until_enter() -> None:
@@ -248,5 +245,4 @@ async def test_on_a_terminal_the_demo_keeps_its_servers_until_enter() -> None:
             proc.kill()
             await proc.wait()
         os.close(leader)
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
-        pass
+    assert_closed(port)
