@@ -273,7 +273,7 @@ def render(report: StatusReport) -> Group:
             parts.append("  lag unknown")
         else:
             table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-            for column in ("collection", "partition", "end", "checkpoint", "lag"):
+            for column in ("collection", "partition", "end", "checkpoint", "lag (docs)"):
                 table.add_column(column, justify="left" if column == "collection" else "right")
             for p in t.partitions:
                 table.add_row(p.collection, str(p.partition), str(p.end),
