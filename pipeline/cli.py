@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pipeline.catalog import Catalog, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
-from pipeline.logs import describe, setup_logging
+from pipeline.logs import describe, no_broker, setup_logging
 
 if TYPE_CHECKING:
     from pipeline.task import TaskKind
@@ -290,7 +290,7 @@ def _run_command(make: Callable[[], Awaitable[int]]) -> int:
         return asyncio.run(make())
     except LocalflowError as e:
         err_console.print(f"[bold red]error:[/] {escape(describe(e))}", highlight=False)
-        if describe(e).startswith("no Kafka broker"):
+        if no_broker(e) is not None:
             err_console.print(NO_BROKER_HINT, highlight=False, markup=False)
         return 2 if isinstance(e, ConfigError) else 1
 

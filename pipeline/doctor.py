@@ -37,6 +37,7 @@ ESTUARY_TOKEN_LIFETIME = 14 * 86400
 
 NO_BROKER_HINT = "no broker? try localflow demo --keep-services"
 """Printed under a failed Kafka check: the demo's embedded services, kept up, with their export lines."""
+KAFKA_CHECK = "kafka "
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,6 @@ def as_json(lines: list[Line]) -> dict[str, object]:
             "failed": sum(ln.blocking for ln in lines), "warned": sum(ln.state == "WARN" for ln in lines),
             "checks": [{k: redact(v) if isinstance(v, str) else v for k, v in ln.as_dict().items()} for ln in lines],
             "hint": NO_BROKER_HINT if kafka_failed(lines) else None}
-
-
-KAFKA_CHECK = "kafka "
 
 
 async def check_kafka(catalog: Catalog, timeout: float) -> Check:  # noqa: ASYNC109

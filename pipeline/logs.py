@@ -164,21 +164,29 @@ _ADDRESS = re.compile(r"\('([^']*)', (\d+)")
 """``('127.0.0.1', 9092`` in aiokafka's "Unable to bootstrap from [('127.0.0.1', 9092, <AddressFamily...>)]"."""
 
 
-def describe(error: BaseException) -> str:
-    """One line a user reads for ``error``: what failed, where, without Python reprs.
-
-    A Kafka client that found no broker becomes ``no Kafka broker answers at HOST:PORT`` (from
-    whichever error of the chain is aiokafka's); other errors keep their message, redacted,
-    prefixed by their type only when the message alone says nothing.
-    """
+def no_broker(error: BaseException) -> BaseException | None:
+    """The Kafka client's "no broker answered" error in ``error``'s chain of causes, if any."""
     from aiokafka.errors import KafkaConnectionError
 
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, KafkaConnectionError):
-            where = ", ".join(f"{h}:{p}" for h, p in _ADDRESS.findall(str(seen)))
-            return f"no Kafka broker answers at {where}" if where else "no Kafka broker answers"
+            return seen
         seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe(error: BaseException) -> str:
+    """One line a user reads for ``error``: what failed, where, without Python reprs.
+
+    A Kafka client that found no broker becomes ``no Kafka broker answers at HOST:PORT`` (from
+    whichever error of the chain is aiokafka's); other errors keep their message, redacted, or
+    show their type's name when they have none.
+    """
+    unreachable = no_broker(error)
+    if unreachable is not None:
+        where = ", ".join(f"{h}:{p}" for h, p in _ADDRESS.findall(str(unreachable)))
+        return f"no Kafka broker answers at {where}" if where else "no Kafka broker answers"
     if isinstance(error, TimeoutError):
         return "no answer in time"
     text = redact(str(error).strip())

@@ -119,9 +119,10 @@ class Telemetry:
         try:
             while True:
                 try:
-                    if writer is None or not writer._started:  # noqa: SLF001 - a failed client is not reused
-                        writer = CollectionWriter(kafka, "localflow-registry")
-                        await writer.start()
+                    if writer is None:
+                        fresh = CollectionWriter(kafka, "localflow-registry")
+                        await fresh.start()  # a start that fails leaves no client behind
+                        writer = fresh
                     await writer.admin.ensure({REGISTRY_TOPIC: (1, 1, {"cleanup.policy": "compact"})})
                     await self._announce(writer)
                     if failing:
@@ -143,7 +144,7 @@ class Telemetry:
                 await writer.stop()
 
     async def _announce(self, writer: CollectionWriter | None, *, stopped: bool = False) -> None:
-        if writer is not None and writer._started:  # noqa: SLF001
+        if writer is not None:
             await (await writer.producer.send(REGISTRY_TOPIC, orjson.dumps(self.registration(stopped=stopped)),
                                               key=self.worker_id.encode()))
 

@@ -34,7 +34,7 @@ from pipeline.checkpoint import KafkaCheckpoints
 from pipeline.collection import Collection
 from pipeline.doctor import NO_BROKER_HINT
 from pipeline.errors import CheckpointError, EndpointError
-from pipeline.logs import describe, redact
+from pipeline.logs import describe, no_broker, redact
 from pipeline.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
 from pipeline.server import HEARTBEAT_S, REGISTRY_TOPIC
 from pipeline.task import kind_of
@@ -140,7 +140,7 @@ async def worker_status(urls: list[str], timeout: float = 3.0) -> tuple[list[dic
                 response.raise_for_status()
                 answers.append(response.json())
             except (httpx.HTTPError, ValueError) as e:
-                problems.append(f"worker {url} did not answer /status: {describe(e) or type(e).__name__}")
+                problems.append(f"worker {url} did not answer /status: {describe(e)}")
 
         await asyncio.gather(*(one(u) for u in urls))
     return answers, problems
@@ -164,7 +164,7 @@ async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
             workers = await discover(catalog)
         except (EndpointError, KafkaError) as e:
             problems.append(f"cannot read the worker registry: {describe(e)}")
-            kafka_down = describe(e).startswith("no Kafka broker")
+            kafka_down = no_broker(e) is not None
             workers = []
     answers, unanswered = await worker_status(workers) if workers else ([], [])
     problems += unanswered
@@ -192,7 +192,7 @@ async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
             await _capture_checkpoints(catalog, reports)
         except (EndpointError, KafkaError) as e:
             problems.append(f"lag unknown: {describe(e)}")
-            kafka_down = describe(e).startswith("no Kafka broker")
+            kafka_down = no_broker(e) is not None
     return StatusReport(list(reports.values()), problems, time.time(), workers, discovered, kafka_down)
 
 
