@@ -9,6 +9,13 @@ materialization wrote, as a user would count it (rows, keys, objects). It ends a
 `--duration` or on Ctrl-C / SIGTERM: tasks flush and stop first, then the sources, then the
 servers it started. External servers are never cleaned: the demo only adds to them.
 
+It leaves you somewhere: it prints the ``export KAFKA_BOOTSTRAP_SERVERS=... POSTGRES_URL=...``
+lines that point another shell's `localflow preview`, `status` and `psql` at its servers, serves
+``/metrics`` and ``/status`` while the tasks run (registered, so `localflow status` finds it), and
+on a terminal keeps its servers up after the run until Enter (``--keep-services`` anywhere, until
+Ctrl-C / SIGTERM). The live view fits 80x24: a row per collection with what each
+materialization made of it, a row per task with its lag in documents.
+
 Exit code 0 when every binding of every materialization grew during the run; 1 (naming the
 binding) when one did not, so a broken demo is visible in CI; 2 for an invalid catalog.
 """
@@ -626,8 +633,8 @@ def demo_command(
         help="After the run, keep the embedded servers up (until Enter on a terminal, else until Ctrl-C or "
              "SIGTERM), so `localflow preview`, `status` and the printed psql / redis-cli / aws commands work "
              "against them. Default: on a terminal, keep them."),
-    metrics_port: int | None = typer.Option(
-        0, "--metrics-port", help="Serve /metrics and /status on this port of 127.0.0.1 while the tasks run "
+    metrics_port: int = typer.Option(
+        0, "--metrics-port", min=0, max=65535, help="Serve /metrics and /status on this port of 127.0.0.1 while the tasks run "
                                   "(0: any free port, printed)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the tasks' INFO logs, not only warnings."),
 ) -> None:
@@ -638,9 +645,11 @@ def demo_command(
     anything there); starts a simulated Sophia AI API, agent log writer and /metrics endpoint;
     points SOPHIA_API_URL, SOPHIA_API_TOKEN, SOPHIA_METRICS_URL, SOPHIA_AGENT_LOG_DIR,
     POSTGRES_*, REDIS_*, S3_* and AWS_* at them; and runs every task of the catalog in this
-    process. Shows documents per collection, rows, keys and objects written, lag and rates; ends
-    after --duration or Ctrl-C / SIGTERM (tasks flush first), then prints how to query the
-    results. Exits 1, naming it, if a materialization wrote nothing.
+    process. Prints the `export ...` lines that point another shell (localflow preview, status,
+    psql) at its servers and serves /metrics. Shows documents per collection, rows, keys and
+    objects written, lag (documents) and rates, within 80x24; ends after --duration or Ctrl-C /
+    SIGTERM (tasks flush first), then prints how to query the results. On a terminal the
+    servers then stay up until Enter. Exits 1, naming it, if a materialization wrote nothing.
 
     Example: localflow demo examples/sophia/flow.yaml --duration 2m
     """
