@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from pipeline.catalog import Catalog, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
-from pipeline.logs import redact, setup_logging
+from pipeline.logs import describe, no_broker, setup_logging
 
 if TYPE_CHECKING:
     from pipeline.task import TaskKind
@@ -105,8 +106,16 @@ _RUN_LOG_FORMAT, _RUN_LOG_LEVEL = _log_options()
 _QUIET_LOG_FORMAT, _QUIET_LOG_LEVEL = _log_options("warning")
 
 
-def _setup(log_format: LogFormat, log_level: str) -> None:
-    setup_logging(log_format.value, log_level)
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+_OUTPUT = typer.Option(Output.text, "--output", "-o", help="`text` (for people) or `json` (one object, for scripts).")
+
+
+def _setup(log_format: LogFormat, log_level: str, *, quiet_clients: bool = False) -> None:
+    setup_logging(log_format.value, log_level, quiet_clients=quiet_clients)
 
 
 def _exit_now(sig: signal.Signals) -> None:
@@ -181,7 +190,7 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
         loop.add_signal_handler(sig, on_signal, sig)
     telemetry = None
     if port is not None:
-        telemetry = Telemetry(kinds)
+        telemetry = Telemetry(kinds, kafka=catalog.kafka)  # registered in Kafka, for `localflow status`
         try:
             await telemetry.start(host, port)
         except OSError as e:
@@ -272,10 +281,25 @@ def _run_async(make: Callable[[], Awaitable[int]]) -> int:
         return 2 if isinstance(e, ConfigError) else 1
 
 
-def _workers(given: list[str] | None) -> list[str]:
+def _run_command(make: Callable[[], Awaitable[int]]) -> int:
+    """`_run_async` for doctor, preview, status and test: the error in plain words, and where to
+    find a broker when none answered."""
+    from pipeline.doctor import NO_BROKER_HINT
+
+    try:
+        return asyncio.run(make())
+    except LocalflowError as e:
+        err_console.print(f"[bold red]error:[/] {escape(describe(e))}", highlight=False)
+        if no_broker(e) is not None:
+            err_console.print(NO_BROKER_HINT, highlight=False, markup=False)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+def _workers(given: list[str] | None) -> list[str] | None:
+    """--worker, else LOCALFLOW_WORKERS, else None: the workers of the registry."""
     if given:
         return given
-    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w]
+    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w] or None
 
 
 @app.command()
@@ -283,38 +307,49 @@ def status(
     catalog: Path = CATALOG_ARG,
     worker: list[str] | None = typer.Option(
         None, "--worker", "-w",
-        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated)."),
+        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated), "
+             "else every live worker of the registry in Kafka."),
     watch: bool = typer.Option(False, "--watch", help="Refresh in place until Ctrl-C."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    output: Output = _OUTPUT,
 ) -> None:
     """Show each task: running or not, documents per second, lag per partition, checkpoint age, last error.
 
-    Lag (partition end minus the task's committed checkpoint) comes from the broker; running,
-    documents per second and errors come from the workers' /status (`localflow run
-    --metrics-port`), named with --worker or LOCALFLOW_WORKERS. Exit 1 when the broker or a
-    worker did not answer (what could be read is still shown).
+    Lag (partition end minus the task's committed checkpoint, in documents) comes from the
+    broker; running, documents per second and errors from the workers' /status (`localflow
+    run --metrics-port`). Workers register themselves in Kafka (topic localflow.workers), so
+    status finds every live worker of the cluster; --worker or LOCALFLOW_WORKERS name them
+    instead. Exit 1 when the broker or a worker did not answer (what could be read is still
+    shown).
 
     \b
     Example:
-      localflow status examples/sophia/flow.yaml --worker http://127.0.0.1:9100 --watch
+      localflow status examples/sophia/flow.yaml --watch
+      localflow status examples/sophia/flow.yaml --output json
     """
     from pipeline import status as st
 
-    _setup(LogFormat.text, "warning")
+    _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
     urls = _workers(worker)
 
+    def show(report: st.StatusReport) -> None:
+        if output == Output.json:
+            print(orjson.dumps(report.as_json()).decode(), flush=True)
+        else:
+            console.print(st.render(report))
+
     async def once() -> int:
         report = await st.gather(cat, urls)
-        console.print(st.render(report))
+        show(report)
         return 1 if report.problems else 0
 
     async def live() -> int:
         from rich.live import Live
 
-        if not console.is_terminal:  # a pipe or a file: one snapshot after the other
+        if output == Output.json or not console.is_terminal:  # a pipe or a file: one snapshot after the other
             while True:
-                console.print(st.render(await st.gather(cat, urls)))
+                show(await st.gather(cat, urls))
                 await asyncio.sleep(interval)
         with Live(console=console, auto_refresh=False, screen=False) as view:
             while True:
@@ -322,7 +357,7 @@ def status(
                 await asyncio.sleep(interval)
 
     try:
-        raise typer.Exit(_run_async(live if watch else once))
+        raise typer.Exit(_run_command(live if watch else once))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
@@ -348,7 +383,7 @@ def preview(
     """
     from pipeline.preview import preview as read
 
-    _setup(LogFormat.text, "warning")
+    _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
 
     async def go() -> int:
@@ -363,40 +398,47 @@ def preview(
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return 0
 
-    raise typer.Exit(_run_async(go))
+    raise typer.Exit(_run_command(go))
 
 
 @app.command()
 def doctor(
     catalog: Path = CATALOG_ARG,
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds each check may take."),
+    output: Output = _OUTPUT,
 ) -> None:
     """Check that the catalog can run here: Kafka, every task's endpoint, and api.estuary.dev.
 
-    One line per check: OK, FAIL or SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh
-    token present) is reported but never required: localflow is what runs while it is
-    unreachable. Secrets are never printed. Exit 1 when a required check fails.
+    One line per check: OK, FAIL (a required check failed), WARN (an optional one did) or
+    SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh token present) is reported but
+    never required: localflow is what runs while it is unreachable. Secrets are never
+    printed. Exit 1 when a required check fails.
 
     \b
     Example:
       localflow doctor examples/sophia/flow.yaml
+      localflow doctor examples/sophia/flow.yaml --output json
     """
-    from pipeline.doctor import diagnose
+    from pipeline import doctor as dr
 
-    _setup(LogFormat.text, "error")
+    _setup(LogFormat.text, "error", quiet_clients=True)
     cat = load_or_exit(catalog)
 
     async def go() -> int:
-        lines = await diagnose(cat, timeout=timeout)
-        width = max(len(ln.check.name) for ln in lines)
-        for ln in lines:
-            note = " (not required)" if ln.state == "FAIL" and not ln.check.required else ""
-            print(redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {ln.check.detail}{note}"))
-        failed = [ln for ln in lines if ln.blocking]
-        print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
-        return 1 if failed else 0
+        lines = await dr.diagnose(cat, timeout=timeout)
+        if output == Output.json:
+            print(orjson.dumps(dr.as_json(lines), option=orjson.OPT_INDENT_2).decode())
+        else:
+            print("\n".join(dr.render(lines)))
+        return 1 if any(ln.blocking for ln in lines) else 0
 
-    raise typer.Exit(_run_async(go))
+    raise typer.Exit(_run_command(go))
+
+
+class Broker(StrEnum):
+    auto = "auto"
+    embedded = "embedded"
+    catalog = "catalog"
 
 
 @app.command("test")
@@ -405,23 +447,31 @@ def test_catalog(
     test: list[str] | None = typer.Option(None, "--test", help="Run only this test (repeatable). Default: all."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds a verify step waits for the expected documents."),
     keep_topics: bool = typer.Option(False, "--keep-topics", help="Keep the test's topics (to inspect them)."),
+    broker: Broker = typer.Option(
+        Broker.auto, "--broker",
+        help="`catalog`: the catalog's broker; `embedded`: a broker of its own (Tansu, stopped afterwards); "
+             "`auto`: the catalog's when KAFKA_BOOTSTRAP_SERVERS is set, else embedded."),
     log_format: LogFormat = _QUIET_LOG_FORMAT,
     log_level: str = _QUIET_LOG_LEVEL,
 ) -> None:
-    """Run the catalog's `tests:` against the real broker, in topics of their own.
+    """Run the catalog's `tests:` in topics of their own, on the catalog's broker or an embedded one.
 
-    Each test ingests documents and verifies what its derivations made, in a namespace of
-    fresh topics (production topics and consumer groups are never touched; the topics are
-    deleted afterwards). A verify step compares, per key, only the properties the expected
-    document states. Each failing document is shown as a diff. Exit 1 when a test fails.
+    With no broker configured (KAFKA_BOOTSTRAP_SERVERS unset) the tests need no infrastructure:
+    they run on an embedded broker started for them and stopped afterwards. Each test ingests
+    documents and verifies what its derivations made, in a namespace of fresh topics
+    (production topics and consumer groups are never touched; the topics are deleted
+    afterwards). A verify step compares, per key, only the properties the expected document
+    states. Each failing document is shown as a diff. Exit 1 when a test fails.
 
     \b
     Example:
       localflow test examples/sophia/flow.yaml
     """
+    from pipeline.catalog import KafkaConfig
     from pipeline.catalog_test import report_lines, run_tests
+    from pipeline.services import Kafka, ServiceError
 
-    _setup(log_format, log_level)
+    _setup(log_format, log_level, quiet_clients=True)
     cat = load_or_exit(catalog)
     unknown = [t for t in test or [] if t not in cat.tests]
     if unknown:
@@ -431,6 +481,19 @@ def test_catalog(
     if not cat.tests:
         console.print(f"{catalog} declares no tests", highlight=False)
         raise typer.Exit(0)
+    embedded = Kafka() if broker == Broker.embedded or (
+        broker == Broker.auto and not os.environ.get(Kafka.env_var)) else None
+    if embedded is not None:
+        why = "" if broker == Broker.embedded else f"no broker configured ({Kafka.env_var} is not set): "
+        err_console.print(f"{why}testing on an embedded broker", highlight=False, markup=False)
+        try:
+            embedded.start()
+        except ServiceError as e:
+            err_console.print(f"[bold red]error:[/] cannot start the embedded broker: {escape(str(e))}\n"
+                              f"Set {Kafka.env_var} to test on your broker, or install it: "
+                              "pip install 'localflow[services]'", highlight=False)
+            raise typer.Exit(1) from None
+        cat = cat.model_copy(update={"kafka": KafkaConfig(bootstrap_servers=embedded.bootstrap_servers)})
 
     async def go() -> int:
         results = await run_tests(cat, test or None, timeout=timeout, keep_topics=keep_topics)
@@ -441,7 +504,12 @@ def test_catalog(
         console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
         return 1 if failed else 0
 
-    raise typer.Exit(_run_async(go))
+    try:
+        code = _run_command(go)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    raise typer.Exit(code)
 
 
 from pipeline.demo import demo_command, demo_sources_command  # noqa: E402 - registered here, defined there

@@ -292,6 +292,7 @@ class CollectionWriter:
         try:
             await self.producer.start()
         except KafkaError as e:
+            await self.producer.stop()  # a producer that failed to start still holds its client
             raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: cannot start producer: {e!r}") from e
         self._started = True
 
@@ -497,6 +498,7 @@ class CollectionReader:
         try:
             await self.consumer.start()
         except KafkaError as e:
+            await self.consumer.stop()  # a consumer that failed to start still holds its client
             raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: cannot start consumer: {e!r}") from e
         if partitions is not None:
             self.consumer.assign(list(partitions))

@@ -130,7 +130,8 @@ async def test_status_without_workers_says_running_is_unknown_and_a_new_group_ha
     await produce(catalog, f"{name}/events", [{"id": f"k{i}", "n": i} for i in range(30)])
     result = localflow("status", str(catalog), env=cli_env(LOCALFLOW_WORKERS=""))
     assert result.returncode == 0, result.stderr
-    assert "running: unknown (pass --worker)" in result.stdout
+    assert "no live worker in localflow.workers (workers register when run with --metrics-port)" in result.stdout
+    assert f"{name}/cache (materialization) · running: unknown ·" in result.stdout
     rows = partition_rows(result.stdout, f"{name}/events")
     assert [checkpoint for _, checkpoint, _ in rows.values()] == ["none"] * 3
     assert sum(lag for _, _, lag in rows.values()) == 30
