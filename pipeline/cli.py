@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from pipeline.catalog import Catalog, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
@@ -26,7 +28,71 @@ from pipeline.logs import redact, setup_logging
 if TYPE_CHECKING:
     from pipeline.task import TaskKind
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """Help in click's usual notation (``validate [OPTIONS] CATALOG``, ``--task TEXT``) instead of the
+    Python types typer shows (``{catalog}``, ``<list[str]>``), which mean nothing to a user."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._verbatim = {p.name for p in self.params if p.metavar is not None}  # shown as written
+        for p in self.params:
+            if p.metavar is None and isinstance(p, TyperArgument):
+                p.metavar = p.name.upper()
+            elif p.metavar is None and isinstance(p, TyperOption) and not (p.is_flag or p.count):
+                p.metavar = _metavar(p.display_type(None))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument) and not p.hidden:
+                verbatim = p.required or p.name in self._verbatim
+                pieces.append(p.metavar if verbatim else f"[{p.metavar}]")
+        return pieces
+
+    def format_options(self, ctx: typer.Context, formatter: Any) -> None:
+        args, opts = [], []
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record is None:
+                continue
+            if isinstance(p, TyperArgument):
+                args.append((p.metavar, record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "float": "NUMBER", "float range": "NUMBER",
+               "file": "FILE", "path": "PATH", "directory": "DIRECTORY", "datetime": "DATETIME"}
+
+
+def _metavar(display: str) -> str:
+    """``<list[str]>`` -> ``TEXT``, ``<text|json>`` -> ``[text|json]``: what an option takes, in words."""
+    label = display.strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]  # repeatable: the help says so
+    if "|" in label:
+        return f"[{label}]"
+    return _TYPE_NAMES.get(label, re.sub(r"\W+", "_", label).upper())
+
+
+class _App(typer.Typer):
+    """Every command, including those registered from other modules, gets the readable help."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"localflow {package_version('localflow')}")
+        raise typer.Exit(0)
+
+
+app = _App(
     name="localflow",
     help="Self-hosted streaming pipeline: captures -> Kafka collections -> derivations -> materializations.\n\n"
          "Start with `localflow validate examples/sophia/flow.yaml`.",
@@ -34,12 +100,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: reflows docstring paragraphs to the terminal width
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Self-hosted streaming pipeline: captures -> Kafka collections -> derivations -> materializations."""
 
 
@@ -327,10 +397,33 @@ def status(
         raise typer.Exit(0) from None
 
 
+def _preview_arguments(first: Path, second: str | None, option: Path | None) -> tuple[Path, str]:
+    """(catalog, collection) from `preview CATALOG COLLECTION`, or from the deprecated
+    `preview COLLECTION [--catalog FILE]` (./flow.yaml by default), which still works."""
+    if second is not None:
+        if option is not None:
+            err_console.print("[bold red]error:[/] the catalog is given twice (argument and --catalog); "
+                              "write: localflow preview CATALOG COLLECTION", highlight=False)
+            raise typer.Exit(2)
+        return first, second
+    if option is None and first.is_file():
+        err_console.print("[bold red]error:[/] name the collection to read: localflow preview CATALOG COLLECTION",
+                          highlight=False)
+        raise typer.Exit(2)
+    catalog = option or Path("flow.yaml")
+    err_console.print(f"warning: `preview COLLECTION --catalog FILE` is deprecated; write: localflow preview {catalog} {first}",
+                      highlight=False, markup=False)
+    return catalog, str(first)
+
+
 @app.command()
 def preview(
-    collection: str = typer.Argument(..., help="The collection to read, e.g. sophia/sophia_raw_data."),
-    catalog: Path = typer.Option(Path("flow.yaml"), "--catalog", "-c", help="The catalog file.", dir_okay=False),
+    catalog: Path = CATALOG_ARG,
+    collection: str | None = typer.Argument(
+        None, metavar="COLLECTION", help="The collection to read, e.g. sophia/sophia_raw_data.  [required]"),
+    catalog_option: Path | None = typer.Option(
+        None, "--catalog", "-c", hidden=True, dir_okay=False,
+        help="Deprecated: the catalog is the first argument, as in every other command."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new documents until Ctrl-C."),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Stop after this many documents."),
     from_beginning: bool = typer.Option(
@@ -344,10 +437,11 @@ def preview(
 
     \b
     Example:
-      localflow preview sophia/sophia_raw_data --catalog examples/sophia/flow.yaml --from-beginning --limit 5
+      localflow preview examples/sophia/flow.yaml sophia/sophia_raw_data --from-beginning --limit 5
     """
     from pipeline.preview import preview as read
 
+    catalog, collection = _preview_arguments(catalog, collection, catalog_option)
     _setup(LogFormat.text, "warning")
     cat = load_or_exit(catalog)
 
