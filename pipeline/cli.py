@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
-from pipeline.catalog import Catalog, load_catalog, topic_of
+from pipeline.catalog import Catalog, Problem, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
 from pipeline.logs import redact, setup_logging
 
@@ -117,36 +117,54 @@ CATALOG_ARG = typer.Argument(..., help="The catalog file (flow.yaml).", exists=F
 
 
 def load_or_exit(path: Path) -> Catalog:
-    """Load the catalog; on problems print each with its place and exit 2."""
+    """Load the catalog; on problems print each with its position and place, and exit 2."""
     try:
         return load_catalog(path)
     except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] catalog {path} is not valid:", highlight=False)
-        for place, message in e.problems:
-            err_console.print(f"  {place}: {message}" if place else f"  {message}", highlight=False, markup=False)
+        _print_problems(path, e)
         raise typer.Exit(2) from None
 
 
+def _print_problems(path: Path, e: ConfigError) -> None:
+    count = f"{len(e.problems)} problem{'s' * (len(e.problems) != 1)}"
+    err_console.print(f"[bold red]error:[/] catalog {escape(str(path))} is not valid ({count}):", highlight=False)
+    for problem in e.problems:
+        if isinstance(problem, Problem):
+            line = str(problem)
+        else:
+            place, message = problem
+            line = f"{place}: {message}" if place else message
+        err_console.print(f"  {line}", highlight=False, markup=False)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
 @app.command()
-def validate(catalog: Path = CATALOG_ARG) -> None:
-    """Check a catalog without running it: models, keys, bindings, connector configs, SQL.
+def validate(
+    catalog: Path = CATALOG_ARG,
+    output: Output = typer.Option(Output.text, "--output", "-o",
+                                  help="`text` (readable) or `json` (one object: valid, problems, tasks)."),
+) -> None:
+    """Check a catalog without running it: models, schemas, keys, bindings, connector configs, SQL.
 
-    Exits 0 and lists tasks and collections when valid; exits 2 and prints every problem
-    with its place (e.g. `captures.sophia/metrics.interval: '30x' is not a duration`).
+    Exits 0 and lists tasks and collections when valid; exits 2 and prints every problem at
+    once, each at its file:line:column with its place, the offending value and, for a misspelled
+    name, a suggestion and the valid names (e.g. `flow.yaml:12:15:
+    captures.sophia/metrics.interval: '30x' is not a duration`). Fields of every connector are
+    in docs/reference.md (`localflow schema --reference`).
 
-    Example: localflow validate examples/sophia/flow.yaml
+    \b
+    Example:
+      localflow validate examples/sophia/flow.yaml
+      localflow validate flow.yaml --output json | jq '.problems[].message'
     """
+    if output is Output.json:
+        raise typer.Exit(_validate_json(catalog))
     cat = load_or_exit(catalog)
-    rows: list[tuple[str, str, str]] = []
-    for name, spec in cat.collections.items():
-        kind = "derivation" if spec.derive else "collection"
-        extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
-        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
-    for name, cap in cat.captures.items():
-        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
-                     + ", ".join(b.target for b in cap.bindings)))
-    for name, mat in cat.materializations.items():
-        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    rows = _catalog_rows(cat)
     if not console.is_terminal:  # pipes and CI: plain lines, never cut to a terminal's width
         print(f"{catalog}: valid")
         for row in rows:
@@ -158,6 +176,43 @@ def validate(catalog: Path = CATALOG_ARG) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def _catalog_rows(cat: Catalog) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name, spec in cat.collections.items():
+        kind = "derivation" if spec.derive else "collection"
+        extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
+        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
+    for name, cap in cat.captures.items():
+        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
+                     + ", ".join(b.target for b in cap.bindings)))
+    for name, mat in cat.materializations.items():
+        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    return rows
+
+
+def _validate_json(path: Path) -> int:
+    """`validate --output json`: one JSON object on stdout, for editors and CI; exit 0 or 2."""
+    import orjson
+
+    try:
+        cat = load_catalog(path)
+    except ConfigError as e:
+        problems = [p.as_json() if isinstance(p, Problem) else {"path": p[0], "message": p[1]} for p in e.problems]
+        sys.stdout.buffer.write(orjson.dumps({"catalog": str(path), "valid": False, "problems": problems},
+                                             option=orjson.OPT_INDENT_2) + b"\n")
+        return 2
+    body = {"catalog": str(path), "valid": True, "problems": [],
+            "collections": {n: {"topic": topic_of(n), "key": c.key, "partitions": c.partitions,
+                                "derived_from": [t.source for t in c.derive.transforms] if c.derive else None}
+                            for n, c in cat.collections.items()},
+            "captures": {n: {"connector": c.connector, "interval_seconds": c.interval,
+                             "targets": [b.target for b in c.bindings]} for n, c in cat.captures.items()},
+            "materializations": {n: {"connector": m.connector, "sources": [b.source for b in m.bindings]}
+                                 for n, m in cat.materializations.items()}}
+    sys.stdout.buffer.write(orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
 
 
 class LogFormat(StrEnum):
