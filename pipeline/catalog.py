@@ -35,6 +35,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -67,7 +68,9 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 30s, 5m, 1h)")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema({
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"}],
+    "examples": ["30s", "5m", "1h30m", "250ms"]})]
 """A duration in seconds, written in the catalog as ``30s``, ``5m``, ``1h`` or a number."""
 
 # ---------------------------------------------------------------------------- interpolation
@@ -119,12 +122,15 @@ class KafkaConfig(Model):
         default="127.0.0.1:9092",
         description="Comma-separated host:port list; ${KAFKA_BOOTSTRAP_SERVERS} in the Sophia catalog.",
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = Field(default=None, description="Secret: from the environment only.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How clients talk to the broker: plain TCP, TLS, SASL, or SASL over TLS.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism, with SASL_PLAINTEXT or SASL_SSL.")
+    sasl_username: str | None = Field(default=None, description="SASL user name.", examples=["${KAFKA_USERNAME}"])
+    sasl_password: SecretStr | None = Field(default=None, description="Secret: from the environment only.",
+                                            examples=["${KAFKA_PASSWORD}"])
     ssl_cafile: str | None = Field(default=None, description="CA bundle for SSL / SASL_SSL.")
-    client_id: str = "localflow"
+    client_id: str = Field(default="localflow", description="Client id the broker logs and quotas see.")
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by aiokafka producers, consumers and admin clients."""
@@ -147,18 +153,21 @@ class KafkaConfig(Model):
 class TransformSpec(Model):
     """One transform of a derivation: documents of ``source`` go through ``lambda``."""
 
-    name: str = Field(description="Names the transform in dead letters and metrics.")
-    source: str = Field(description="The collection read by this transform.")
-    lambda_: str = Field(alias="lambda", description="SQL for sqlite, `module:function` for python.")
+    name: str = Field(description="Names the transform in dead letters and metrics.", examples=["enrich"])
+    source: str = Field(description="The collection read by this transform.", examples=["sophia/sophia_raw_data"])
+    lambda_: str = Field(alias="lambda", description="SQL for sqlite (the source is a table named by the "
+                         "collection's last segment), `module:function` for python.",
+                         examples=["SELECT id, data FROM sophia_raw_data", "transforms.sophia:enrich"])
 
 
 class DeriveSpec(Model):
     """How a derived collection is computed; ``using`` names the engine and its options."""
 
     using: dict[Literal["sqlite", "python"], dict[str, Any]] = Field(
-        description="Exactly one engine: {sqlite: {migrations: [...]}} or {python: {}}."
+        description="Exactly one engine: {sqlite: {migrations: [...]}} or {python: {}}.",
+        examples=[{"sqlite": {}}, {"python": {}}],
     )
-    transforms: list[TransformSpec] = Field(min_length=1)
+    transforms: list[TransformSpec] = Field(min_length=1, description="The transforms; each reads one collection.")
 
     @field_validator("using")
     @classmethod
@@ -179,11 +188,14 @@ class DeriveSpec(Model):
 class CollectionSpec(Model):
     """A named, append-only stream of JSON documents, stored as one Kafka topic."""
 
-    schema_: dict[str, Any] | str = Field(alias="schema", description="Inline JSON Schema or a relative file.")
-    key: list[str] = Field(min_length=1, description="JSON pointers to the document's key.")
+    schema_: dict[str, Any] | str = Field(
+        alias="schema", description="Inline JSON Schema (draft 2020-12 unless `$schema` says otherwise) or a file "
+        "relative to the catalog.", examples=["schemas/raw.schema.yaml"])
+    key: list[str] = Field(min_length=1, description="JSON pointers to the document's key: required scalar "
+                           "properties.", examples=[["/metadata/id"]])
     partitions: int = Field(default=1, ge=1, le=1000, description="Kafka partitions of the topic.")
-    replication_factor: int = Field(default=1, ge=1, le=32)
-    derive: DeriveSpec | None = None
+    replication_factor: int = Field(default=1, ge=1, le=32, description="Kafka replicas of each partition.")
+    derive: DeriveSpec | None = Field(default=None, description="Makes this a derivation: how it is computed.")
 
     @field_validator("key")
     @classmethod
@@ -197,11 +209,14 @@ class CollectionSpec(Model):
 class CaptureBinding(Model):
     """Where a capture's resource (an API path, a glob, a target list) lands."""
 
-    resource: dict[str, Any] = Field(default_factory=dict)
-    target: str
+    resource: dict[str, Any] = Field(default_factory=dict, description="What to read, in the connector's "
+                                     "resource model (see the connector's section).")
+    target: str = Field(description="The collection the documents are written into.",
+                        examples=["sophia/sophia_raw_data"])
     mask: list[str] = Field(
         default_factory=list,
         description="JSON pointers whose values are replaced by a keyed hash before writing.",
+        examples=[["/data/user_email"]],
     )
     _resource: Any = PrivateAttr(default=None)
 
@@ -214,8 +229,9 @@ class CaptureBinding(Model):
 class MaterializationBinding(Model):
     """Which collection feeds which endpoint resource (table, key prefix, archive prefix)."""
 
-    source: str
-    resource: dict[str, Any] = Field(default_factory=dict)
+    source: str = Field(description="The collection materialized.", examples=["sophia/sophia_processed_data"])
+    resource: dict[str, Any] = Field(default_factory=dict, description="Where it goes, in the connector's "
+                                     "resource model (see the connector's section).")
     _resource: Any = PrivateAttr(default=None)
 
     @property
@@ -224,7 +240,8 @@ class MaterializationBinding(Model):
 
 
 class _TaskSpec(Model):
-    endpoint: dict[str, dict[str, Any]] = Field(description="Exactly one connector: {<connector>: {...}}.")
+    endpoint: dict[str, dict[str, Any]] = Field(description="Exactly one connector: {<connector>: {...}}.",
+                                                examples=[{"http": {"url": "https://api.example.com/v1"}}])
     _config: Any = PrivateAttr(default=None)
     _name: str = PrivateAttr(default="")
 
@@ -255,41 +272,50 @@ class CaptureSpec(_TaskSpec):
     """A task that reads a source and writes documents into its bindings' collections."""
 
     interval: Duration = Field(default=60.0, description="How often to poll the source.")
-    bindings: list[CaptureBinding] = Field(min_length=1)
+    bindings: list[CaptureBinding] = Field(min_length=1, description="Which collections it writes, and from what.")
 
 
 class MaterializationSpec(_TaskSpec):
     """A task that keeps an endpoint in step with its bindings' collections."""
 
-    bindings: list[MaterializationBinding] = Field(min_length=1)
+    bindings: list[MaterializationBinding] = Field(min_length=1, description="Which collections it keeps, and where.")
 
 
 class IngestStep(Model):
-    collection: str
-    documents: list[dict[str, Any]]
+    """Documents written into a collection, validated as a capture's would be."""
+
+    collection: str = Field(description="The collection written.", examples=["sophia/sophia_raw_data"])
+    documents: list[dict[str, Any]] = Field(description="The documents, in order.",
+                                            examples=[[{"id": "a", "data": {}}]])
 
 
 class VerifyStep(Model):
-    collection: str
-    documents: list[dict[str, Any]]
+    """What a collection must hold, per key: only the properties each expected document states."""
+
+    collection: str = Field(description="The collection read.", examples=["sophia/sophia_processed_data"])
+    documents: list[dict[str, Any]] = Field(description="The expected documents (last per key).",
+                                            examples=[[{"id": "a", "enrichments": {"priority": "high"}}]])
 
 
 class TestStep(Model):
     """One step of a catalog test: ``ingest`` documents, or ``verify`` what a derivation made."""
 
-    ingest: IngestStep | None = None
-    verify: VerifyStep | None = None
-    description: str | None = None
+    ingest: IngestStep | None = Field(default=None, description="Write these documents.")
+    verify: VerifyStep | None = Field(default=None, description="Wait for, then compare, these documents.")
+    description: str | None = Field(default=None, description="What the step shows, for the report.")
 
 
 class Catalog(Model):
     """The whole catalog file, interpolated, validated and cross-checked."""
 
-    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
-    collections: dict[str, CollectionSpec]
-    captures: dict[str, CaptureSpec] = Field(default_factory=dict)
-    materializations: dict[str, MaterializationSpec] = Field(default_factory=dict)
-    tests: dict[str, list[TestStep]] = Field(default_factory=dict)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig, description="The broker that stores collections.")
+    collections: dict[str, CollectionSpec] = Field(description="Collections and derivations, by name "
+                                                   "(`/` becomes `.` in the topic).", examples=[{"acme/events": {
+                                                       "schema": "schemas/events.yaml", "key": ["/id"]}}])
+    captures: dict[str, CaptureSpec] = Field(default_factory=dict, description="Capture tasks, by name.")
+    materializations: dict[str, MaterializationSpec] = Field(default_factory=dict,
+                                                             description="Materialization tasks, by name.")
+    tests: dict[str, list[TestStep]] = Field(default_factory=dict, description="`localflow test` cases, by name.")
     _path: Path | None = PrivateAttr(default=None)
     _declared: set[str] = PrivateAttr(default_factory=set)
     """Every collection the file declares, including those set aside as invalid."""
@@ -676,11 +702,15 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
+def model_anchor(model: type[BaseModel]) -> str:
+    """The anchor of ``model``'s section in docs/reference.md: ``collectionspec``, ``http-httpconfig``."""
+    parts = model.__module__.split(".")
+    prefix = f"{parts[1]}-" if parts[0] == "connectors" and len(parts) > 2 else ""
+    return f"{prefix}{model.__name__}".lower()
+
+
 def _anchor(model: type[BaseModel] | None) -> str | None:
-    """The heading of ``model`` in docs/reference.md (``reference_anchor`` when a model sets one)."""
-    if model is None:
-        return None
-    return getattr(model, "reference_anchor", None) or model.__name__.lower()
+    return None if model is None else model_anchor(model)
 
 
 def _model_named(title: str) -> type[BaseModel] | None:
@@ -789,7 +819,7 @@ def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
                 known = known_connectors(kind[:-1])
                 problems.append(Problem(f"{place}.endpoint.{connector_name}", f"unknown connector {connector_name!r}",
                                         did_you_mean=_closest(connector_name, known), valid=known, at_key=True,
-                                        reference=kind))
+                                        reference=f"{kind[:-1]}-connectors"))
                 continue
             if connector.kind != kind[:-1]:
                 problems.append(Problem(f"{place}.endpoint.{connector_name}",

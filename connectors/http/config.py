@@ -79,7 +79,8 @@ class HttpConfig(Model):
     """Where the JSON API is and how to reach it (shared by every binding of the task)."""
 
     url: Annotated[str, AfterValidator(check_url)] = Field(
-        description="Base URL; a binding's `path` is appended to it.")
+        description="Base URL; a binding's `path` is appended to it.",
+        examples=["${SOPHIA_API_URL:-http://127.0.0.1:8700/v1/records}"])
     method: Literal["GET", "POST"] = Field(default="GET", description="HTTP method of every request.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers (no secrets here).")
     token: SecretStr | None = Field(
@@ -128,8 +129,9 @@ class Incremental(Model):
     ISO 8601 timestamps written in one zone and format, or ids that grow.
     """
 
-    field: Pointer = Field(description="JSON pointer into each record, e.g. /updated_at.")
-    param: str = Field(min_length=1, description="Query parameter that carries the cursor, e.g. since.")
+    field: Pointer = Field(description="JSON pointer into each record, e.g. /updated_at.", examples=["/updated_at"])
+    param: str = Field(min_length=1, description="Query parameter that carries the cursor, e.g. since.",
+                       examples=["since"])
     initial: str | int | float | None = Field(default=None, description="Cursor of the very first poll.")
 
 
