@@ -167,7 +167,9 @@ class DeriveSpec(Model):
         description="Exactly one engine: {sqlite: {migrations: [...]}} or {python: {}}.",
         examples=[{"sqlite": {}}, {"python": {}}],
     )
-    transforms: list[TransformSpec] = Field(min_length=1, description="The transforms; each reads one collection.")
+    transforms: list[TransformSpec] = Field(min_length=1, description="The transforms; each reads one collection.",
+                                            examples=[[{"name": "enrich", "source": "sophia/sophia_raw_data",
+                                                        "lambda": "SELECT * FROM sophia_raw_data"}]])
 
     @field_validator("using")
     @classmethod
@@ -272,13 +274,16 @@ class CaptureSpec(_TaskSpec):
     """A task that reads a source and writes documents into its bindings' collections."""
 
     interval: Duration = Field(default=60.0, description="How often to poll the source.")
-    bindings: list[CaptureBinding] = Field(min_length=1, description="Which collections it writes, and from what.")
+    bindings: list[CaptureBinding] = Field(min_length=1, description="Which collections it writes, and from what.",
+                                           examples=[[{"target": "sophia/sophia_raw_data", "resource": {"path": "/v1"}}]])
 
 
 class MaterializationSpec(_TaskSpec):
     """A task that keeps an endpoint in step with its bindings' collections."""
 
-    bindings: list[MaterializationBinding] = Field(min_length=1, description="Which collections it keeps, and where.")
+    bindings: list[MaterializationBinding] = Field(
+        min_length=1, description="Which collections it keeps, and where.",
+        examples=[[{"source": "sophia/sophia_processed_data", "resource": {"table": "sophia_processed_data"}}]])
 
 
 class IngestStep(Model):
@@ -549,7 +554,10 @@ def load_catalog(path: str | os.PathLike[str], env: dict[str, str] | None = None
         problem = Problem("", "a catalog is a mapping with `collections`, `captures`, `materializations`")
         problem.file = str(file)
         raise CatalogError([problem])
+    before = len(problems)
     raw = interpolate(raw, dict(os.environ if env is None else env), "", problems)
+    unset = {place for place, _ in problems[before:]}  # their empty value is not a second problem
+    interpolated = len(problems)
     unreadable = _resolve_schema_files(raw, file.parent, positions, problems)
     catalog = _validate_models(raw, problems, unreadable)
     catalog._path = file.resolve()
@@ -558,6 +566,7 @@ def load_catalog(path: str | os.PathLike[str], env: dict[str, str] | None = None
         spec = raw["collections"][name]
         if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
             problems.extend(schema_problems(spec["schema"], f"collections.{name}.schema"))
+    problems = [p for i, p in enumerate(problems) if not (i >= interpolated and p[0] in unset)]
     if problems:
         raise CatalogError(locate(problems, positions, str(file)))
     return catalog

@@ -98,22 +98,24 @@ class HttpConfig(Model):
 class NextLink(Model):
     """The body holds the next page's URL (absolute or relative) at `pointer`; null or absent ends the chain."""
 
-    type: Literal["next_link"]
-    pointer: Pointer = Field(description="JSON pointer to the next page's URL in the response body.")
+    type: Literal["next_link"] = Field(description="Selects this kind of pagination.", examples=["next_link"])
+    pointer: Pointer = Field(description="JSON pointer to the next page's URL in the response body.",
+                             examples=["/next"])
 
 
 class LinkHeader(Model):
     """The next page is the `Link` response header's rel="next" URL (RFC 8288), as GitHub-style APIs do."""
 
-    type: Literal["link_header"]
+    type: Literal["link_header"] = Field(description="Selects this kind of pagination.", examples=["link_header"])
 
 
 class CursorParam(Model):
     """The body holds an opaque page cursor at `pointer`; the next page repeats the request with `param`."""
 
-    type: Literal["cursor"]
-    pointer: Pointer = Field(description="JSON pointer to the next page's cursor in the response body.")
-    param: str = Field(min_length=1, description="Query parameter that carries the cursor.")
+    type: Literal["cursor"] = Field(description="Selects this kind of pagination.", examples=["cursor"])
+    pointer: Pointer = Field(description="JSON pointer to the next page's cursor in the response body.",
+                             examples=["/next_cursor"])
+    param: str = Field(min_length=1, description="Query parameter that carries the cursor.", examples=["cursor"])
 
 
 Pagination = Annotated[NextLink | LinkHeader | CursorParam, Field(discriminator="type")]
