@@ -495,10 +495,13 @@ def read_yaml(text: str, file: str, place: str = "", positions: Positions | None
     def mark(node: Any) -> Mark:
         return (file, node.start_mark.line + 1, node.start_mark.column + 1)
 
+    def scalar(node: Any) -> Any:
+        return node.value if node.tag == _TIMESTAMP else yaml.constructor.construct_object(node, deep=True)
+
     def build(node: Any, at: str) -> Any:
         positions.values.setdefault(at, mark(node))
         if node.id == "scalar":
-            return node.value if node.tag == _TIMESTAMP else yaml.constructor.construct_object(node, deep=True)
+            return scalar(node)
         if node.id == "sequence":
             return [build(item, f"{at}[{i}]") for i, item in enumerate(node.value)]
         out: dict[Any, Any] = {}
@@ -510,10 +513,12 @@ def read_yaml(text: str, file: str, place: str = "", positions: Positions | None
                     if isinstance(m, dict):
                         out = {**m, **out}
                 continue
-            key = build(key_node, f"{at}.<key>")
-            if not isinstance(key, str | int | float | bool) and key is not None:
-                problems.append(Problem(at, f"a mapping key must be a scalar, not {type(key).__name__}"))
+            if key_node.id != "scalar":
+                bad = Problem(at, f"a mapping key must be a scalar, not a {key_node.id}")
+                bad.file, bad.line, bad.column = mark(key_node)
+                problems.append(bad)
                 continue
+            key = scalar(key_node)
             child = _join(at, str(key))
             if key in seen:
                 dup = Problem(child, f"duplicate key {str(key)!r} (first at line {seen[key].start_mark.line + 1}); "
@@ -609,10 +614,10 @@ def _validate_models(raw: dict[str, Any], problems: list[tuple[str, str]], set_a
             for err in e.errors(include_url=False):
                 loc = err["loc"]
                 section = data.get(loc[0]) if loc else None
-                if len(loc) >= 2 and loc[0] in _SECTIONS and isinstance(section, dict) and loc[1] in section:
-                    del section[loc[1]]
+                if len(loc) >= 2 and loc[0] in _SECTIONS and isinstance(section, dict):
+                    section.pop(loc[1], None)  # that entry only (it may be gone already: two errors in it)
                 elif loc and loc[0] == "collections":
-                    data["collections"] = {}
+                    data["collections"] = {}  # required: an empty one checks the rest
                 elif loc:
                     data.pop(loc[0], None)
             continue
@@ -659,9 +664,9 @@ def pydantic_problems(error: ValidationError, prefix: str, model: type[BaseModel
     unknown field or a wrong choice the closest valid name and all of them. ``model`` (the model
     that was validated; else found by the error's title) gives the valid field names."""
     model = model or _model_named(error.title)
-    out = []
+    out: list[Problem] = []
     for err in error.errors(include_url=False):
-        loc = list(err["loc"])
+        loc = _without_union_tags(model, list(err["loc"]))
         place = prefix
         for part in loc:
             place = f"{place}[{part}]" if isinstance(part, int) else _join(place, str(part))
@@ -680,10 +685,40 @@ def pydantic_problems(error: ValidationError, prefix: str, model: type[BaseModel
             expected = [str(x) for x in _literal_choices(model, loc)] if model else []
             out.append(Problem(place, f"{_show(value)} is not one of the choices", value=value, has_value=True,
                                did_you_mean=_closest(str(value), expected), valid=expected))
+        elif out and out[-1].place == place and out[-1].has_value and out[-1].value == _jsonable(value):
+            # one value refused by each alternative of a union: one problem, the alternatives joined
+            out[-1] = Problem(place, f"{out[-1].base} or {msg.removeprefix('Input should be ')}",
+                              value=out[-1].value, has_value=True)
         else:
-            shown = _show(value)
-            text = msg if shown in msg or isinstance(value, dict) else f"{msg}; got {shown}"
-            out.append(Problem(place, text, value=_jsonable(value), has_value=True))
+            out.append(Problem(place, msg, value=_jsonable(value), has_value=True))
+    return [_with_value(p) for p in out]
+
+
+def _with_value(p: Problem) -> Problem:
+    """``...; got 0`` after a message that does not show the offending value already."""
+    shown = _show(p.value)
+    if not p.has_value or p.at_key or p.did_you_mean or p.valid or shown in p.base or isinstance(p.value, dict):
+        return p
+    out = Problem(p.place, f"{p.base}; got {shown}", value=p.value, has_value=True)
+    out.file, out.line, out.column = p.file, p.line, p.column
+    return out
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
+
+
+def _without_union_tags(model: type[BaseModel] | None, loc: list[Any]) -> list[Any]:
+    """``loc`` without the names pydantic gives the union alternatives it tried (``dict[str,any]``,
+    ``str``): they are not places in the file."""
+    out: list[Any] = []
+    annotation: Any = model
+    for part in loc:
+        alternatives = [m for m in _members(annotation) if m is not type(None)]
+        if len(alternatives) > 1 and isinstance(part, str) and _UNION_TAG.match(part):
+            continue
+        step = _step(annotation, part) if annotation is not None else None
+        out.append(part)
+        annotation = step
     return out
 
 

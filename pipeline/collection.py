@@ -52,26 +52,23 @@ def compile_schema(schema: dict[str, Any]) -> Any:
     return jsonschema_rs.validator_for(schema, validate_formats=True)
 
 
+_WHY: dict[str, Callable[[Any], str]] = {
+    "Type": lambda k: f"must be {' or '.join(str(t) for t in k.types)}",
+    "Required": lambda k: f"must contain [{k.property!r}] properties",
+    "Format": lambda k: f"must be {k.format}",
+    "Enum": lambda k: f"must be one of {k.options!r}",
+    "Minimum": lambda k: f"must be bigger than or equal to {k.limit}",
+    "Maximum": lambda k: f"must be smaller than or equal to {k.limit}",
+}
+"""The wording of dead letters for the common keywords (kept from the draft-7 engine, so errors read
+as they did); other keywords keep jsonschema-rs's own message."""
+
+
 def _error_text(e: Any) -> str:
     """``/metadata/id must be string``: where in the document, then what the schema wants there."""
     where = "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in e.instance_path)
-    kind = e.kind
-    name = type(kind).__name__
-    if name == "Type":
-        why = f"must be {' or '.join(str(t) for t in kind.types)}"
-    elif name == "Required":
-        why = f"must contain [{kind.property!r}] properties"
-    elif name == "Format":
-        why = f"must be {kind.format}"
-    elif name == "Enum":
-        why = f"must be one of {kind.options!r}"
-    elif name == "Minimum":
-        why = f"must be bigger than or equal to {kind.limit}"
-    elif name == "Maximum":
-        why = f"must be smaller than or equal to {kind.limit}"
-    else:
-        why = e.message
-    return f"{where} {why}"
+    why = _WHY.get(type(e.kind).__name__)
+    return f"{where} {why(e.kind) if why else e.message}"
 
 
 class Collection:

@@ -304,3 +304,21 @@ def test_every_anchor_validate_points_at_exists_in_the_reference(tmp_path: Path)
     assert pointed and pointed <= anchors
     links = set(re.findall(r"\]\(#([\w-]+)\)", REFERENCE.read_text()))
     assert links <= anchors, links - anchors
+
+
+def test_an_entry_set_aside_does_not_hide_the_problems_of_the_others(tmp_path: Path) -> None:
+    (tmp_path / "flow.yaml").write_text(textwrap.dedent("""\
+        collections:
+          a/b:
+            schema: {type: object}
+            key: [/id]
+          a/c:
+            schema: 5
+            key: [/id]
+        """))
+    result = localflow("validate", "flow.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[1:] == [
+        "  flow.yaml:4:11: collections.a/b.key[0]: '/id': 'id' is not a property of the schema",
+        "  flow.yaml:6:13: collections.a/c.schema: Input should be a valid dictionary or a valid string; got 5",
+    ]
