@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +20,80 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
-from pipeline.catalog import Catalog, load_catalog, topic_of
+from pipeline.catalog import Catalog, Problem, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
 from pipeline.logs import describe, no_broker, setup_logging
 
 if TYPE_CHECKING:
     from pipeline.task import TaskKind
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """Help in click's usual notation (``validate [OPTIONS] CATALOG``, ``--task TEXT``) instead of the
+    Python types typer shows (``{catalog}``, ``<list[str]>``), which mean nothing to a user."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._verbatim = {p.name for p in self.params if p.metavar is not None}  # shown as written
+        for p in self.params:
+            if p.metavar is None and isinstance(p, TyperArgument):
+                p.metavar = p.name.upper()
+            elif p.metavar is None and isinstance(p, TyperOption) and not (p.is_flag or p.count):
+                p.metavar = _metavar(p.display_type(None))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument) and not p.hidden:
+                verbatim = p.required or p.name in self._verbatim
+                pieces.append(p.metavar if verbatim else f"[{p.metavar}]")
+        return pieces
+
+    def format_options(self, ctx: typer.Context, formatter: Any) -> None:
+        args, opts = [], []
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record is None:
+                continue
+            if isinstance(p, TyperArgument):
+                args.append((p.metavar, record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "float": "NUMBER", "float range": "NUMBER",
+               "file": "FILE", "path": "PATH", "directory": "DIRECTORY", "datetime": "DATETIME"}
+
+
+def _metavar(display: str) -> str:
+    """``<list[str]>`` -> ``TEXT``, ``<text|json>`` -> ``[text|json]``: what an option takes, in words."""
+    label = display.strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]  # repeatable: the help says so
+    if "|" in label:
+        return f"[{label}]"
+    return _TYPE_NAMES.get(label, re.sub(r"\W+", "_", label).upper())
+
+
+class _App(typer.Typer):
+    """Every command, including those registered from other modules, gets the readable help."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"localflow {package_version('localflow')}")
+        raise typer.Exit(0)
+
+
+app = _App(
     name="localflow",
     help="Self-hosted streaming pipeline: captures -> Kafka collections -> derivations -> materializations.\n\n"
          "Start with `localflow validate examples/sophia/flow.yaml`.",
@@ -35,12 +101,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: reflows docstring paragraphs to the terminal width
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Self-hosted streaming pipeline: captures -> Kafka collections -> derivations -> materializations."""
 
 
@@ -48,36 +118,54 @@ CATALOG_ARG = typer.Argument(..., help="The catalog file (flow.yaml).", exists=F
 
 
 def load_or_exit(path: Path) -> Catalog:
-    """Load the catalog; on problems print each with its place and exit 2."""
+    """Load the catalog; on problems print each with its position and place, and exit 2."""
     try:
         return load_catalog(path)
     except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] catalog {path} is not valid:", highlight=False)
-        for place, message in e.problems:
-            err_console.print(f"  {place}: {message}" if place else f"  {message}", highlight=False, markup=False)
+        _print_problems(path, e)
         raise typer.Exit(2) from None
 
 
+def _print_problems(path: Path, e: ConfigError) -> None:
+    count = f"{len(e.problems)} problem{'s' * (len(e.problems) != 1)}"
+    err_console.print(f"[bold red]error:[/] catalog {escape(str(path))} is not valid ({count}):", highlight=False)
+    for problem in e.problems:
+        if isinstance(problem, Problem):
+            line = str(problem)
+        else:
+            place, message = problem
+            line = f"{place}: {message}" if place else message
+        err_console.print(f"  {line}", highlight=False, markup=False)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
 @app.command()
-def validate(catalog: Path = CATALOG_ARG) -> None:
-    """Check a catalog without running it: models, keys, bindings, connector configs, SQL.
+def validate(
+    catalog: Path = CATALOG_ARG,
+    output: Output = typer.Option(Output.text, "--output", "-o",
+                                  help="`text` (readable) or `json` (one object: valid, problems, tasks)."),
+) -> None:
+    """Check a catalog without running it: models, schemas, keys, bindings, connector configs, SQL.
 
-    Exits 0 and lists tasks and collections when valid; exits 2 and prints every problem
-    with its place (e.g. `captures.sophia/metrics.interval: '30x' is not a duration`).
+    Exits 0 and lists tasks and collections when valid; exits 2 and prints every problem at
+    once, each at its file:line:column with its place, the offending value and, for a misspelled
+    name, a suggestion and the valid names (e.g. `flow.yaml:12:15:
+    captures.sophia/metrics.interval: '30x' is not a duration`). Fields of every connector are
+    in docs/reference.md (`localflow schema --reference`).
 
-    Example: localflow validate examples/sophia/flow.yaml
+    \b
+    Example:
+      localflow validate examples/sophia/flow.yaml
+      localflow validate flow.yaml --output json | jq '.problems[].message'
     """
+    if output is Output.json:
+        raise typer.Exit(_validate_json(catalog))
     cat = load_or_exit(catalog)
-    rows: list[tuple[str, str, str]] = []
-    for name, spec in cat.collections.items():
-        kind = "derivation" if spec.derive else "collection"
-        extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
-        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
-    for name, cap in cat.captures.items():
-        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
-                     + ", ".join(b.target for b in cap.bindings)))
-    for name, mat in cat.materializations.items():
-        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    rows = _catalog_rows(cat)
     if not console.is_terminal:  # pipes and CI: plain lines, never cut to a terminal's width
         print(f"{catalog}: valid")
         for row in rows:
@@ -89,6 +177,70 @@ def validate(catalog: Path = CATALOG_ARG) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def _catalog_rows(cat: Catalog) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name, spec in cat.collections.items():
+        kind = "derivation" if spec.derive else "collection"
+        extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
+        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
+    for name, cap in cat.captures.items():
+        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
+                     + ", ".join(b.target for b in cap.bindings)))
+    for name, mat in cat.materializations.items():
+        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    return rows
+
+
+def _validate_json(path: Path) -> int:
+    """`validate --output json`: one JSON object on stdout, for editors and CI; exit 0 or 2."""
+    import orjson
+
+    try:
+        cat = load_catalog(path)
+    except ConfigError as e:
+        problems = [p.as_json() if isinstance(p, Problem) else {"path": p[0], "message": p[1]} for p in e.problems]
+        sys.stdout.buffer.write(orjson.dumps({"catalog": str(path), "valid": False, "problems": problems},
+                                             option=orjson.OPT_INDENT_2) + b"\n")
+        return 2
+    body = {"catalog": str(path), "valid": True, "problems": [],
+            "collections": {n: {"topic": topic_of(n), "key": c.key, "partitions": c.partitions,
+                                "derived_from": [t.source for t in c.derive.transforms] if c.derive else None}
+                            for n, c in cat.collections.items()},
+            "captures": {n: {"connector": c.connector, "interval_seconds": c.interval,
+                             "targets": [b.target for b in c.bindings]} for n, c in cat.captures.items()},
+            "materializations": {n: {"connector": m.connector, "sources": [b.source for b in m.bindings]}
+                                 for n, m in cat.materializations.items()}}
+    sys.stdout.buffer.write(orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+@app.command()
+def schema(
+    reference: bool = typer.Option(
+        False, "--reference", help="Print the Markdown reference of every catalog and connector field instead."),
+) -> None:
+    """Print the catalog's JSON Schema (draft 2020-12), generated from the models `validate` uses.
+
+    Point an editor at it for completion and inline errors in flow.yaml (the YAML language
+    server reads `# yaml-language-server: $schema=flow.schema.json`). With --reference, print
+    docs/reference.md: every field of the catalog and of each connector, with its type, default,
+    description and example (the page `validate`'s messages point at).
+
+    \b
+    Example:
+      localflow schema > flow.schema.json
+      localflow schema --reference > docs/reference.md
+    """
+    import orjson
+
+    from pipeline.reference import catalog_json_schema, reference_markdown
+
+    if reference:
+        sys.stdout.write(reference_markdown())
+    else:
+        sys.stdout.buffer.write(orjson.dumps(catalog_json_schema(), option=orjson.OPT_INDENT_2) + b"\n")
 
 
 class LogFormat(StrEnum):
@@ -362,10 +514,33 @@ def status(
         raise typer.Exit(0) from None
 
 
+def _preview_arguments(first: Path, second: str | None, option: Path | None) -> tuple[Path, str]:
+    """(catalog, collection) from `preview CATALOG COLLECTION`, or from the deprecated
+    `preview COLLECTION [--catalog FILE]` (./flow.yaml by default), which still works."""
+    if second is not None:
+        if option is not None:
+            err_console.print("[bold red]error:[/] the catalog is given twice (argument and --catalog); "
+                              "write: localflow preview CATALOG COLLECTION", highlight=False)
+            raise typer.Exit(2)
+        return first, second
+    if option is None and first.is_file():
+        err_console.print("[bold red]error:[/] name the collection to read: localflow preview CATALOG COLLECTION",
+                          highlight=False)
+        raise typer.Exit(2)
+    catalog = option or Path("flow.yaml")
+    err_console.print(f"warning: `preview COLLECTION --catalog FILE` is deprecated; write: localflow preview {catalog} {first}",
+                      highlight=False, markup=False)
+    return catalog, str(first)
+
+
 @app.command()
 def preview(
-    collection: str = typer.Argument(..., help="The collection to read, e.g. sophia/sophia_raw_data."),
-    catalog: Path = typer.Option(Path("flow.yaml"), "--catalog", "-c", help="The catalog file.", dir_okay=False),
+    catalog: Path = CATALOG_ARG,
+    collection: str | None = typer.Argument(
+        None, metavar="COLLECTION", help="The collection to read, e.g. sophia/sophia_raw_data.  [required]"),
+    catalog_option: Path | None = typer.Option(
+        None, "--catalog", "-c", hidden=True, dir_okay=False,
+        help="Deprecated: the catalog is the first argument, as in every other command."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new documents until Ctrl-C."),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Stop after this many documents."),
     from_beginning: bool = typer.Option(
@@ -379,10 +554,11 @@ def preview(
 
     \b
     Example:
-      localflow preview sophia/sophia_raw_data --catalog examples/sophia/flow.yaml --from-beginning --limit 5
+      localflow preview examples/sophia/flow.yaml sophia/sophia_raw_data --from-beginning --limit 5
     """
     from pipeline.preview import preview as read
 
+    catalog, collection = _preview_arguments(catalog, collection, catalog_option)
     _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
 
