@@ -46,7 +46,7 @@ class Sophia:
     """The running pipeline, its sources and servers, and what the sources produced so far."""
 
     infra: Services
-    """The broker, durable on its own moto."""
+    """The broker (durable on its own moto when the trials restart it)."""
     ends: Services
     """Postgres, Redis and the archive's moto (reached through ``proxy``)."""
     sources: SourceServer
@@ -124,13 +124,16 @@ class Sophia:
 
 
 @contextlib.asynccontextmanager
-async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
+async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+                      *, durable_broker: bool = False) -> AsyncIterator[Sophia]:
     """The whole pipeline on private servers, for one module's trials (each test is one trial).
 
     Its servers are that module's own (not the session's): the trials kill and restart them.
     """
     tmp = tmp_path_factory.mktemp("faults")
-    infra = Services(kafka=True, postgres=False, redis=False, s3=True, durable_kafka=True)
+    # Tansu on S3 storage polls its bucket all the time (a moto busy at a fifth of a core): only the
+    # trials that restart the broker pay for it.
+    infra = Services(kafka=True, postgres=False, redis=False, s3=durable_broker, durable_kafka=durable_broker)
     ends = Services(kafka=False, postgres=True, redis=True, s3=True)
     sources: SourceServer | None = None
     pipeline: Pipeline | None = None

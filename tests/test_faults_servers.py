@@ -19,8 +19,8 @@ from tests.pipeline_harness import (
 
 @pytest.fixture(scope="module")
 async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """This module's own pipeline (each test is one trial on it)."""
-    async with open_sophia(tmp_path_factory, request) as running:
+    """This module's own pipeline (each test is one trial on it), its broker durable: one trial restarts it."""
+    async with open_sophia(tmp_path_factory, request, durable_broker=True) as running:
         yield running
 
 
