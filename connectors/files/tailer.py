@@ -45,7 +45,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -183,7 +183,8 @@ class Tailer:
         self.by_head: dict[str, list[Tracked]] = {}
         self.generation = 0
         self.rotated: dict[str, int] = {}  # rotated copies seen: real path -> binding
-        self._owners: dict[tuple[str, int, int, int, int], str | None] = {}  # rotated copy -> entry key
+        self._owners: dict[tuple[int, int, int, int], str | None] = {}  # rotated copy's stat -> entry key
+        self._owner_paths: dict[tuple[int, int, int, int], str] = {}
         self.pending: set[str] = set()  # paths whose content changed under their entry: discover again
         self.open = OpenFiles(self.advanced.max_open_files)
         self.skip_history = state is None and config.start_at == "end"
@@ -390,7 +391,8 @@ class Tailer:
         same = (t is not None and t.head == head and t.dev == st.st_dev and t.ino == st.st_ino
                 and t.orphaned_at is None and t.retired is None and st.st_size >= t.offset)
         if not same:  # content decides: a known entry only if its bytes before the offset match
-            t = next((c for c in self.by_head.get(head, ()) if self._claims(c, rel, src, st)), None)
+            t = self._first_held(src, (c for c in self.by_head.get(head, ()) if self._claimable(c, rel)),
+                                 st.st_size)
         if t is None:
             t = self._new(head, rel, src, st)
         elif t.path != rel or t.retired is not None or t.orphaned_at is not None:
@@ -406,19 +408,18 @@ class Tailer:
         t.dev, t.ino, t.size, t.mtime = st.st_dev, st.st_ino, st.st_size, st.st_mtime
         return t
 
-    def _claims(self, c: Tracked, rel: str, src: Source, st: os.stat_result) -> bool:
-        """Whether the file at ``rel`` is entry ``c``: its bytes before ``c``'s offset match, and ``c``
-        is not still at another path (then this is a copy of it, a new file)."""
-        if c.seen == self.scan or st.st_size < c.offset:
+    def _claimable(self, c: Tracked, rel: str) -> bool:
+        """Whether entry ``c`` may be the file found at ``rel``: not already found at another path in
+        this scan, nor still at another path (then this is a copy of it, a new file)."""
+        if c.seen == self.scan:
             return False
         if c.retired is None and c.orphaned_at is None and c.path != rel and c.dev >= 0:
             try:
                 there = os.stat(c.read_path, follow_symlinks=False)
-                if (there.st_dev, there.st_ino) == (c.dev, c.ino):
-                    return False
+                return (there.st_dev, there.st_ino) != (c.dev, c.ino)
             except OSError:
                 pass
-        return c.check is None or tail_check(src, c.offset) == c.check
+        return True
 
     def _new(self, head: str, rel: str, src: Source, st: os.stat_result) -> Tracked:
         key = head
@@ -450,33 +451,50 @@ class Tailer:
                 self._drop(t)
 
     def _rotated_owners(self) -> set[str]:
-        """Keys of the entries whose content a rotated copy holds (a cache keyed by the copy's stat)."""
-        owners: dict[tuple[str, int, int, int, int], str | None] = {}
+        """Keys of the entries whose content a rotated copy holds (cached by the copy's stat, which a
+        rename keeps)."""
+        owners: dict[tuple[int, int, int, int], str | None] = {}
+        paths: dict[tuple[int, int, int, int], str] = {}
         for path in self.rotated:
             try:
                 st = os.stat(path, follow_symlinks=False)
             except OSError:
                 continue
-            sig = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            owners[sig] = self._owners[sig] if sig in self._owners else self._owner_of(path)
-        self._owners = owners
+            sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            owners[sig] = self._owners[sig] if sig in self._owners else self._owner_of(path, st)
+            paths[sig] = path
+        self._owners, self._owner_paths = owners, paths
         return {key for key in owners.values() if key is not None}
 
-    def _owner_of(self, path: str) -> str | None:
+    def _owner_of(self, path: str, st: os.stat_result) -> str | None:
         """The known entry whose content ``path`` (a rotated copy) holds, if any."""
         src = self._open_path(path)
         if src is None:
             return None
         try:
             head = head_hash(src, self.advanced.fingerprint_bytes)
-            for t in self.by_head.get(head or "", ()):
-                if t.check is None or tail_check(src, t.offset) == t.check:
-                    return t.key
-            return None
+            size = None if src.gzipped else st.st_size
+            owner = self._first_held(src, self.by_head.get(head or "", ()), size)
+            return owner.key if owner else None
         except GZIP_ERRORS:
             return None
         finally:
             src.close()
+
+    def _first_held(self, src: Source, candidates: Iterable[Tracked], size: int | None) -> Tracked | None:
+        """The first candidate whose bytes before its offset ``src`` holds (one read per distinct offset:
+        files that share a head often share a length too)."""
+        checks: dict[int, str | None] = {}
+        for c in candidates:
+            if size is not None and size < c.offset:
+                continue
+            if c.check is None:
+                return c
+            if c.offset not in checks:
+                checks[c.offset] = tail_check(src, c.offset)
+            if checks[c.offset] == c.check:
+                return c
+        return None
 
     def _to_read(self, touched: set[str]) -> list[Tracked]:
         """Orphans first (finish a rotated file before its successor), then files with news, oldest first."""
@@ -604,7 +622,7 @@ class Tailer:
     def _rotated_copies(self, t: Tracked) -> list[str]:
         """Rotated copies that may hold ``t``: the one known to, else all (listed again once per poll:
         the copy may be seconds old)."""
-        known = [sig[0] for sig, key in self._owners.items() if key == t.key]
+        known = [self._owner_paths[sig] for sig, key in self._owners.items() if key == t.key]
         if known:
             return known
         if self._relisted != self.scan:
