@@ -183,8 +183,7 @@ class Tailer:
         self.by_head: dict[str, list[Tracked]] = {}
         self.generation = 0
         self.rotated: dict[str, int] = {}  # rotated copies seen: real path -> binding
-        self._owners: dict[tuple[int, int, int, int], str | None] = {}  # rotated copy's stat -> entry key
-        self._owner_paths: dict[tuple[int, int, int, int], str] = {}
+        self._heads: dict[tuple[int, int, int, int], str | None] = {}  # rotated copy's stat -> its head
         self.pending: set[str] = set()  # paths whose content changed under their entry: discover again
         self.open = OpenFiles(self.advanced.max_open_files)
         self.skip_history = state is None and config.start_at == "end"
@@ -435,47 +434,49 @@ class Tailer:
         return t
 
     def _sweep(self, found: set[str], now: float) -> None:
-        """After a full scan: live entries not found become orphans; retired ones stay while a
-        rotated copy holds them, the others for ``forget_after`` and ``_LOST_KEPT`` at most."""
-        held = self._rotated_owners()
+        """After a full scan: live entries not found become orphans. Retired ones stay while rotated
+        copies hold them (of the entries sharing a head, as many of the newest as there are copies
+        with that head), the others for ``forget_after`` and ``_LOST_KEPT`` at most."""
+        copies: dict[str, int] = {}
+        for head in self._rotated_heads().values():
+            if head is not None:
+                copies[head] = copies.get(head, 0) + 1
+        retired = sorted((t for t in self.files.values() if t.retired is not None),
+                         key=lambda t: t.retired or 0.0, reverse=True)
         lost: list[Tracked] = []
-        for t in self.files.values():
-            if t.retired is None:
-                if t.key not in found and t.orphaned_at is None:
-                    t.orphaned_at = now
-            elif t.key not in held:
+        for t in retired:
+            if copies.get(t.head, 0) > 0:
+                copies[t.head] -= 1
+            else:
                 lost.append(t)
-        lost.sort(key=lambda t: t.retired or 0.0, reverse=True)
         for n, t in enumerate(lost):
             if n >= _LOST_KEPT or now - (t.retired or 0.0) > self.advanced.forget_after:
                 self._drop(t)
+        for t in self.files.values():
+            if t.retired is None and t.key not in found and t.orphaned_at is None:
+                t.orphaned_at = now
 
-    def _rotated_owners(self) -> set[str]:
-        """Keys of the entries whose content a rotated copy holds (cached by the copy's stat, which a
-        rename keeps)."""
-        owners: dict[tuple[int, int, int, int], str | None] = {}
-        paths: dict[tuple[int, int, int, int], str] = {}
+    def _rotated_heads(self) -> dict[str, str | None]:
+        """The head of every rotated copy, by path (cached by the copy's stat, which a rename keeps:
+        a compressed copy is decompressed once, for its head only)."""
+        heads: dict[tuple[int, int, int, int], str | None] = {}
+        by_path: dict[str, str | None] = {}
         for path in self.rotated:
             try:
                 st = os.stat(path, follow_symlinks=False)
             except OSError:
                 continue
             sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            owners[sig] = self._owners[sig] if sig in self._owners else self._owner_of(path, st)
-            paths[sig] = path
-        self._owners, self._owner_paths = owners, paths
-        return {key for key in owners.values() if key is not None}
+            heads[sig] = by_path[path] = self._heads[sig] if sig in self._heads else self._head_of(path)
+        self._heads = heads
+        return by_path
 
-    def _owner_of(self, path: str, st: os.stat_result) -> str | None:
-        """The known entry whose content ``path`` (a rotated copy) holds, if any."""
+    def _head_of(self, path: str) -> str | None:
         src = self._open_path(path)
         if src is None:
             return None
         try:
-            head = head_hash(src, self.advanced.fingerprint_bytes)
-            size = None if src.gzipped else st.st_size
-            owner = self._first_held(src, self.by_head.get(head or "", ()), size)
-            return owner.key if owner else None
+            return head_hash(src, self.advanced.fingerprint_bytes)
         except GZIP_ERRORS:
             return None
         finally:
@@ -620,16 +621,15 @@ class Tailer:
             self.dirty = True
 
     def _rotated_copies(self, t: Tracked) -> list[str]:
-        """Rotated copies that may hold ``t``: the one known to, else all (listed again once per poll:
-        the copy may be seconds old)."""
-        known = [self._owner_paths[sig] for sig, key in self._owners.items() if key == t.key]
-        if known:
-            return known
-        if self._relisted != self.scan:
+        """Rotated copies that start as ``t`` does (listed again once per poll when none does: the
+        copy may be seconds old)."""
+        same = [path for path, head in self._rotated_heads().items() if head == t.head]
+        if not same and self._relisted != self.scan:
             self._relisted = self.scan
             for _ in self._walk():
                 pass
-        return list(self.rotated)
+            same = [path for path, head in self._rotated_heads().items() if head == t.head]
+        return same
 
     def _holds(self, src: Source, t: Tracked) -> bool:
         """Whether ``src`` is ``t``'s content: same head, and the same bytes just before its offset."""
