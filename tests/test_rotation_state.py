@@ -115,3 +115,19 @@ def test_checkpoint_is_written_only_when_it_changed(tmp_path: Path) -> None:
     for _ in range(5):
         item, _ = t.poll(None)
         assert item is None  # idle: nothing to write
+
+
+def test_version_1_checkpoint_resumes_at_its_offsets(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "agent.log").write_text("one\ntwo\nthree\n")
+    probe = tailer(logs)
+    head = next(iter(poll_all(probe)[1]["files"]))
+    st = os.stat(logs / "agent.log")
+    v1 = {"version": 1, "files": {f"{st.st_dev:x}-{st.st_ino:x}-{head}": {"path": "agent.log", "offset": 8},
+                                  f"1-2-{'0' * 16}": {"path": "old.log", "offset": 5, "gone": 1.0}}}
+    t = tailer(logs, v1)
+    item, _ = t.poll(None)
+    assert [d["data"]["message"] for _, d in item.documents] == ["three"]
+    assert [d["metadata"]["id"] for _, d in item.documents] == [f"{head}:8"]
+    assert list(item.state["files"]) == [head]

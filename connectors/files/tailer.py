@@ -110,9 +110,8 @@ def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
         entry = {"path": e.get("path"), "offset": e.get("offset")}
         if e.get("ts"):
             entry["ts"] = e["ts"]
-        if e.get("gone") is not None:
-            entry["retired"] = e["gone"]
-        files[key] = entry
+        if e.get("gone") is None:  # finished files are not carried over: nothing could check them
+            files[key] = entry
     return {"version": 2, "generation": generation, "files": files}
 
 
@@ -410,7 +409,7 @@ class Tailer:
     def _claimable(self, c: Tracked, rel: str) -> bool:
         """Whether entry ``c`` may be the file found at ``rel``: not already found at another path in
         this scan, nor still at another path (then this is a copy of it, a new file)."""
-        if c.seen == self.scan:
+        if c.seen == self.scan or (c.check is None and c.path != rel):  # no check (version 1): only in place
             return False
         if c.retired is None and c.orphaned_at is None and c.path != rel and c.dev >= 0:
             try:
