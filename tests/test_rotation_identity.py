@@ -133,3 +133,19 @@ async def test_rest_of_a_file_is_read_from_its_gzip_copy_after_a_restart(flow: F
     keys = await capture_until(flow, first + rest + after)
     assert_once(keys, first + rest + after)
 
+
+
+async def test_copytruncate_while_down_reads_the_rest_from_the_copy_then_the_new_file(flow: Flow) -> None:
+    log = flow.logs / "agent.log"
+    first = [HEADER] + lines("first", 30)
+    write_lines(log, first)
+    await capture_until(flow, first)
+    rest = lines("rest", 30)
+    write_lines(log, rest)  # while the capture is down; then copytruncate, and the writer goes on
+    shutil.copy(log, flow.logs / "agent.log.1")
+    with log.open("r+") as f:
+        f.truncate(0)
+    after = [HEADER] + lines("after", 70)  # the same first line, and longer than the old offset
+    write_lines(log, after)
+    keys = await capture_until(flow, first + rest + after)
+    assert_once_allowing_header(keys, first + rest, after)

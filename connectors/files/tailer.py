@@ -391,6 +391,8 @@ class Tailer:
         if not same:  # content decides: a known entry only if its bytes before the offset match
             t = self._first_held(src, (c for c in self.by_head.get(head, ()) if self._claimable(c, rel)),
                                  st.st_size)
+            if t is not None:
+                self.open.close(t.key)  # read it from here on, not from where it was found before
         if t is None:
             t = self._new(head, rel, src, st)
         elif t.path != rel or t.retired is not None or t.orphaned_at is not None:
