@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Tests run in TEST_WORKERS parallel workers, each with its own servers (they mostly wait on
+# servers, so more workers than cores pays); `make test TEST_WORKERS=0 PYTEST_ARGS="-k ..."` runs in-process.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Tests with real Debian programs (logrotate): installs the missing ones with apt-get first.
 SYSTEM_PROGRAMS := logrotate
