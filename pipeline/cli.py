@@ -208,6 +208,7 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
     controller = Controller(catalog_path, catalog, stopping, store=store, selected=selected, watch=watch)
     controller.kinds.update(kinds)  # the same dict object: /status follows tasks added and removed
     telemetry = server = None
+    await controller.open()  # the API answers from the config topic once it is read
     if api is not None:
         server = ApiServer(controller)
         try:

@@ -131,7 +131,7 @@ class Controller:
 
     async def create(self, entries: Overlay) -> list[str]:
         """Add catalog entries through the config topic; ConfigError, Conflict or Unavailable."""
-        store = self._store()
+        store = await self._store()
         async with self._lock:
             current = self.catalog
             for section, items in entries.items():
@@ -149,7 +149,7 @@ class Controller:
 
     async def delete(self, name: str) -> str:
         """Remove a task created through the API; it stops after a flush on every worker."""
-        store = self._store()
+        store = await self._store()
         async with self._lock:
             overlay = self.overlay()
             section = next((s for s in TASK_SECTIONS if name in (overlay.get(s) or {})), None)
@@ -168,17 +168,17 @@ class Controller:
 
     async def pause(self, name: str) -> None:
         self._task_kind(name)
-        await self._store().put("paused", name, {"at": time.time()})
+        await (await self._store()).put("paused", name, {"at": time.time()})
         await self.settle()
 
     async def resume(self, name: str) -> None:
         self._task_kind(name)
-        await self._store().put("paused", name, None)
+        await (await self._store()).put("paused", name, None)
         await self.settle()
 
     async def restart(self, name: str) -> None:
         self._task_kind(name)
-        await self._store().put("restart", name, {"id": uuid.uuid4().hex, "at": time.time()})
+        await (await self._store()).put("restart", name, {"id": uuid.uuid4().hex, "at": time.time()})
         await self.settle()
 
     def _task_kind(self, name: str) -> TaskKind:
@@ -187,10 +187,11 @@ class Controller:
         except ConfigError:
             raise NotFound(f"no task {name!r}; tasks: {', '.join(self.catalog.task_names()) or 'none'}") from None
 
-    def _store(self) -> ConfigStore:
+    async def _store(self) -> ConfigStore:
+        """The store, once read to its end (a change made before would be judged on stale state)."""
         if self.store is None:
             raise Unavailable("this worker runs without a config topic (--config-topic ''): changes cannot be stored")
-        if not self.store.caught_up.is_set():
+        if not await self.store.wait_caught_up(STARTUP_WAIT):
             raise Unavailable(f"the config topic {self.store.topic} is not read yet (is Kafka reachable?)")
         return self.store
 
@@ -219,18 +220,23 @@ class Controller:
 
     # ------------------------------------------------------------------ running
 
+    async def open(self) -> None:
+        """Start reading the config topic and wait (a little) until it is read; idempotent."""
+        if self.store is None or self.store.on_change is not None:
+            return
+        self.store.on_change = self._on_change
+        await self.store.start()
+        try:
+            if not await self.store.wait_caught_up(STARTUP_WAIT):
+                log.warning("config topic %s not read within %gs: starting the file's tasks; tasks created "
+                            "through the API start once it is read", self.store.topic, STARTUP_WAIT)
+        except LocalflowError as e:
+            log.warning("config topic %s: %s", self.store.topic, e)
+
     async def run(self) -> None:
         """Supervise the tasks until ``stopping``; then stop every one (each flushes) and return."""
         watcher = None
-        if self.store is not None:
-            self.store.on_change = self._on_change
-            await self.store.start()
-            try:
-                if not await self.store.wait_caught_up(STARTUP_WAIT):
-                    log.warning("config topic %s not read within %gs: starting the file's tasks; tasks created "
-                                "through the API start once it is read", self.store.topic, STARTUP_WAIT)
-            except LocalflowError as e:
-                log.warning("config topic %s: %s", self.store.topic, e)
+        await self.open()
         if self.watch:
             watcher = asyncio.create_task(self._watch(), name="localflow-watch")
         self.request()

@@ -1,0 +1,196 @@
+"""The control plane against a real `localflow run`: the seed's client calls, persistence in the
+config topic, several workers, 422 with `validate`'s messages, and `localflow export`.
+
+Every test has a config topic of its own (LOCALFLOW_CONFIG_TOPIC), so tasks one test creates
+are never seen by another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from pipeline.catalog import load_catalog
+from pipeline.client import LocalflowClient
+from pipeline.collection import read_to_end
+from tests.api_support import RAW_SCHEMA, Source, api_worker
+from tests.cli_support import cli_env, localflow, write_catalog
+from tests.helpers import wait_for_async
+
+
+def three_collections(tmp_path: Path, prefix: str) -> Path:
+    """A catalog of three collections and no task: the tasks come through the API."""
+    return write_catalog(tmp_path / "flow.yaml", {
+        "kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
+        "collections": {f"{prefix}/{c}": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]}
+                        for c in ("raw", "logs", "metrics")},
+    })
+
+
+async def test_the_seeds_example_calls_work_and_the_created_capture_reaches_postgres(
+        tmp_path: Path, kafka_bootstrap: str, postgres_url: str, unique_name: Callable[..., str],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    prefix = unique_name()
+    catalog = three_collections(tmp_path, prefix)
+    async with Source(prefix) as source:
+        with api_worker(catalog, tmp_path / "run.log", KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+                        LOCALFLOW_CONFIG_TOPIC=f"{prefix}.config") as (w, url):
+            monkeypatch.setenv("LOCALFLOW_API_URL", url)
+            # The seed's "API Usage" example, verbatim but for the import and the endpoint's URL.
+            from pipeline.client import EstuaryClient
+
+            async def main():
+                async with EstuaryClient() as client:
+                    # Health check
+                    health = await client.health_check()
+                    print(f"Status: {health['status']}")
+
+                    # List collections
+                    collections = await client.list_collections()
+                    print(f"Collections: {collections['count']}")
+
+                    # Create capture
+                    result = await client.create_capture(
+                        "my_capture",
+                        {"endpoint": f"{source.url}/data"}
+                    )
+                    print(f"Capture created: {result['success']}")
+
+            await main()
+            assert capsys.readouterr().out.splitlines() == [
+                "Status: healthy", "Collections: 3", "Capture created: True"]
+
+            pg_schema = unique_name("s")
+            async with LocalflowClient() as client:
+                made = await client.create_materialization(f"{prefix}/pg", {
+                    "endpoint": {"postgres": {"url": postgres_url, "schema": pg_schema}},
+                    "bindings": [{"source": "my_capture", "resource": {"table": "my_capture"}}]})
+                assert made["success"], made
+                capture = await client.task_status("my_capture")
+                assert (capture["kind"], capture["origin"], capture["state"]) == ("capture", "api", "RUNNING")
+                listed = await client.list_collections()
+                assert listed["count"] == 4
+                mine = next(c for c in listed["collections"] if c["name"] == "my_capture")
+                assert (mine["key"], mine["origin"], mine["schema"]) == (["/metadata/id"], "api", RAW_SCHEMA)
+
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                async def rows() -> list[Any]:
+                    try:
+                        return await conn.fetch(f'SELECT * FROM "{pg_schema}".my_capture')
+                    except asyncpg.UndefinedTableError:
+                        return []
+
+                found = await wait_for_async(rows, timeout=60, message="the capture's documents in Postgres")
+            finally:
+                await conn.close()
+            assert source.hits["data"] >= 1
+            assert any(f"{prefix}-data-1" in str(dict(r)) for r in found), found
+
+
+async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_survive_a_restart(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    prefix = unique_name()
+    catalog = three_collections(tmp_path, prefix)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+    name = f"{prefix}/api_capture"
+    async with Source(prefix) as source:
+        with api_worker(catalog, tmp_path / "a.log", **env) as (_, url_a), \
+                api_worker(catalog, tmp_path / "b.log", **env) as (_, url_b):
+            async with LocalflowClient(url_a) as a, LocalflowClient(url_b) as b:
+                made = await a.create_capture(name, {"endpoint": f"{source.url}/x", "interval": "1h",
+                                                     "target": f"{prefix}/raw"})
+                assert made["success"] and made["state"] == "RUNNING", made
+
+                async def state_on_b() -> str:
+                    return (await b.task_status(name)).get("state")
+
+                assert await wait_for_async(lambda: _is(state_on_b, "RUNNING"), timeout=30,
+                                            message="worker B to run the task created on A")
+                assert (await b.pause(name))["state"] == "PAUSED"
+                assert await wait_for_async(lambda: _is(lambda: _state(a, name), "PAUSED"), timeout=30,
+                                            message="worker A to see the pause made on B")
+                assert (await a.resume(name))["state"] == "RUNNING"
+
+        exported = localflow("export", str(catalog), env=cli_env(**env))
+        assert exported.returncode == 0, exported.stderr
+        assert yaml.safe_load(exported.stdout)["captures"][name]["endpoint"] == {"http": {"url": f"{source.url}/x"}}
+
+        with api_worker(catalog, tmp_path / "c.log", **env) as (_, url_c):
+            async with LocalflowClient(url_c) as c:
+                assert await wait_for_async(lambda: _is(lambda: _state(c, name), "RUNNING"), timeout=30,
+                                            message="the task to run again after a restart")
+                deleted = await c.delete(name)
+                assert deleted["success"], deleted
+                assert (await c.task_status(name))["status_code"] == 404
+                refused = await c.delete(f"{prefix}/raw")
+                assert refused["status_code"] == 404
+    docs = await read_to_end(load_catalog(catalog, env={**env}).kafka, f"{prefix}.raw")
+    assert docs, "the capture wrote nothing"
+
+
+async def _state(client: LocalflowClient, name: str) -> str | None:
+    return (await client.task_status(name)).get("state")
+
+
+async def _is(get: Callable[[], Any], expected: str) -> bool:
+    return await get() == expected
+
+
+def _validate_lines(path: Path, env: dict[str, str]) -> list[str]:
+    result = localflow("validate", str(path), env=cli_env(**env))
+    assert result.returncode == 2, result.stdout
+    return [ln.strip() for ln in result.stderr.splitlines()[1:] if ln.strip()]
+
+
+async def test_an_invalid_fragment_gets_422_with_the_messages_validate_prints_and_changes_nothing(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    prefix = unique_name()
+    catalog = three_collections(tmp_path, prefix)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+    fragment = {"interval": "30x", "endpoint": {"http": {"url": "ftp://nowhere", "colour": "blue"}},
+                "bindings": [{"target": f"{prefix}/nope"}]}
+    broken = yaml.safe_load(catalog.read_text())
+    broken["captures"] = {f"{prefix}/bad": fragment}
+    expected = _validate_lines(write_catalog(tmp_path / "broken.yaml", broken), env)
+    with api_worker(catalog, tmp_path / "run.log", **env) as (_, url):
+        async with LocalflowClient(url) as client:
+            answer = await client.create_capture(f"{prefix}/bad", fragment)
+            assert answer["status_code"] == 422 and answer["success"] is False
+            assert answer["messages"] == expected
+            assert any("interval" in m for m in answer["messages"])
+            assert (await client.list_tasks())["count"] == 0
+            assert (await client.health_check())["status"] == "healthy"
+
+            bad_mat = await client.create_materialization(f"{prefix}/m", {"endpoint": {"nosuch": {}},
+                                                                          "bindings": [{"source": f"{prefix}/raw"}]})
+            assert bad_mat["status_code"] == 422
+            assert bad_mat["messages"][0].startswith(f"materializations.{prefix}/m.endpoint: unknown connector 'nosuch'")
+            bad_body = await client._call("POST", "/v1/collections", {"name": "x"})
+            assert bad_body["status_code"] == 422 and bad_body["messages"] == ["body.config: required field is missing"]
+            taken = await client.create_collection(f"{prefix}/raw", {"schema": RAW_SCHEMA, "key": ["/metadata/id"]})
+            assert taken["status_code"] == 409
+    exported = localflow("export", str(catalog), env=cli_env(**env))
+    assert exported.returncode == 0, exported.stderr
+    assert "captures" not in yaml.safe_load(exported.stdout)
+
+
+async def test_openapi_document_lists_every_route(tmp_path: Path, kafka_bootstrap: str,
+                                                  unique_name: Callable[..., str]) -> None:
+    prefix = unique_name()
+    catalog = three_collections(tmp_path, prefix)
+    with api_worker(catalog, tmp_path / "run.log", KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+                    LOCALFLOW_CONFIG_TOPIC=f"{prefix}.config") as (_, url):
+        async with LocalflowClient(url) as client:
+            doc = await client._call("GET", "/v1/openapi.json")
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {
+        "/v1/health", "/v1/collections", "/v1/captures", "/v1/materializations", "/v1/tasks", "/v1/tasks/{name}",
+        "/v1/tasks/{name}/pause", "/v1/tasks/{name}/resume", "/v1/tasks/{name}/restart"}
+    assert "name" in doc["paths"]["/v1/captures"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]
