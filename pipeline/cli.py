@@ -165,6 +165,14 @@ def run(
     from pipeline.task import kind_of
 
     _setup(log_format, log_level)
+    if api_port is not None:
+        from pipeline.control.api import TOKEN_ENV, is_loopback
+
+        if not is_loopback(api_host) and not os.environ.get(TOKEN_ENV):
+            err_console.print(f"[bold red]error:[/] --api-host {escape(api_host)} is beyond loopback: set {TOKEN_ENV} "
+                              "(clients send it as `Authorization: Bearer ...`) or use --api-host 127.0.0.1",
+                              highlight=False)
+            raise typer.Exit(2)
     cat = load_or_exit(catalog)
     names = list(dict.fromkeys(task or cat.task_names()))
     if not names and api_port is None and not watch:  # with the API or --watch, tasks may come later
@@ -220,7 +228,7 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
             log.error("cannot serve the API on %s:%s: %s", api[0], api[1], e.strerror or e)
             return 2
         log.info("API on %s (/v1/health, OpenAPI at /v1/openapi.json)%s", server.url,
-                 "; bearer token required" if os.environ.get("LOCALFLOW_API_TOKEN") else "")
+                 "; every request must carry LOCALFLOW_API_TOKEN" if os.environ.get("LOCALFLOW_API_TOKEN") else "")
     if port is not None:
         telemetry = Telemetry(controller.kinds)
         try:
