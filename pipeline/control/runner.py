@@ -317,10 +317,14 @@ class Controller:
         """Reconcile when the catalog file (or a file next to it, e.g. a schema) changes."""
         from watchfiles import awatch
 
-        target = self.path.resolve()
-        async for changes in awatch(target.parent, stop_event=self.stopping, debounce=200, step=50):
-            paths = {Path(p) for _, p in changes}  # watchfiles reports absolute paths
-            if target in paths or any(p.suffix in WATCHED_SUFFIXES for p in paths):
-                log.info("catalog %s changed: reloading", self.path)
-                self.request()
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its "N changes detected" per event
+        target = str(self.path.resolve())
+
+        def relevant(_: object, path: str) -> bool:  # not logs written next to the catalog, say
+            return path == target or Path(path).suffix in WATCHED_SUFFIXES
+
+        async for _ in awatch(Path(target).parent, watch_filter=relevant, stop_event=self.stopping,
+                              debounce=200, step=50):
+            log.info("catalog %s changed: reloading", self.path)
+            self.request()
 
