@@ -83,3 +83,22 @@ def test_loopback_is_the_only_address_open_without_a_token() -> None:
 
     assert [h for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost") if not is_loopback(h)] == []
     assert [h for h in ("0.0.0.0", "::", "10.0.0.5", "example.com", "") if is_loopback(h)] == []
+
+
+def test_doctor_checks_that_the_api_answers_and_accepts_the_token(tmp_path: Path, kafka_bootstrap: str,
+                                                                   unique_name: Callable[..., str]) -> None:
+    prefix = unique_name()
+    catalog = catalog_with_a_capture(tmp_path, prefix)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+    with api_worker(catalog, tmp_path / "run.log", **env, LOCALFLOW_API_TOKEN=TOKEN) as (_, url):
+        good = localflow("doctor", str(catalog), "--timeout", "1",
+                         env=cli_env(**env, LOCALFLOW_API_URL=url, LOCALFLOW_API_TOKEN=TOKEN))
+        wrong = localflow("doctor", str(catalog), "--timeout", "1",
+                          env=cli_env(**env, LOCALFLOW_API_URL=url, LOCALFLOW_API_TOKEN="not-the-token-42"))
+    assert good.returncode == 0, good.stdout
+    assert re.search(rf"^OK\s+localflow api {re.escape(url)}\s+healthy, 0 task\(s\); token accepted$", good.stdout,
+                     re.M), good.stdout
+    assert wrong.returncode == 1, wrong.stdout
+    assert re.search(r"^FAIL\s+localflow api \S+\s+LOCALFLOW_API_TOKEN was refused$", wrong.stdout, re.M), wrong.stdout
+    for out in (good.stdout, wrong.stdout):
+        assert TOKEN not in out and "not-the-token-42" not in out
