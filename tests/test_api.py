@@ -22,6 +22,8 @@ from tests.api_support import RAW_SCHEMA, Source, api_worker
 from tests.cli_support import cli_env, localflow, write_catalog
 from tests.helpers import wait_for_async
 
+SOPHIA = Path(__file__).resolve().parent.parent / "examples/sophia/flow.yaml"
+
 
 def three_collections(tmp_path: Path, prefix: str) -> Path:
     """A catalog of three collections and no task: the tasks come through the API."""
@@ -194,3 +196,27 @@ async def test_openapi_document_lists_every_route(tmp_path: Path, kafka_bootstra
         "/v1/tasks/{name}/pause", "/v1/tasks/{name}/resume", "/v1/tasks/{name}/restart"}
     assert "name" in doc["paths"]["/v1/captures"]["post"]["requestBody"]["content"]["application/json"]["schema"][
         "properties"]
+
+
+async def test_setup_sophia_creates_the_sophia_catalogs_tasks_through_the_api_once(
+        tmp_path: Path, fresh_services: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import localflow
+
+    kafka = fresh_services(kafka=True).kafka  # a broker of its own: the sophia/* topics are everyone's names
+    empty = write_catalog(tmp_path / "flow.yaml", {"kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
+                                                   "collections": {}})
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "SOPHIA_AGENT_LOG_DIR": str(tmp_path)}
+    sophia = load_catalog(SOPHIA, env={**env})
+    with api_worker(empty, tmp_path / "run.log", **env) as (_, url):
+        monkeypatch.setenv("LOCALFLOW_API_URL", url)
+        first = await localflow.setup_sophia()
+        assert first["success"] and not first["failed"], first["failed"]
+        assert first["created"] == [*sophia.collections, *sophia.captures, *sophia.materializations]
+        again = await localflow.setup_sophia_estuary_flow()
+        assert (again["success"], again["created"], sorted(again["existing"])) == (True, [], sorted(first["created"]))
+        async with localflow.EstuaryClient() as client:
+            tasks = {t["name"]: t for t in (await client.list_tasks())["tasks"]}
+            assert sorted(tasks) == sorted(sophia.task_names())
+            assert {t["origin"] for t in tasks.values()} == {"api"}
+            assert tasks["sophia/sophia_processed_data"]["kind"] == "derivation"
+            assert (await client.list_collections())["count"] == 4
