@@ -10,20 +10,15 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
+from pipeline.control import effective
 from tests.cli_support import Worker, cli_env, worker
 from tests.helpers import wait_for
 
-RAW_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"timestamp": {"type": "string", "format": "date-time"}, "source": {"type": "string"},
-                   "data": {"type": "object"},
-                   "metadata": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}},
-    "required": ["timestamp", "source", "data", "metadata"],
-}
+RAW_SCHEMA = effective.RAW_SCHEMA
+"""The raw document schema (the one the API gives a collection made for a short-form capture)."""
 
 
 def api_url(w: Worker) -> str:

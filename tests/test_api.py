@@ -220,3 +220,9 @@ async def test_setup_sophia_creates_the_sophia_catalogs_tasks_through_the_api_on
             assert {t["origin"] for t in tasks.values()} == {"api"}
             assert tasks["sophia/sophia_processed_data"]["kind"] == "derivation"
             assert (await client.list_collections())["count"] == 4
+
+
+def test_the_short_forms_raw_schema_is_the_sophia_catalogs() -> None:
+    example = yaml.safe_load((SOPHIA.parent / "schemas/raw.schema.yaml").read_text())
+    example.pop("$schema")
+    assert RAW_SCHEMA == example
