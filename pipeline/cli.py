@@ -179,7 +179,8 @@ def run(
         err_console.print(f"[bold red]error:[/] catalog {catalog} declares no task to run", highlight=False)
         raise typer.Exit(2)
     try:
-        kinds = {n: kind_of(cat, n) for n in names}
+        known = cat if set(names) <= set(cat.task_names()) or not config_topic else _with_api_tasks(cat, config_topic)
+        kinds = {n: kind_of(known, n) for n in names}
     except ConfigError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
@@ -188,6 +189,21 @@ def run(
     code = asyncio.run(_run(cat, kinds, metrics_host, metrics_port, shutdown_timeout,
                             catalog_path=catalog, selected=task, api=api, watch=watch, config_topic=config_topic))
     raise typer.Exit(code)
+
+
+def _with_api_tasks(cat: Catalog, config_topic: str) -> Catalog:
+    """The catalog plus the tasks created through the API (for --task naming one of those)."""
+    from pipeline.control.effective import build
+    from pipeline.control.store import ConfigStore
+
+    store = ConfigStore(cat.kafka, config_topic)
+    try:
+        asyncio.run(store.load())
+    except LocalflowError as e:
+        logging.getLogger("localflow.run").warning("cannot read the API's tasks: %s", e)
+        return cat
+    assert cat.path is not None
+    return build(cat.path, store.overlay())
 
 
 async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: int | None, shutdown_timeout: float,

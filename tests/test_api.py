@@ -123,10 +123,11 @@ async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_surviv
         assert exported.returncode == 0, exported.stderr
         assert yaml.safe_load(exported.stdout)["captures"][name]["endpoint"] == {"http": {"url": f"{source.url}/x"}}
 
-        with api_worker(catalog, tmp_path / "c.log", **env) as (_, url_c):
+        with api_worker(catalog, tmp_path / "c.log", "--task", name, **env) as (c_worker, url_c):
             async with LocalflowClient(url_c) as c:
                 assert await wait_for_async(lambda: _is(lambda: _state(c, name), "RUNNING"), timeout=30,
                                             message="the task to run again after a restart")
+                assert f"running 1 task(s): {name}" in c_worker.output()
                 deleted = await c.delete(name)
                 assert deleted["success"], deleted
                 assert (await c.task_status(name))["status_code"] == 404
