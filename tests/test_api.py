@@ -93,6 +93,10 @@ async def test_the_seeds_example_calls_work_and_the_created_capture_reaches_post
                 await conn.close()
             assert source.hits["data"] >= 1
             assert any(f"{prefix}-data-1" in str(dict(r)) for r in found), found
+            async with LocalflowClient() as client:
+                assert (await client.delete("my_capture"))["success"]
+                assert (await client.task_status("my_capture"))["status_code"] == 404
+                assert "my_capture" in {c["name"] for c in (await client.list_collections())["collections"]}
 
 
 async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_survive_a_restart(

@@ -220,7 +220,7 @@ class ApiServer:
     async def task(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         catalog = self.controller.catalog
-        self.controller._task_kind(name)  # noqa: SLF001 - raises NotFound
+        self.controller.task_kind(name)  # raises NotFound
         reports, problems = await self._reports_or_problem(catalog)
         return _json({"success": True, **self._task_view(catalog, name, reports.get(name)), "problems": problems})
 

@@ -72,6 +72,8 @@ def build(path: Path, overlay: Overlay, *, file_raw: dict[str, Any] | None = Non
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yaml.safe_dump(raw, f, sort_keys=False, allow_unicode=True)
         catalog = load_catalog(tmp)
+    except ConfigError as e:  # a message naming the merged copy names the catalog instead
+        raise ConfigError([(p.replace(tmp, str(path)), m.replace(tmp, str(path))) for p, m in e.problems]) from None
     finally:
         os.unlink(tmp)
     catalog._path = path.resolve()  # python transforms import from the catalog's directory
@@ -85,11 +87,6 @@ def export(path: Path, overlay: Overlay) -> str:
         load_catalog(path)  # raises the file's problem
         file_raw = {}
     return yaml.safe_dump(merged(file_raw, overlay), sort_keys=False, allow_unicode=True)
-
-
-def origin(name: str, section: str, overlay: Overlay) -> str:
-    """``api`` when the entry came from the API, else ``file``."""
-    return "api" if name in (overlay.get(section) or {}) else "file"
 
 
 class ShortCapture(Model):

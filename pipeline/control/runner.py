@@ -152,9 +152,11 @@ class Controller:
         store = await self._store()
         async with self._lock:
             overlay = self.overlay()
-            section = next((s for s in TASK_SECTIONS if name in (overlay.get(s) or {})), None)
+            # a short-form capture shares its name with its collection: the task goes, the data stays
+            section = next((s for s in ("captures", "materializations", "collections")
+                            if name in (overlay.get(s) or {})), None)
             if section is None:
-                self._task_kind(name)
+                self.task_kind(name)
                 raise Conflict(f"task {name!r} is declared in {self.path}; remove it there "
                                "(with `localflow run --watch` it stops at once)")
             candidate = {s: dict(overlay.get(s) or {}) for s in TASK_SECTIONS}
@@ -167,21 +169,22 @@ class Controller:
         return section
 
     async def pause(self, name: str) -> None:
-        self._task_kind(name)
+        self.task_kind(name)
         await (await self._store()).put("paused", name, {"at": time.time()})
         await self.settle()
 
     async def resume(self, name: str) -> None:
-        self._task_kind(name)
+        self.task_kind(name)
         await (await self._store()).put("paused", name, None)
         await self.settle()
 
     async def restart(self, name: str) -> None:
-        self._task_kind(name)
+        self.task_kind(name)
         await (await self._store()).put("restart", name, {"id": uuid.uuid4().hex, "at": time.time()})
         await self.settle()
 
-    def _task_kind(self, name: str) -> TaskKind:
+    def task_kind(self, name: str) -> TaskKind:
+        """The task's kind in the effective catalog; NotFound when there is no such task."""
         try:
             return kind_of(self.catalog, name)
         except ConfigError:
