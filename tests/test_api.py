@@ -18,9 +18,10 @@ import yaml
 from pipeline.catalog import load_catalog
 from pipeline.client import LocalflowClient
 from pipeline.collection import read_to_end
-from tests.api_support import RAW_SCHEMA, Source, api_worker
-from tests.cli_support import cli_env, localflow, write_catalog
-from tests.helpers import wait_for_async
+from pipeline.services import free_port
+from tests.api_support import RAW_SCHEMA, Source, api_url, api_worker
+from tests.cli_support import cli_env, localflow, worker, write_catalog
+from tests.helpers import wait_for, wait_for_async
 
 SOPHIA = Path(__file__).resolve().parent.parent / "examples/sophia/flow.yaml"
 
@@ -106,9 +107,9 @@ async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_surviv
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
     name = f"{prefix}/api_capture"
     async with Source(prefix) as source:
-        with api_worker(catalog, tmp_path / "a.log", **env) as (_, url_a), \
-                api_worker(catalog, tmp_path / "b.log", **env) as (_, url_b):
-            async with LocalflowClient(url_a) as a, LocalflowClient(url_b) as b:
+        with worker(catalog, "--api-port", "0", log=tmp_path / "a.log", env=cli_env(**env)) as wa, \
+                worker(catalog, "--api-port", "0", log=tmp_path / "b.log", env=cli_env(**env)) as wb:
+            async with LocalflowClient(api_url(wa)) as a, LocalflowClient(api_url(wb)) as b:
                 made = await a.create_capture(name, {"endpoint": f"{source.url}/x", "interval": "1h",
                                                      "target": f"{prefix}/raw"})
                 assert made["success"] and made["state"] == "RUNNING", made
@@ -122,6 +123,10 @@ async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_surviv
                 assert await wait_for_async(lambda: _is(lambda: _state(a, name), "PAUSED"), timeout=30,
                                             message="worker A to see the pause made on B")
                 assert (await a.resume(name))["state"] == "RUNNING"
+                assert (await b.restart(name))["success"]
+                for w in (wa, wb):
+                    wait_for(lambda w=w: f"stopping {name} (restart requested)" in w.output(), timeout=30,
+                             message="every worker to restart the task")
 
         exported = localflow("export", str(catalog), env=cli_env(**env))
         assert exported.returncode == 0, exported.stderr
@@ -231,3 +236,27 @@ def test_the_short_forms_raw_schema_is_the_sophia_catalogs() -> None:
     example = yaml.safe_load((SOPHIA.parent / "schemas/raw.schema.yaml").read_text())
     example.pop("$schema")
     assert RAW_SCHEMA == example
+
+
+async def test_a_failing_task_is_failed_with_its_reason_and_health_is_degraded(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    prefix = unique_name()
+    catalog = three_collections(tmp_path, prefix)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+    name = f"{prefix}/cache"
+    with api_worker(catalog, tmp_path / "run.log", **env) as (_, url):
+        async with LocalflowClient(url) as client:
+            made = await client.create_materialization(name, {
+                "endpoint": {"redis": {"url": f"redis://127.0.0.1:{free_port()}/0",
+                                       "advanced": {"connect_timeout": "1s", "retry_for": "1s"}}},
+                "bindings": [{"source": f"{prefix}/raw", "resource": {"key": "k:{/metadata/id}"}}]})
+            assert made["success"], made
+            failed = await wait_for_async(lambda: _failed(client, name), timeout=60, message="the task to fail")
+            assert "127.0.0.1" in failed["reason"] and failed["last_error"]
+            health = await client.health_check()
+            assert health["status"] == "degraded" and "1 task(s) failed" in health["problems"]
+
+
+async def _failed(client: LocalflowClient, name: str) -> dict[str, Any] | None:
+    task = await client.task_status(name)
+    return task if task["state"] == "FAILED" else None
