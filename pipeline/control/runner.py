@@ -229,12 +229,19 @@ class Controller:
             return
         self.store.on_change = self._on_change
         await self.store.start()
+        stop = asyncio.create_task(self.stopping.wait())
         try:
-            if not await self.store.wait_caught_up(STARTUP_WAIT):
+            read = asyncio.create_task(self.store.wait_caught_up(STARTUP_WAIT))
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)  # a SIGTERM ends the wait
+            if not read.done():
+                read.cancel()
+            elif not read.result():
                 log.warning("config topic %s not read within %gs: starting the file's tasks; tasks created "
                             "through the API start once it is read", self.store.topic, STARTUP_WAIT)
         except LocalflowError as e:
             log.warning("config topic %s: %s", self.store.topic, e)
+        finally:
+            stop.cancel()
 
     async def run(self) -> None:
         """Supervise the tasks until ``stopping``; then stop every one (each flushes) and return."""
