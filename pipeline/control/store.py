@@ -129,7 +129,7 @@ class ConfigStore:
     async def _read(self) -> None:
         await Admin(self.kafka).ensure({self.topic: (1, 1, {"cleanup.policy": "compact"})})
         consumer = AIOKafkaConsumer(**self.kafka.client_options(), group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", fetch_max_wait_ms=100)
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=500)  # changes are rare
         await consumer.start()
         try:
             consumer.assign([self._tp])
