@@ -576,8 +576,10 @@ async def read_to_end(kafka: KafkaConfig, topic: str, *, timeout: float = 10.0,
                       from_offsets: dict[int, int] | None = None) -> list[Record]:
     """Every record of a topic up to its current high watermark, without a consumer group.
 
-    Used for small topics (checkpoints, dead letters, tests). The end is the fetch high
-    watermark, which every broker reports correctly.
+    Used for checkpoints, dead letters and tests. The end is the fetch high watermark, which every
+    broker reports correctly. `timeout` bounds a *stall*, not the whole read: each batch that
+    arrives extends the deadline, so a large topic on a loaded machine takes longer but never
+    fails for being large, while a read that stops making progress still fails after `timeout`.
     """
     reader = CollectionReader(kafka, None, [])
     await reader.consumer.start()
@@ -601,8 +603,12 @@ async def read_to_end(kafka: KafkaConfig, topic: str, *, timeout: float = 10.0,
         deadline = time.monotonic() + timeout
         while len(done) < len(tps):
             if time.monotonic() > deadline:
-                raise EndpointError(f"Kafka: reading {topic} to its end took longer than {timeout:.0f}s")
-            out.extend(await reader.batch(timeout_ms=200))
+                raise EndpointError(f"Kafka: reading {topic} to its end made no progress for {timeout:.0f}s "
+                                    f"({len(out)} records read, {len(done)} of {len(tps)} partitions at their end)")
+            batch = await reader.batch(timeout_ms=200)
+            if batch:
+                out.extend(batch)
+                deadline = time.monotonic() + timeout
             for tp in tps:
                 hw = reader.highwater(tp)
                 if hw is not None and await reader.position(tp) >= hw:

@@ -574,6 +574,7 @@ def demo_command(
         names = ", ".join(f"{s.name} ({'external' if s.external else 'embedded'})" for s in services)
         with console.status(f"starting services: {names}"):
             services.start()
+        console.print("services: " + ", ".join(s.label for s in services), highlight=False)
         _warn_mixed(services)
         code = asyncio.run(run_demo(opts, services))
         signal.signal(signal.SIGTERM, _raise_terminated)  # the event loop reset it on exit

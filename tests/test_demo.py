@@ -40,7 +40,7 @@ async def _counts(env: dict[str, str]) -> dict[str, int]:
                 out[table] = 0
     finally:
         await conn.close()
-    client = aioredis.from_url(env["REDIS_URL"])
+    client = aioredis.from_url(env["REDIS_URL"], socket_timeout=60)
     try:
         out["redis keys"] = len([k async for k in client.scan_iter(match="sophia:*", count=1000)])
     finally:
