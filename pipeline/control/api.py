@@ -221,7 +221,7 @@ class ApiServer:
         name = request.match_info["name"]
         catalog = self.controller.catalog
         self.controller.task_kind(name)  # raises NotFound
-        reports, problems = await self._reports_or_problem(catalog)
+        reports, problems = await self._reports_or_problem(_only(catalog, name))
         return _json({"success": True, **self._task_view(catalog, name, reports.get(name)), "problems": problems})
 
     async def _reports_or_problem(self, catalog: Catalog) -> tuple[dict[str, Any], list[str]]:
@@ -313,6 +313,17 @@ async def _reports(catalog: Catalog) -> list[Any]:
     if report.problems:
         raise EndpointError("; ".join(report.problems))
     return report.tasks
+
+
+def _only(catalog: Catalog, name: str) -> Catalog:
+    """The catalog with one task (and every collection), so that its report reads only its own offsets."""
+    kind = kind_of(catalog, name)
+    return catalog.model_copy(update={
+        "captures": {name: catalog.captures[name]} if kind == "capture" else {},
+        "materializations": {name: catalog.materializations[name]} if kind == "materialization" else {},
+        "collections": {n: c if c.derive is None or n == name else c.model_copy(update={"derive": None})
+                        for n, c in catalog.collections.items()},  # other derivations: plain collections
+    })
 
 
 async def _documents(catalog: Catalog) -> dict[str, int | None]:
