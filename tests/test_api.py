@@ -95,6 +95,13 @@ async def test_the_seeds_example_calls_work_and_the_created_capture_reaches_post
             assert source.hits["data"] >= 1
             assert any(f"{prefix}-data-1" in str(dict(r)) for r in found), found
             async with LocalflowClient() as client:
+                async def caught_up() -> dict[str, Any] | None:
+                    task = await client.task_status(f"{prefix}/pg")
+                    return task if task["partitions"] and task["lag"] == 0 else None
+
+                pg = await wait_for_async(caught_up, timeout=30, message="the materialization's lag to reach 0")
+                assert [(p["collection"], p["partition"]) for p in pg["partitions"]] == [("my_capture", 0)]
+                assert pg["partitions"][0]["checkpoint"] == pg["partitions"][0]["end"] >= 1
                 assert (await client.delete("my_capture"))["success"]
                 assert (await client.task_status("my_capture"))["status_code"] == 404
                 assert "my_capture" in {c["name"] for c in (await client.list_collections())["collections"]}
