@@ -1,8 +1,8 @@
 """Hot reload: `localflow run --watch` applies edits of flow.yaml without a restart.
 
-One worker runs a capture that is never touched (``keep``) while the file gains a capture, has
-it changed, loses it, and is broken; each step is observed through the API and the source's
-own count of requests, and at the end ``keep`` has lost nothing.
+One worker runs a capture that is never touched (``keep``), and one created through the API,
+while the file gains a capture, has it changed, loses it, and is broken; each step is observed
+through the API and the source's own count of requests, and at the end ``keep`` has lost nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ async def test_watch_adds_changes_removes_and_refuses_a_broken_file_without_touc
         tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
     p = unique_name()
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{p}.config"}
-    keep, added = f"{p}/keep", f"{p}/added"
+    keep, added, through_api = f"{p}/keep", f"{p}/added", f"{p}/api"
     async with Source(p) as source:
         base = {"kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
                 "collections": {f"{p}/{c}": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]} for c in ("keep", "more")},
@@ -54,6 +54,9 @@ async def test_watch_adds_changes_removes_and_refuses_a_broken_file_without_touc
                                          message=f"{by} more requests of /{path}")
 
                 await hits_grow("keep", 1)
+                made = await client.create_capture(through_api, {"endpoint": f"{source.url}/api", "interval": "200ms",
+                                                                 "target": f"{p}/more"})
+                assert made["success"], made
 
                 # add a capture
                 replace(path, {**base, "captures": {**base["captures"], added: capture(f"{source.url}/added",
@@ -98,8 +101,11 @@ async def test_watch_adds_changes_removes_and_refuses_a_broken_file_without_touc
 
                 replace(path, base)
                 assert await wait_for_async(lambda: _healthy(client), timeout=30, message="health again")
-                assert (await client.task_status(keep))["restarts"] == 0
-        assert f"stopping {keep}" not in w.output()
+                for name in (keep, through_api):
+                    task = await client.task_status(name)
+                    assert (task["state"], task["restarts"]) == ("RUNNING", 0), task
+                await hits_grow("api", 3)
+        assert f"stopping {keep}" not in w.output() and f"stopping {through_api}" not in w.output()
         polled = source.hits["keep"]
     records = await read_to_end(load_catalog(path, env=env).kafka, f"{p}.keep")
     ids = {r.doc["data"]["id"] for r in records}
