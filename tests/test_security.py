@@ -215,7 +215,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
         assert re.search(r"OK\s+sophia/redis: redis ", shown["doctor"][0]), shown["doctor"][0]
         assert re.search(r"FAIL\s+sophia/postgres: postgres ", shown["doctor"][1]), shown["doctor"][1]
         assert re.search(r"FAIL\s+sophia/redis: redis ", shown["doctor"][1]), shown["doctor"][1]
-        assert all("localflow_documents_out_total" in m for m in shown["metrics"]), "real scrapes"
+        assert all("localflow_output_documents_total" in m for m in shown["metrics"]), "real scrapes"
     finally:
         sources.close()
     leaks = [(where, name) for where, texts in shown.items() for text in

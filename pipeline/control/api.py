@@ -23,7 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import __version__
-from pipeline.catalog import Catalog, pydantic_problems, topic_of
+from pipeline.catalog import Catalog, Problem, pydantic_problems, topic_of
 from pipeline.control.effective import capture_entries
 from pipeline.control.runner import Conflict, Controller, NotFound, Unavailable, problem_lines
 from pipeline.errors import ConfigError, EndpointError
@@ -152,7 +152,8 @@ class ApiServer:
             return await handler(request)
         except ConfigError as e:
             return _error(422, "the catalog would not be valid", messages=problem_lines(e),
-                          problems=[{"place": p, "message": m} for p, m in e.problems])
+                          problems=[p.as_json() if isinstance(p, Problem) else {"path": p[0], "message": p[1]}
+                                    for p in e.problems])
         except NotFound as e:
             return _error(404, str(e))
         except Conflict as e:

@@ -2,7 +2,8 @@
 
 It is validated by ``load_catalog`` itself, on a merged copy written to a temporary file, so
 an API fragment is judged exactly as ``localflow validate`` judges a file, with the same
-path-qualified messages (``captures.my_capture.endpoint.http.url: ...``).
+path-qualified messages (``captures.my_capture.endpoint.http.url: ...``); positions in the
+merged copy are dropped (they are in no file the caller has), those in the catalog file kept.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.catalog import Catalog, Model, load_catalog, pydantic_problems
+from pipeline.catalog import Catalog, Model, Positions, Problem, load_catalog, pydantic_problems, read_yaml
 from pipeline.errors import ConfigError
 
 TASK_SECTIONS = ("collections", "captures", "materializations")
@@ -36,13 +38,24 @@ RAW_SCHEMA: dict[str, Any] = {
 Overlay = dict[str, dict[str, Any]]
 
 
-def read_file(path: Path) -> dict[str, Any] | None:
-    """The catalog file as YAML data, uninterpolated (None when it is not a readable mapping)."""
+@dataclass(frozen=True)
+class FileData:
+    """The catalog file as read by the catalog's own parser: its data (uninterpolated) and where
+    each place is in it."""
+
+    raw: dict[str, Any]
+    positions: Positions
+
+
+def read_file(path: Path) -> FileData | None:
+    """The catalog file's data, or None when it is not a readable YAML mapping (``load_catalog``
+    then says why, as `validate` does)."""
+    positions = Positions()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        raw = read_yaml(path.read_text(encoding="utf-8"), str(path), "", positions)
+    except (OSError, UnicodeDecodeError, ConfigError):
         return None
-    return raw if isinstance(raw, dict) else None
+    return FileData(raw, positions) if isinstance(raw, dict) else None
 
 
 def merged(file_raw: dict[str, Any], overlay: Overlay) -> dict[str, Any]:
@@ -55,15 +68,16 @@ def merged(file_raw: dict[str, Any], overlay: Overlay) -> dict[str, Any]:
     return out
 
 
-def build(path: Path, overlay: Overlay, *, file_raw: dict[str, Any] | None = None) -> Catalog:
-    """Load the catalog file (or ``file_raw``, its data read earlier) plus ``overlay``; raises
-    ConfigError with every problem, as `validate` does."""
-    if file_raw is None and not any(overlay.get(s) for s in TASK_SECTIONS):
+def build(path: Path, overlay: Overlay, *, file: FileData | None = None) -> Catalog:
+    """Load the catalog file (or ``file``, read earlier) plus ``overlay``; raises ConfigError with
+    every problem, as `validate` does: a problem of the file's own entries at its position in the
+    file, one of the overlay's without a position (it is in no file)."""
+    if file is None and not any(overlay.get(s) for s in TASK_SECTIONS):
         return load_catalog(path)
-    file_raw = read_file(path) if file_raw is None else file_raw
-    if file_raw is None:
-        return load_catalog(path)  # raises the file's own problem, exactly as `validate` words it
-    raw = merged(file_raw, overlay)
+    file = read_file(path) if file is None else file
+    if file is None:
+        return load_catalog(path)  # raises the file's own problem
+    raw = merged(file.raw, overlay)
     for spec in (raw.get("collections") or {}).values():  # schema files stay relative to the catalog
         if isinstance(spec, dict) and isinstance(spec.get("schema"), str):
             spec["schema"] = str(path.parent.resolve() / spec["schema"])
@@ -72,21 +86,35 @@ def build(path: Path, overlay: Overlay, *, file_raw: dict[str, Any] | None = Non
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yaml.safe_dump(raw, f, sort_keys=False, allow_unicode=True)
         catalog = load_catalog(tmp)
-    except ConfigError as e:  # a message naming the merged copy names the catalog instead
-        raise ConfigError([(p.replace(tmp, str(path)), m.replace(tmp, str(path))) for p, m in e.problems]) from None
+    except ConfigError as e:
+        for problem in e.problems:
+            if isinstance(problem, Problem) and problem.file == tmp:  # a line of the merged copy: meaningless
+                mark = None if _in_overlay(problem.place, overlay) else file.positions.find(problem.place,
+                                                                                              problem.at_key)
+                problem.file, problem.line, problem.column = mark or ("", 0, 0)
+        raise
     finally:
         os.unlink(tmp)
     catalog._path = path.resolve()  # python transforms import from the catalog's directory
     return catalog
 
 
+def _in_overlay(place: str, overlay: Overlay) -> bool:
+    """Whether ``place`` (``captures.my_capture.interval``) is inside an entry the overlay added."""
+    for section, entries in overlay.items():
+        for name in entries or {}:
+            entry = f"{section}.{name}"
+            if place == entry or place.startswith((f"{entry}.", f"{entry}[")):
+                return True
+    return False
+
+
 def export(path: Path, overlay: Overlay) -> str:
     """The effective catalog as YAML: the file's data plus the API's entries, ``${VAR}`` kept."""
-    file_raw = read_file(path)
-    if file_raw is None:
+    file = read_file(path)
+    if file is None:
         load_catalog(path)  # raises the file's problem
-        file_raw = {}
-    return yaml.safe_dump(merged(file_raw, overlay), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(merged(file.raw if file else {}, overlay), sort_keys=False, allow_unicode=True)
 
 
 class ShortCapture(Model):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import Catalog
+from pipeline.catalog import Catalog, Problem
 from pipeline.control.effective import TASK_SECTIONS, Overlay, build, read_file
 from pipeline.control.store import ConfigStore
 from pipeline.errors import ConfigError, LocalflowError
@@ -69,8 +69,8 @@ def fingerprint(catalog: Catalog, name: str) -> Any:
 
 
 def problem_lines(e: ConfigError) -> list[str]:
-    """The lines `localflow validate` prints for these problems."""
-    return [f"{place}: {message}" if place else message for place, message in e.problems]
+    """The lines `localflow validate` prints for these problems (with their position in a file)."""
+    return [str(p) if isinstance(p, Problem) else f"{p[0]}: {p[1]}" if p[0] else p[1] for p in e.problems]
 
 
 class Controller:
@@ -81,7 +81,7 @@ class Controller:
         self.path, self.base, self.catalog = path, catalog, catalog
         self.stopping, self.store, self.watch = stopping, store, watch
         self.selected = set(selected) if selected else None
-        self.file_raw = read_file(path) or {}
+        self.file = read_file(path)
         self.running: dict[str, Running] = {}
         self.kinds: dict[str, TaskKind] = {}
         """The tasks this worker supervises now, by name (shared with the metrics server's /status)."""
@@ -111,7 +111,7 @@ class Controller:
             return build(self.path, overlay)
         if not any(overlay.get(s) for s in TASK_SECTIONS):
             return self.base
-        return build(self.path, overlay, file_raw=self.file_raw or None)  # the file as read at startup
+        return build(self.path, overlay, file=self.file)  # the file as read at startup
 
     def state(self, name: str) -> tuple[str, str | None]:
         """RUNNING, PAUSED, FAILED (with its reason) or UNASSIGNED (not run by this worker)."""
