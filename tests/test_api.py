@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,23 @@ from tests.helpers import wait_for, wait_for_async
 SOPHIA = Path(__file__).resolve().parent.parent / "examples/sophia/flow.yaml"
 
 
+@dataclass
+class Deployment:
+    """One test's deployment: a name prefix, its catalog (three collections) and its environment
+    (the session broker, a config topic of its own)."""
+
+    prefix: str
+    catalog: Path
+    env: dict[str, str]
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> Deployment:
+    prefix = unique_name()
+    return Deployment(prefix, three_collections(tmp_path, prefix),
+                      {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"})
+
+
 def three_collections(tmp_path: Path, prefix: str) -> Path:
     """A catalog of three collections and no task: the tasks come through the API."""
     return write_catalog(tmp_path / "flow.yaml", {
@@ -39,13 +57,11 @@ def three_collections(tmp_path: Path, prefix: str) -> Path:
 
 
 async def test_the_seeds_example_calls_work_and_the_created_capture_reaches_postgres(
-        tmp_path: Path, kafka_bootstrap: str, postgres_url: str, unique_name: Callable[..., str],
+        tmp_path: Path, deployment: Deployment, postgres_url: str, unique_name: Callable[..., str],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    prefix = unique_name()
-    catalog = three_collections(tmp_path, prefix)
+    prefix = deployment.prefix
     async with Source(prefix) as source:
-        with api_worker(catalog, tmp_path / "run.log", KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
-                        LOCALFLOW_CONFIG_TOPIC=f"{prefix}.config") as (w, url):
+        with api_worker(deployment.catalog, tmp_path / "run.log", **deployment.env) as (w, url):
             monkeypatch.setenv("LOCALFLOW_API_URL", url)
             # The seed's "API Usage" example, verbatim but for the import and the endpoint's URL.
             from pipeline.client import EstuaryClient
@@ -111,10 +127,8 @@ async def test_the_seeds_example_calls_work_and_the_created_capture_reaches_post
 
 
 async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_survive_a_restart(
-        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
-    prefix = unique_name()
-    catalog = three_collections(tmp_path, prefix)
-    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+        tmp_path: Path, deployment: Deployment) -> None:
+    prefix, catalog, env = deployment.prefix, deployment.catalog, deployment.env
     name = f"{prefix}/api_capture"
     async with Source(prefix) as source:
         with worker(catalog, "--api-port", "0", log=tmp_path / "a.log", env=cli_env(**env)) as wa, \
@@ -175,10 +189,8 @@ def _validate_lines(path: Path, env: dict[str, str]) -> list[str]:
 
 
 async def test_an_invalid_fragment_gets_422_with_the_messages_validate_prints_and_changes_nothing(
-        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
-    prefix = unique_name()
-    catalog = three_collections(tmp_path, prefix)
-    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+        tmp_path: Path, deployment: Deployment) -> None:
+    prefix, catalog, env = deployment.prefix, deployment.catalog, deployment.env
     fragment = {"interval": "30x", "endpoint": {"http": {"url": "ftp://nowhere", "colour": "blue"}},
                 "bindings": [{"target": f"{prefix}/nope"}]}
     broken = yaml.safe_load(catalog.read_text())
@@ -207,12 +219,8 @@ async def test_an_invalid_fragment_gets_422_with_the_messages_validate_prints_an
     assert "captures" not in yaml.safe_load(exported.stdout)
 
 
-async def test_openapi_document_lists_every_route(tmp_path: Path, kafka_bootstrap: str,
-                                                  unique_name: Callable[..., str]) -> None:
-    prefix = unique_name()
-    catalog = three_collections(tmp_path, prefix)
-    with api_worker(catalog, tmp_path / "run.log", KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
-                    LOCALFLOW_CONFIG_TOPIC=f"{prefix}.config") as (_, url):
+async def test_openapi_document_lists_every_route(tmp_path: Path, deployment: Deployment) -> None:
+    with api_worker(deployment.catalog, tmp_path / "run.log", **deployment.env) as (_, url):
         async with httpx.AsyncClient() as raw:
             doc = (await raw.get(f"{url}/v1/openapi.json")).json()
     validate(doc)  # a valid OpenAPI 3.1 document
@@ -255,10 +263,8 @@ def test_the_short_forms_raw_schema_is_the_sophia_catalogs() -> None:
 
 
 async def test_a_failing_task_is_failed_with_its_reason_and_health_is_degraded(
-        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
-    prefix = unique_name()
-    catalog = three_collections(tmp_path, prefix)
-    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
+        tmp_path: Path, deployment: Deployment) -> None:
+    prefix, catalog, env = deployment.prefix, deployment.catalog, deployment.env
     name = f"{prefix}/cache"
     with api_worker(catalog, tmp_path / "run.log", **env) as (_, url):
         async with LocalflowClient(url) as client:
