@@ -315,8 +315,8 @@ def run(
 
     With --api-port it serves the REST API (`pipeline.client.LocalflowClient` talks to it).
     Tasks created, paused or removed through it are kept in the config topic, so they survive
-    a restart and every worker running the whole catalog (no --task) applies them. With
-    --watch, edits of the catalog file start, stop or restart the tasks they touch.
+    a restart and every worker applies them (one started with --task runs those it names).
+    With --watch, edits of the catalog file start, stop or restart the tasks they touch.
 
     \b
     Example:
@@ -464,7 +464,8 @@ def export(
 
     async def go() -> int:
         store = ConfigStore(cat.kafka, config_topic)
-        await store.load()
+        if config_topic:
+            await store.load()
         sys.stdout.write(render(catalog, store.overlay()))
         for name in store.section("paused"):
             err_console.print(f"paused through the API: {name}", highlight=False, markup=False)
