@@ -9,6 +9,7 @@ worker; a response is sent once this worker has applied the change.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -192,8 +193,8 @@ class ApiServer:
         documents: dict[str, int | None] = {}
         lags: dict[str, dict[str, int]] = {}
         try:
-            documents = await _documents(catalog)
-            for report in await _reports(catalog):
+            documents, reports = await asyncio.gather(_documents(catalog), _reports(catalog))
+            for report in reports:
                 for p in report.partitions:
                     by_task = lags.setdefault(p.collection, {})
                     by_task[report.name] = by_task.get(report.name, 0) + p.lag
@@ -307,13 +308,15 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 
 
 async def _reports(catalog: Catalog) -> list[Any]:
-    """Per task, lag per input partition and checkpoint time, from the broker (as `localflow status`)."""
+    """Per task, lag per input partition and checkpoint time, from the broker (as `localflow status`),
+    the tasks read concurrently (each read waits on the broker, not on this process)."""
     from pipeline.status import gather
 
-    report = await gather(catalog, [])
-    if report.problems:
-        raise EndpointError("; ".join(report.problems))
-    return report.tasks
+    reports = await asyncio.gather(*(gather(_only(catalog, name), []) for name in catalog.task_names()))
+    problems = list(dict.fromkeys(p for r in reports for p in r.problems))
+    if problems:
+        raise EndpointError("; ".join(problems))
+    return [task for r in reports for task in r.tasks]
 
 
 def _only(catalog: Catalog, name: str) -> Catalog:
