@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -91,10 +92,9 @@ def test_doctor_checks_that_the_api_answers_and_accepts_the_token(tmp_path: Path
     catalog = catalog_with_a_capture(tmp_path, prefix)
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LOCALFLOW_CONFIG_TOPIC": f"{prefix}.config"}
     with api_worker(catalog, tmp_path / "run.log", **env, LOCALFLOW_API_TOKEN=TOKEN) as (_, url):
-        good = localflow("doctor", str(catalog), "--timeout", "5",
-                         env=cli_env(**env, LOCALFLOW_API_URL=url, LOCALFLOW_API_TOKEN=TOKEN))
-        wrong = localflow("doctor", str(catalog), "--timeout", "5",
-                          env=cli_env(**env, LOCALFLOW_API_URL=url, LOCALFLOW_API_TOKEN="not-the-token-42"))
+        with ThreadPoolExecutor(2) as pool:  # both at once: each waits on the Estuary checks
+            good, wrong = pool.map(lambda token: localflow("doctor", str(catalog), "--timeout", "5", env=cli_env(
+                **env, LOCALFLOW_API_URL=url, LOCALFLOW_API_TOKEN=token)), (TOKEN, "not-the-token-42"))
     assert good.returncode == 0, good.stdout
     assert re.search(rf"^OK\s+localflow api {re.escape(url)}\s+healthy, 0 task\(s\); token accepted$", good.stdout,
                      re.M), good.stdout
