@@ -28,7 +28,8 @@ log = logging.getLogger("localflow.control")
 
 STARTUP_WAIT = 5.0
 """Seconds the worker waits for the config topic before starting the file's tasks without it."""
-WATCHED_SUFFIXES = {".yaml", ".yml", ".json", ".sql", ".py"}
+WATCHED_SUFFIXES = {".yaml", ".yml", ".json"}
+"""The catalog and the schema files it names (a Python transform is imported once: restart for it)."""
 
 
 class NotFound(LocalflowError):
