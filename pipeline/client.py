@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import yaml
 
 DEFAULT_URL = "http://127.0.0.1:8730"
 URL_ENV, TOKEN_ENV = "LOCALFLOW_API_URL", "LOCALFLOW_API_TOKEN"
@@ -144,7 +143,27 @@ def _path(name: str) -> str:
     return quote(name, safe="/")
 
 
-SOPHIA_CATALOG = Path(__file__).resolve().parent.parent / "examples" / "sophia" / "flow.yaml"
+SOPHIA_CATALOGS = (Path(__file__).resolve().parent.parent / "examples/sophia/flow.yaml",  # a checkout
+                   Path("examples/sophia/flow.yaml"))  # the working directory (/app in the image)
+
+
+def _catalog_entries(catalog: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The catalog's data as the worker reads a file (YAML 1.2), its schema files inlined."""
+    from pipeline.catalog import read_yaml
+
+    if catalog is None:
+        found = [p for p in SOPHIA_CATALOGS if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"no Sophia catalog at {' or '.join(map(str, SOPHIA_CATALOGS))}: "
+                                    "pass its path, setup_sophia('path/to/flow.yaml')")
+        catalog = found[0]
+    path = Path(catalog)
+    raw = read_yaml(path.read_text(encoding="utf-8"), str(path))
+    for spec in (raw.get("collections") or {}).values():
+        if isinstance(spec.get("schema"), str):
+            file = path.parent / spec["schema"]
+            spec["schema"] = read_yaml(file.read_text(encoding="utf-8"), str(file))
+    return raw
 
 
 async def setup_sophia(catalog: str | os.PathLike[str] | None = None,
@@ -156,12 +175,8 @@ async def setup_sophia(catalog: str | os.PathLike[str] | None = None,
     resolved by the worker from its environment. Returns ``success``, ``created``, ``existing``
     and ``failed`` (name -> the API's answer).
     """
-    path = Path(catalog) if catalog is not None else SOPHIA_CATALOG
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = _catalog_entries(catalog)
     collections = raw.get("collections") or {}
-    for spec in collections.values():
-        if isinstance(spec.get("schema"), str):
-            spec["schema"] = yaml.safe_load((path.parent / spec["schema"]).read_text(encoding="utf-8"))
     own = client is None
     client = client or LocalflowClient()
     result: dict[str, Any] = {"created": [], "existing": [], "failed": {}}
