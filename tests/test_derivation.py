@@ -300,6 +300,53 @@ def test_null_column_is_kept_only_where_the_schema_allows_null(tmp_path: Path) -
     assert engine.apply(0, [raw("1", {})]).documents == [{"id": "1", "note": None, "flag": True}]
 
 
+SHAPE = "metadata->>'id' AS id, timestamp, source, data AS processed_data"
+REORDERING = {
+    "order by": f'SELECT {SHAPE} FROM "in" ORDER BY data->>\'v\' DESC',
+    "group by": f'SELECT {SHAPE} FROM "in" GROUP BY metadata->>\'id\', data->>\'v\'',
+    "distinct": f'SELECT DISTINCT {SHAPE} FROM "in" ORDER BY 1, data->>\'v\'',
+    "order by, with flow_seq": f'SELECT *, {SHAPE} FROM "in" ORDER BY data->>\'v\' DESC',
+    "group by, with max(flow_seq)": f'SELECT {SHAPE}, max(flow_seq) AS flow_seq FROM "in" '
+                                    f'GROUP BY metadata->>\'id\', data->>\'v\'',
+}
+
+
+def reordering_engine(tmp_path: Path, lambda_: str, **options: Any) -> sqlite_engine.SqliteEngine:
+    catalog = write_catalog(tmp_path, "127.0.0.1:9", {
+        "p/in": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]},
+        **derived_by("p", "sqlite", [{"name": "t", "source": "p/in", "lambda": lambda_}], **options),
+    })
+    engine = sqlite_engine.build(catalog, "p/out")
+    engine.open()
+    return engine
+
+
+# Two versions of key k in one batch, the newer one (v: 1) last, and the lambda's order puts it first.
+VERSIONS = [raw("k", {"v": 2}), raw("j", {"v": 9}), raw("k", {"v": 1})]
+
+
+@pytest.mark.parametrize("lambda_", list(REORDERING.values()), ids=list(REORDERING))
+def test_outputs_keep_input_order_whatever_the_lambda_orders_by(tmp_path: Path, lambda_: str) -> None:
+    out = reordering_engine(tmp_path, lambda_).apply(0, VERSIONS)
+    made = [(d["id"], d["processed_data"]["v"], source) for d, source in zip(out.documents, out.sources, strict=True)]
+    assert made == [("k", 2, 0), ("j", 9, 1), ("k", 1, 2)]  # the newer k last, each with its input
+    assert all("flow_seq" not in d for d in out.documents)
+
+
+def test_order_lambda_keeps_the_lambdas_order(tmp_path: Path) -> None:
+    out = reordering_engine(tmp_path, REORDERING["order by, with flow_seq"], order="lambda").apply(0, VERSIONS)
+    assert [(d["processed_data"]["v"], source) for d, source in zip(out.documents, out.sources, strict=True)] == \
+        [(9, 1), (2, 0), (1, 2)]
+
+
+def test_a_lambda_without_flow_seq_runs_per_document_and_dead_letters_only_the_failing_one(tmp_path: Path) -> None:
+    lambda_ = f'SELECT {SHAPE}, json(data->>\'payload\') AS parsed FROM "in"'
+    docs = [raw("a", {"payload": "[1]"}), raw("b", {"payload": "not json"}), raw("c", {"payload": "[3]"})]
+    out = reordering_engine(tmp_path, lambda_).apply(0, docs)
+    assert [d["id"] for d in out.documents] == ["a", "c"] and out.sources == [0, 2]
+    assert [i for i, _ in out.failed] == [1]
+
+
 def test_two_sources_whose_names_end_the_same_are_a_catalog_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         write_catalog(tmp_path, "127.0.0.1:9", {
@@ -333,7 +380,7 @@ def test_validate_reports_sql_that_does_not_compile(tmp_path: Path) -> None:
     })
     assert result.returncode == 2, result
     assert "collections.p/out.derive.transforms[0].lambda: SQLite rejects it: no such column: nope" in result.stderr
-    assert "in(timestamp, source, data, metadata)" in result.stderr
+    assert "in(timestamp, source, data, metadata, flow_seq)" in result.stderr
 
 
 def test_validate_reports_a_python_transform_that_cannot_be_imported(tmp_path: Path) -> None:
