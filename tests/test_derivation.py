@@ -5,10 +5,12 @@ per input key after a worker is killed mid-stream. Broker tests run on the sessi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -95,9 +97,10 @@ async def produce_unvalidated(catalog: Catalog, collection: str, key: list[Any],
 
 
 @asynccontextmanager
-async def derivation(catalog: Catalog, name: str, **reader: Any) -> AsyncIterator[asyncio.Task[None]]:
+async def derivation(catalog: Catalog, name: str, options: dict[str, Any] | None = None,
+                     **reader: Any) -> AsyncIterator[asyncio.Task[None]]:
     """Run the derivation task in this process; on exit stop it as SIGTERM would, and re-raise its error."""
-    ctx = TaskContext(catalog, name, "derivation", options={"reader": reader})
+    ctx = TaskContext(catalog, name, "derivation", options={"reader": reader, **(options or {})})
     task = asyncio.create_task(DerivationTask(ctx).run())
     try:
         yield task
@@ -432,6 +435,79 @@ async def test_python_transform_end_to_end(tmp_path: Path, kafka_bootstrap: str,
         {"a-0": "HELLO", "a-1": "WORLD", "c-0": "HI"}
 
 
+async def test_each_output_carries_the_source_position_of_its_input(tmp_path: Path, kafka_bootstrap: str,
+                                                                    unique_name: Callable[..., str]) -> None:
+    p = unique_name()
+    catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
+    await ingest(catalog, f"{p}/in", [raw("a", {"text": "hello world"}), raw("b", {}), raw("c", {"text": "hi"})])
+
+    async with derivation(catalog, f"{p}/out") as task:
+        records = await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
+
+    clock = f"{Collection.from_catalog(catalog, f'{p}/in').topic}:0"
+    assert {r.doc["id"]: r.source for r in records} == {"a-0": (clock, 0), "a-1": (clock, 0), "c-0": (clock, 2)}
+
+
+SLOW = """
+import time
+
+def slow(doc):
+    if doc["metadata"]["id"] == "slow":
+        time.sleep(4)  # longer than the session: the loop must go on heartbeating meanwhile
+    return {"id": doc["metadata"]["id"], "timestamp": doc["timestamp"], "source": "slow", "processed_data": {}}
+"""
+
+
+async def test_a_lambda_slower_than_the_session_keeps_its_partitions_and_commits(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    p = unique_name()
+    (tmp_path / f"{p}_slow.py").write_text(SLOW)
+    catalog = write_catalog(tmp_path, kafka_bootstrap, {
+        f"{p}/in": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]},
+        **derived_by(p, "python", [{"name": "slow", "source": f"{p}/in", "lambda": f"{p}_slow:slow"}]),
+    })
+    await ingest(catalog, f"{p}/in", [raw("slow", {}), raw("a", {})])
+    in_topic = Collection.from_catalog(catalog, f"{p}/in").topic
+
+    ticks: list[float] = []
+
+    async def tick() -> None:  # what heartbeats need: the loop to run while the lambda does
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with derivation(catalog, f"{p}/out", session_timeout_ms=2000, heartbeat_interval_ms=300) as task:
+            await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 2)
+
+            async def both_committed() -> bool:
+                return (await committed(catalog.kafka, f"localflow.{p}/out", in_topic, 1)) == {0: 2}
+
+            await wait_for_async(both_committed, timeout=30, message="the slow batch's commit")
+            assert not task.done()
+        # (leaving the block re-raises the task's error: a failed commit would show here)
+    finally:
+        ticker.cancel()
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 1.0, "the event loop stalled with the lambda"
+
+
+async def test_a_batch_past_its_time_bound_commits_what_it_derived_and_reads_the_rest_again(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    p = unique_name()
+    catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
+    await ingest(catalog, f"{p}/in", [raw(f"k{i}", {"text": f"w{i}"}) for i in range(9)])
+    out = Collection.from_catalog(catalog, f"{p}/out")
+
+    async with derivation(catalog, out.name, {"batch_seconds": 0, "slice_records": 2}) as task:
+        await read_docs(catalog, out.topic, task, 9)
+        await wait_for_async(lambda: _committed_total(catalog, f"localflow.{out.name}",
+                                                      Collection.from_catalog(catalog, f"{p}/in").topic, 9, 1),
+                             timeout=30, message="all 9 inputs committed")
+    records = await read_to_end(catalog.kafka, out.topic)
+    assert sorted(r.doc["id"] for r in records) == sorted(f"k{i}-0" for i in range(9))  # each once: none lost
+
+
 async def test_python_transform_that_raises_dead_letters_its_input(tmp_path: Path, kafka_bootstrap: str,
                                                                   unique_name: Callable[..., str]) -> None:
     p = unique_name()
@@ -589,7 +665,8 @@ async def test_worker_killed_mid_stream_leaves_one_output_key_per_input_key(
         assert first_copy.setdefault(doc["id"], doc) == doc
 
 
-async def _committed_total(catalog: Catalog, group: str, topic: str, at_least: int = 1) -> int | None:
-    total = sum((await committed(catalog.kafka, group, topic, 3)).values())
+async def _committed_total(catalog: Catalog, group: str, topic: str, at_least: int = 1,
+                           partitions: int = 3) -> int | None:
+    total = sum((await committed(catalog.kafka, group, topic, partitions)).values())
     return total if total >= at_least else None
 
