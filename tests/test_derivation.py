@@ -422,15 +422,17 @@ def shout_catalog(tmp_path: Path, kafka_bootstrap: str, p: str) -> Catalog:
     })
 
 
-async def test_python_transform_end_to_end(tmp_path: Path, kafka_bootstrap: str,
-                                           unique_name: Callable[..., str]) -> None:
-    p = unique_name()
+async def shouted(tmp_path: Path, kafka_bootstrap: str, p: str) -> tuple[Catalog, list[Record]]:
+    """The shout derivation's outputs of inputs a (two words, offset 0), b (none) and c (one, offset 2)."""
     catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
     await ingest(catalog, f"{p}/in", [raw("a", {"text": "hello world"}), raw("b", {}), raw("c", {"text": "hi"})])
-
     async with derivation(catalog, f"{p}/out") as task:
-        records = await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
+        return catalog, await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
 
+
+async def test_python_transform_end_to_end(tmp_path: Path, kafka_bootstrap: str,
+                                           unique_name: Callable[..., str]) -> None:
+    _, records = await shouted(tmp_path, kafka_bootstrap, unique_name())
     assert {i: d["processed_data"]["word"] for i, d in by_id(records).items()} == \
         {"a-0": "HELLO", "a-1": "WORLD", "c-0": "HI"}
 
@@ -438,12 +440,7 @@ async def test_python_transform_end_to_end(tmp_path: Path, kafka_bootstrap: str,
 async def test_each_output_carries_the_source_position_of_its_input(tmp_path: Path, kafka_bootstrap: str,
                                                                     unique_name: Callable[..., str]) -> None:
     p = unique_name()
-    catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
-    await ingest(catalog, f"{p}/in", [raw("a", {"text": "hello world"}), raw("b", {}), raw("c", {"text": "hi"})])
-
-    async with derivation(catalog, f"{p}/out") as task:
-        records = await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
-
+    catalog, records = await shouted(tmp_path, kafka_bootstrap, p)
     clock = f"{Collection.from_catalog(catalog, f'{p}/in').topic}:0"
     assert {r.doc["id"]: r.source for r in records} == {"a-0": (clock, 0), "a-1": (clock, 0), "c-0": (clock, 2)}
 
