@@ -242,21 +242,20 @@ class PostgresMaterialization(Materialization):
         the later is not newer in it (a stalled derivation worker's late output). Keys are the
         Kafka message keys (the collection key as a JSON array); a record without one stays.
         """
-        keep: dict[tuple[int, bytes], tuple[int, tuple[str, int]]] = {}
+        keep: dict[tuple[int, bytes], int] = {}
         dropped: set[int] = set()
         for j, (_, r) in enumerate(items):
             binding = bindings[r.topic]
             if r.key is None or self._tables[binding].delta:
                 continue
-            position = r.source
             held = keep.get((binding, r.key))
-            if held is not None:
-                clock, offset = held[1]
-                if clock == position[0] and offset >= position[1]:
+            if held is not None:  # positions are read only for a key seen twice (rare, and not free)
+                (clock, offset), (new_clock, new_offset) = items[held][1].source, r.source
+                if clock == new_clock and offset >= new_offset:
                     dropped.add(j)
                     continue
-                dropped.add(held[0])
-            keep[(binding, r.key)] = (j, position)
+                dropped.add(held)
+            keep[(binding, r.key)] = j
         return [item for j, item in enumerate(items) if j not in dropped] if dropped else items
 
     async def _write(self, conn: asyncpg.Connection, bindings: dict[str, int],
