@@ -2,8 +2,9 @@
 
 Wire format (SPEC "Vocabulary"): message key = the document's key values as a JSON array,
 value = the document, both orjson bytes; headers ``localflow-task`` (the writer) and
-``localflow-schema`` (the schema fingerprint). Invalid documents go to ``<topic>.dead`` as a
-JSON envelope; they never stop the writer.
+``localflow-schema`` (the schema fingerprint), and on a derived document ``localflow-source``
+(the source position it came from, see ``Record.source``). Invalid documents go to
+``<topic>.dead`` as a JSON envelope; they never stop the writer.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ log = logging.getLogger("localflow.collection")
 
 TASK_HEADER = "localflow-task"
 SCHEMA_HEADER = "localflow-schema"
+SOURCE_HEADER = "localflow-source"
+"""``<topic>:<partition>:<offset>`` of the source record a derived document came from."""
 DEAD_SUFFIX = ".dead"
 
 
@@ -330,9 +333,12 @@ class CollectionWriter:
             topics[c.dead_topic] = (1, c.replication_factor, {})
         await self.admin.ensure(topics)
 
-    async def write(self, collection: Collection, docs: Iterable[dict[str, Any]],
-                    **dead_context: Any) -> WriteResult:
-        """Write documents and wait for every acknowledgement; invalid ones go to dead letters."""
+    async def write(self, collection: Collection, docs: Iterable[dict[str, Any]], *,
+                    positions: Sequence[bytes] | None = None, **dead_context: Any) -> WriteResult:
+        """Write documents and wait for every acknowledgement; invalid ones go to dead letters.
+
+        ``positions[i]``, when given, is document ``i``'s SOURCE_HEADER (a derivation's outputs).
+        """
         await self.ensure((collection,))
         result = WriteResult()
         futures: list[asyncio.Future[Any]] = []
@@ -342,7 +348,7 @@ class CollectionWriter:
         # Partitioned here exactly as Kafka's default partitioner would (same key, same partition):
         # aiokafka's own partitioning spends a third of each send on it.
         partitions = sorted(await self.producer.partitions_for(topic))
-        for doc in docs:
+        for i, doc in enumerate(docs):
             try:
                 key, value = collection.encode(doc)
             except ValidationFailed as e:
@@ -355,7 +361,8 @@ class CollectionWriter:
                 result.dead += 1
                 continue
             futures.append(await send(topic, value, key=key, partition=partition_for(key, partitions),
-                                      headers=headers))
+                                      headers=headers if positions is None
+                                      else [*headers, (SOURCE_HEADER, positions[i])]))
             result.written += 1
             result.bytes += len(value)
         await self._acked(futures)
@@ -402,10 +409,24 @@ class Record:
     value: bytes
     doc: Any = None
     error: str | None = None  # set when the value is not JSON (written by someone else)
+    headers: Sequence[tuple[str, bytes]] = ()
 
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+    @property
+    def source(self) -> tuple[str, int]:
+        """``("<topic>:<partition>", offset)``: the clock of the document's key. A derived document's
+        SOURCE_HEADER, else (a capture's document, or a header someone else mangled) this record's
+        own position. A key's versions are ordered by offset within one clock; two clocks do not
+        compare (the later write wins)."""
+        for name, value in self.headers:
+            if name == SOURCE_HEADER:
+                clock, _, offset = value.decode(errors="replace").rpartition(":")
+                if clock and offset.isascii() and offset.isdigit():
+                    return clock, int(offset)
+        return f"{self.topic}:{self.partition}", self.offset
 
 
 def next_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
@@ -547,7 +568,7 @@ class CollectionReader:
             fetched = {tp: ms for tp, ms in fetched.items() if tp in owned}
         for tp, messages in fetched.items():
             for m in messages:
-                rec = Record(tp.topic, tp.partition, m.offset, m.timestamp, m.key, m.value)
+                rec = Record(tp.topic, tp.partition, m.offset, m.timestamp, m.key, m.value, headers=m.headers)
                 try:
                     rec.doc = loads(m.value)
                 except orjson.JSONDecodeError as e:

@@ -5,10 +5,12 @@ per input key after a worker is killed mid-stream. Broker tests run on the sessi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -95,9 +97,10 @@ async def produce_unvalidated(catalog: Catalog, collection: str, key: list[Any],
 
 
 @asynccontextmanager
-async def derivation(catalog: Catalog, name: str, **reader: Any) -> AsyncIterator[asyncio.Task[None]]:
+async def derivation(catalog: Catalog, name: str, options: dict[str, Any] | None = None,
+                     **reader: Any) -> AsyncIterator[asyncio.Task[None]]:
     """Run the derivation task in this process; on exit stop it as SIGTERM would, and re-raise its error."""
-    ctx = TaskContext(catalog, name, "derivation", options={"reader": reader})
+    ctx = TaskContext(catalog, name, "derivation", options={"reader": reader, **(options or {})})
     task = asyncio.create_task(DerivationTask(ctx).run())
     try:
         yield task
@@ -300,6 +303,53 @@ def test_null_column_is_kept_only_where_the_schema_allows_null(tmp_path: Path) -
     assert engine.apply(0, [raw("1", {})]).documents == [{"id": "1", "note": None, "flag": True}]
 
 
+SHAPE = "metadata->>'id' AS id, timestamp, source, data AS processed_data"
+REORDERING = {
+    "order by": f'SELECT {SHAPE} FROM "in" ORDER BY data->>\'v\' DESC',
+    "group by": f'SELECT {SHAPE} FROM "in" GROUP BY metadata->>\'id\', data->>\'v\'',
+    "distinct": f'SELECT DISTINCT {SHAPE} FROM "in" ORDER BY 1, data->>\'v\'',
+    "order by, with flow_seq": f'SELECT *, {SHAPE} FROM "in" ORDER BY data->>\'v\' DESC',
+    "group by, with max(flow_seq)": f'SELECT {SHAPE}, max(flow_seq) AS flow_seq FROM "in" '
+                                    f'GROUP BY metadata->>\'id\', data->>\'v\'',
+}
+
+
+def reordering_engine(tmp_path: Path, lambda_: str, **options: Any) -> sqlite_engine.SqliteEngine:
+    catalog = write_catalog(tmp_path, "127.0.0.1:9", {
+        "p/in": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]},
+        **derived_by("p", "sqlite", [{"name": "t", "source": "p/in", "lambda": lambda_}], **options),
+    })
+    engine = sqlite_engine.build(catalog, "p/out")
+    engine.open()
+    return engine
+
+
+# Two versions of key k in one batch, the newer one (v: 1) last, and the lambda's order puts it first.
+VERSIONS = [raw("k", {"v": 2}), raw("j", {"v": 9}), raw("k", {"v": 1})]
+
+
+@pytest.mark.parametrize("lambda_", list(REORDERING.values()), ids=list(REORDERING))
+def test_outputs_keep_input_order_whatever_the_lambda_orders_by(tmp_path: Path, lambda_: str) -> None:
+    out = reordering_engine(tmp_path, lambda_).apply(0, VERSIONS)
+    made = [(d["id"], d["processed_data"]["v"], source) for d, source in zip(out.documents, out.sources, strict=True)]
+    assert made == [("k", 2, 0), ("j", 9, 1), ("k", 1, 2)]  # the newer k last, each with its input
+    assert all("flow_seq" not in d for d in out.documents)
+
+
+def test_order_lambda_keeps_the_lambdas_order(tmp_path: Path) -> None:
+    out = reordering_engine(tmp_path, REORDERING["order by, with flow_seq"], order="lambda").apply(0, VERSIONS)
+    assert [(d["processed_data"]["v"], source) for d, source in zip(out.documents, out.sources, strict=True)] == \
+        [(9, 1), (2, 0), (1, 2)]
+
+
+def test_a_lambda_without_flow_seq_runs_per_document_and_dead_letters_only_the_failing_one(tmp_path: Path) -> None:
+    lambda_ = f'SELECT {SHAPE}, json(data->>\'payload\') AS parsed FROM "in"'
+    docs = [raw("a", {"payload": "[1]"}), raw("b", {"payload": "not json"}), raw("c", {"payload": "[3]"})]
+    out = reordering_engine(tmp_path, lambda_).apply(0, docs)
+    assert [d["id"] for d in out.documents] == ["a", "c"] and out.sources == [0, 2]
+    assert [i for i, _ in out.failed] == [1]
+
+
 def test_two_sources_whose_names_end_the_same_are_a_catalog_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         write_catalog(tmp_path, "127.0.0.1:9", {
@@ -333,7 +383,7 @@ def test_validate_reports_sql_that_does_not_compile(tmp_path: Path) -> None:
     })
     assert result.returncode == 2, result
     assert "collections.p/out.derive.transforms[0].lambda: SQLite rejects it: no such column: nope" in result.stderr
-    assert "in(timestamp, source, data, metadata)" in result.stderr
+    assert "in(timestamp, source, data, metadata, flow_seq)" in result.stderr
 
 
 def test_validate_reports_a_python_transform_that_cannot_be_imported(tmp_path: Path) -> None:
@@ -372,17 +422,87 @@ def shout_catalog(tmp_path: Path, kafka_bootstrap: str, p: str) -> Catalog:
     })
 
 
-async def test_python_transform_end_to_end(tmp_path: Path, kafka_bootstrap: str,
-                                           unique_name: Callable[..., str]) -> None:
-    p = unique_name()
+async def shouted(tmp_path: Path, kafka_bootstrap: str, p: str) -> tuple[Catalog, list[Record]]:
+    """The shout derivation's outputs of inputs a (two words, offset 0), b (none) and c (one, offset 2)."""
     catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
     await ingest(catalog, f"{p}/in", [raw("a", {"text": "hello world"}), raw("b", {}), raw("c", {"text": "hi"})])
-
     async with derivation(catalog, f"{p}/out") as task:
-        records = await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
+        return catalog, await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
 
+
+async def test_python_transform_end_to_end(tmp_path: Path, kafka_bootstrap: str,
+                                           unique_name: Callable[..., str]) -> None:
+    _, records = await shouted(tmp_path, kafka_bootstrap, unique_name())
     assert {i: d["processed_data"]["word"] for i, d in by_id(records).items()} == \
         {"a-0": "HELLO", "a-1": "WORLD", "c-0": "HI"}
+
+
+async def test_each_output_carries_the_source_position_of_its_input(tmp_path: Path, kafka_bootstrap: str,
+                                                                    unique_name: Callable[..., str]) -> None:
+    p = unique_name()
+    catalog, records = await shouted(tmp_path, kafka_bootstrap, p)
+    clock = f"{Collection.from_catalog(catalog, f'{p}/in').topic}:0"
+    assert {r.doc["id"]: r.source for r in records} == {"a-0": (clock, 0), "a-1": (clock, 0), "c-0": (clock, 2)}
+
+
+SLOW = """
+import time
+
+def slow(doc):
+    if doc["metadata"]["id"] == "slow":
+        time.sleep(4)  # longer than the session: the loop must go on heartbeating meanwhile
+    return {"id": doc["metadata"]["id"], "timestamp": doc["timestamp"], "source": "slow", "processed_data": {}}
+"""
+
+
+async def test_a_lambda_slower_than_the_session_keeps_its_partitions_and_commits(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    p = unique_name()
+    (tmp_path / f"{p}_slow.py").write_text(SLOW)
+    catalog = write_catalog(tmp_path, kafka_bootstrap, {
+        f"{p}/in": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]},
+        **derived_by(p, "python", [{"name": "slow", "source": f"{p}/in", "lambda": f"{p}_slow:slow"}]),
+    })
+    await ingest(catalog, f"{p}/in", [raw("slow", {}), raw("a", {})])
+    in_topic = Collection.from_catalog(catalog, f"{p}/in").topic
+
+    ticks: list[float] = []
+
+    async def tick() -> None:  # what heartbeats need: the loop to run while the lambda does
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with derivation(catalog, f"{p}/out", session_timeout_ms=2000, heartbeat_interval_ms=300) as task:
+            await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 2)
+
+            async def both_committed() -> bool:
+                return (await committed(catalog.kafka, f"localflow.{p}/out", in_topic, 1)) == {0: 2}
+
+            await wait_for_async(both_committed, timeout=30, message="the slow batch's commit")
+            assert not task.done()
+        # (leaving the block re-raises the task's error: a failed commit would show here)
+    finally:
+        ticker.cancel()
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 1.0, "the event loop stalled with the lambda"
+
+
+async def test_a_batch_past_its_time_bound_commits_what_it_derived_and_reads_the_rest_again(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    p = unique_name()
+    catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
+    await ingest(catalog, f"{p}/in", [raw(f"k{i}", {"text": f"w{i}"}) for i in range(9)])
+    out = Collection.from_catalog(catalog, f"{p}/out")
+
+    async with derivation(catalog, out.name, {"batch_seconds": 0, "slice_records": 2}) as task:
+        await read_docs(catalog, out.topic, task, 9)
+        await wait_for_async(lambda: _committed_total(catalog, f"localflow.{out.name}",
+                                                      Collection.from_catalog(catalog, f"{p}/in").topic, 9, 1),
+                             timeout=30, message="all 9 inputs committed")
+    records = await read_to_end(catalog.kafka, out.topic)
+    assert sorted(r.doc["id"] for r in records) == sorted(f"k{i}-0" for i in range(9))  # each once: none lost
 
 
 async def test_python_transform_that_raises_dead_letters_its_input(tmp_path: Path, kafka_bootstrap: str,
@@ -542,7 +662,8 @@ async def test_worker_killed_mid_stream_leaves_one_output_key_per_input_key(
         assert first_copy.setdefault(doc["id"], doc) == doc
 
 
-async def _committed_total(catalog: Catalog, group: str, topic: str, at_least: int = 1) -> int | None:
-    total = sum((await committed(catalog.kafka, group, topic, 3)).values())
+async def _committed_total(catalog: Catalog, group: str, topic: str, at_least: int = 1,
+                           partitions: int = 3) -> int | None:
+    total = sum((await committed(catalog.kafka, group, topic, partitions)).values())
     return total if total >= at_least else None
 

@@ -21,13 +21,32 @@ long version: many rounds of kill -9 at random points, of tasks and servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import asyncpg
+import orjson
 import pytest
+import yaml
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from pipeline.catalog import Catalog, load_catalog
+from pipeline.collection import Collection, CollectionWriter, read_to_end
+from pipeline.task import run_tasks
+from tests.derivation_worker import HOLD
 from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, open_sophia
+from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
     AGENT_LOGS,
     CONSUMERS,
@@ -35,10 +54,12 @@ from tests.pipeline_harness import (
     POSTGRES,
     PROCESSED,
     RAW,
+    ROOT,
     TASKS,
     Endpoints,
     Expected,
     TopicContent,
+    Verdict,
     judge,
 )
 
@@ -103,6 +124,194 @@ async def test_sigterm_during_a_busy_batch_flushes_commits_and_exits_0(sophia: S
         assert "all tasks stopped; checkpoints committed" in sophia.log_of(name), name
     sophia.pipeline.start()
     await sophia.trial("SIGTERM", "every task mid-burst (600 records, 1500 lines)", fed)
+
+
+ZOMBIE_KEYS = 40
+ZOMBIE_OPTIONS = orjson.dumps({"reader": {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300},
+                               "batch_seconds": 1}).decode()
+"""A short session, so the group gives up on a paused worker within seconds."""
+
+
+async def test_derivation_worker_stalled_past_its_session_never_makes_a_key_older(
+        sophia: Sophia, tmp_path: Path) -> None:
+    """Two workers of one derivation; Z is paused (SIGSTOP) holding the batch of every key's v1, W
+    takes the partition over and derives v1 and v2, then Z resumes and writes its v1 after them.
+    Postgres and Redis must still end at v2 of every key (the source clock), not at Z's v1."""
+    started = time.monotonic()
+    z = Zombie.create(sophia, tmp_path)
+    await z.ingest(1)
+    stopping = asyncio.Event()
+    ends = asyncio.create_task(run_tasks(z.catalog, [z.postgres, z.redis], stopping,
+                                         {"reader": {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}}))
+    with z.workers():
+        stalled = z.spawn("stalled", hold=True)
+        await wait_for_async(lambda: (z.hold / "holding").exists(), timeout=60,
+                             message="the first worker to hold its first batch")
+        os.kill(stalled.pid, signal.SIGSTOP)
+        z.spawn("other")
+        await z.wait_versions(1, "the other worker to take over and derive v1")
+        await z.ingest(2)
+        await z.wait_versions(2, "the other worker to derive v2")
+        (z.hold / "released").touch()
+        os.kill(stalled.pid, signal.SIGCONT)
+        late = await wait_for_async(lambda: z.late_writes(stalled.pid), timeout=60,
+                                    message="the resumed worker's late v1 outputs in the derived topic")
+        await z.wait_applied()
+    stopping.set()
+    await asyncio.wait_for(ends, 30)
+
+    pg, redis = await z.versions()
+    verdict = Verdict(source_records=2 * ZOMBIE_KEYS, keys=ZOMBIE_KEYS, resent=late,
+                      pg=(sum(v == 2 for v in pg.values()), 0, ZOMBIE_KEYS),
+                      redis=(sum(v == 2 for v in redis.values()), 0, ZOMBIE_KEYS))
+    for name, held in (("postgres", pg), ("redis", redis)):
+        older = sorted(k for k in z.keys if held.get(k) != 2)
+        verdict.lose(len(older), f"{name}: {len(older)} keys not at their latest version (v2), e.g. "
+                                 f"{[(k, held.get(k)) for k in older[:3]]}")
+    sophia.table.add("derivation", f"SIGSTOP of a worker holding a batch past its session; the other derives v1, "
+                                   f"v2; SIGCONT ({late} late v1 outputs)", 2 * ZOMBIE_KEYS, verdict,
+                     time.monotonic() - started)
+    print(f"\n{sophia.table.render()}\n")
+    assert verdict.ok, "\n".join(verdict.problems) + "\n" + z.logs()
+
+
+@dataclass
+class Zombie:
+    """The zombie trial's own small flow on the module's servers: raw -> derived (python, two
+    worker processes) -> postgres and redis."""
+
+    sophia: Sophia
+    dir: Path
+    name: str
+    catalog: Catalog
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, s: Sophia, tmp: Path) -> Zombie:
+        name = f"zombie{uuid.uuid4().hex[:8]}"
+        schema = {"type": "object", "required": ["id", "version"], "properties": {
+            "id": {"type": "string"}, "version": {"type": "integer"}, "worker": {"type": "integer"}}}
+        raw = {"kafka": {"bootstrap_servers": s.infra.kafka.bootstrap_servers}, "collections": {
+            f"{name}/raw": {"schema": schema, "key": ["/id"]},
+            f"{name}/derived": {"schema": schema, "key": ["/id"], "derive": {"using": {"python": {}}, "transforms": [
+                {"name": "held", "source": f"{name}/raw", "lambda": "tests.derivation_worker:held"}]}},
+        }, "materializations": {
+            f"{name}/postgres": {"endpoint": {"postgres": {"url": s.ends.postgres.url, "schema": name}},
+                                 "bindings": [{"source": f"{name}/derived", "resource": {"table": "derived"}}]},
+            f"{name}/redis": {"endpoint": {"redis": {"url": s.ends.redis.url,
+                                                     "advanced": {"state_prefix": f"{name}:lf:"}}},
+                              "bindings": [{"source": f"{name}/derived"}]},
+        }}
+        (tmp / "hold").mkdir()
+        (tmp / "flow.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        return cls(s, tmp, name, load_catalog(tmp / "flow.yaml", env={}))
+
+    @property
+    def hold(self) -> Path:
+        return self.dir / "hold"
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"k{i}" for i in range(ZOMBIE_KEYS)]
+
+    @property
+    def postgres(self) -> str:
+        return f"{self.name}/postgres"
+
+    @property
+    def redis(self) -> str:
+        return f"{self.name}/redis"
+
+    def derived(self) -> Collection:
+        return Collection.from_catalog(self.catalog, f"{self.name}/derived")
+
+    async def ingest(self, version: int) -> None:
+        async with CollectionWriter(self.catalog.kafka, "test") as writer:
+            await writer.write(Collection.from_catalog(self.catalog, f"{self.name}/raw"),
+                               [{"id": k, "version": version} for k in self.keys])
+
+    def spawn(self, role: str, *, hold: bool = False) -> subprocess.Popen[bytes]:
+        """A derivation worker process; with ``hold``, it stalls in its first batch (``held``)."""
+        env = {**os.environ, **({HOLD: str(self.hold)} if hold else {})}
+        with (self.dir / f"{role}.log").open("ab") as log:
+            proc = self.procs[role] = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "derivation_worker.py"), str(self.dir / "flow.yaml"),
+                 f"{self.name}/derived", ZOMBIE_OPTIONS], cwd=ROOT, env=env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        return proc
+
+    @contextlib.contextmanager
+    def workers(self) -> Iterator[None]:
+        """Every worker spawned in the block is resumed and stopped (SIGTERM, then SIGKILL) after it."""
+        try:
+            yield
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGCONT)
+                    proc.terminate()
+            for proc in self.procs.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    async def versions(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Each key's version in Postgres and in Redis (absent keys are left out)."""
+        conn = await asyncpg.connect(self.sophia.ends.postgres.url, timeout=10)
+        try:
+            pg = {r["id"]: r["version"] for r in await conn.fetch(f'SELECT id, version FROM "{self.name}".derived')}
+        except asyncpg.UndefinedTableError:
+            pg = {}
+        finally:
+            await conn.close()
+        redis = Redis.from_url(self.sophia.ends.redis.url, socket_timeout=10)
+        try:
+            values = await redis.mget([f"{self.name}/derived:{k}" for k in self.keys])
+        finally:
+            await redis.aclose()
+        return pg, {k: orjson.loads(v)["version"] for k, v in zip(self.keys, values, strict=True) if v is not None}
+
+    async def wait_versions(self, version: int, message: str) -> None:
+        async def there() -> bool:
+            pg, redis = await self.versions()
+            return all(pg.get(k) == version and redis.get(k) == version for k in self.keys)
+
+        await wait_for_async(there, timeout=60, interval=0.2, message=message + f" (logs: {self.logs()})",
+                             ignore=(OSError, asyncpg.PostgresError, RedisError))
+
+    async def late_writes(self, pid: int) -> int | None:
+        """How many v1 outputs the resumed worker wrote after the topic's v2 (None until all are there)."""
+        records = await read_to_end(self.catalog.kafka, self.derived().topic)
+        first_v2 = next(i for i, r in enumerate(records) if r.doc["version"] == 2)
+        late = [r for r in records[first_v2:] if r.doc["version"] == 1 and r.doc.get("worker") == pid]
+        return len(late) if len(late) >= ZOMBIE_KEYS else None
+
+    async def wait_applied(self) -> None:
+        """Until both materializations checkpointed the end of the derived topic."""
+        topic = self.derived().topic
+        end = 1 + max(r.offset for r in await read_to_end(self.catalog.kafka, topic))
+
+        async def applied() -> bool:
+            conn = await asyncpg.connect(self.sophia.ends.postgres.url, timeout=10)
+            try:
+                pg = await conn.fetchval(f'SELECT next_offset FROM "{self.name}".localflow_checkpoints '
+                                         "WHERE materialization = $1 AND topic = $2", self.postgres, topic)
+            finally:
+                await conn.close()
+            redis = Redis.from_url(self.sophia.ends.redis.url, socket_timeout=10)
+            try:
+                held = await redis.hget(f"{self.name}:lf:checkpoint:{self.redis}", f"{topic}:0")
+            finally:
+                await redis.aclose()
+            return pg == end and held is not None and int(held) == end
+
+        await wait_for_async(applied, timeout=60, interval=0.2, message=f"both endpoints to apply {topic} to {end}",
+                             ignore=(OSError, asyncpg.PostgresError, RedisError))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in self.dir.glob("*.log"))
 
 
 @pytest.mark.chaos

@@ -263,15 +263,15 @@ async def test_sophia_tables_are_created_as_specified(pg: asyncpg.Connection, po
     for r in columns:
         tables.setdefault(r["table_name"], []).append((r["column_name"], r["data_type"], r["is_nullable"]))
     tstz = "timestamp with time zone"
+    flow = [("flow_published_at", tstz, "NO"), ("flow_document", "jsonb", "NO"),
+            ("flow_source", "text", "YES"), ("flow_source_offset", "bigint", "YES")]
     raw = [("metadata/id", "text", "NO"), ("timestamp", tstz, "YES"), ("source", "text", "YES"),
-           ("data", "jsonb", "YES"), ("metadata", "jsonb", "YES"),
-           ("flow_published_at", tstz, "NO"), ("flow_document", "jsonb", "NO")]
+           ("data", "jsonb", "YES"), ("metadata", "jsonb", "YES"), *flow]
     assert tables == {
         "sophia_processed_data": [
             ("id", "text", "NO"), ("timestamp", tstz, "YES"), ("source", "text", "YES"),
             ("processed_data", "jsonb", "YES"), ("enrichments", "jsonb", "YES"),
-            ("confidence_score", "double precision", "YES"),
-            ("flow_published_at", tstz, "NO"), ("flow_document", "jsonb", "NO")],
+            ("confidence_score", "double precision", "YES"), *flow],
         "sophia_agent_logs": raw,
         "sophia_metrics": raw,
         "localflow_checkpoints": [
@@ -302,6 +302,28 @@ async def test_upsert_keeps_last_document_per_key_with_typed_columns(pg: asyncpg
     assert row["ts"] == datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
     assert orjson.loads(row["tags"]) == last["tags"] and orjson.loads(row["attrs"]) == last["attrs"]
     assert before.replace(microsecond=0) <= row["flow_published_at"] <= after
+
+
+async def test_a_derived_document_older_at_its_source_never_replaces_a_newer_row(
+        pg: asyncpg.Connection, make_flow: Callable[..., Flow]) -> None:
+    # A stalled derivation worker writes its k v1 after the takeover's v2 (a higher offset of the
+    # derived topic, an older source position): in the same batch, and in a later one. In the
+    # partitioned table the late v1 would also move the row back to another month.
+    flow = make_flow({"table": "plain"}, {"table": "monthly", "partition_by": {"column": "ts", "interval": "month"}})
+    v1, v2 = doc("k", 1, ts="2024-05-06T07:08:09Z"), doc("k", 2, ts="2024-06-06T07:08:09Z")
+    rounds = [[(v1, b"raw:0:10"), (v2, b"raw:0:11"), (v1, b"raw:0:10")],
+              [(v1, b"raw:0:10"), (doc("j", 1), b"raw:1:3"), (doc("j", 2), b"raw:1:2")]]
+    async with CollectionWriter(flow.catalog.kafka, "test") as writer, running(flow):
+        for docs in rounds:
+            for binding in range(2):
+                await writer.write(flow.collection(binding), [d for d, _ in docs], positions=[p for _, p in docs])
+            for binding in range(2):
+                await wait_caught_up(pg, flow, await topic_end(flow, binding), binding)
+
+    for binding in range(2):
+        rows = await pg.fetch(f"SELECT * FROM {flow.table(binding)} ORDER BY id")
+        assert [(r["id"], r["seq"]) for r in rows] == [("j", 1), ("k", 2)], flow.table(binding)
+        assert [(r["flow_source"], r["flow_source_offset"]) for r in rows] == [("raw:1", 3), ("raw:0", 11)]
 
 
 async def test_delta_updates_append_every_document(pg: asyncpg.Connection, make_flow: Callable[..., Flow]) -> None:

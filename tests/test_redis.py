@@ -34,7 +34,7 @@ from connectors import load_connector
 from connectors.redis.config import RedisConfig
 from connectors.redis.materialization import RedisMaterialization, doctor
 from pipeline.catalog import Catalog, load_catalog
-from pipeline.collection import Collection, CollectionWriter, Record, read_to_end
+from pipeline.collection import SOURCE_HEADER, Collection, CollectionWriter, Record, read_to_end
 from pipeline.errors import ConfigError, EndpointError, Fenced
 from pipeline.materialization import Batch
 from pipeline.services import Redis as RedisServer
@@ -280,6 +280,52 @@ async def test_replaced_worker_is_fenced_and_writes_nothing(tmp_path: Path, kafk
     finally:
         await old.close(failed=True)
         await new.close(failed=False)
+
+
+async def test_a_derived_document_older_at_its_source_is_refused_whatever_its_offset(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
+    # A stalled derivation worker's late output: v1 again, at a higher offset of the derived topic.
+    prefix = unique_name()
+    coll = f"{prefix}/derived"
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1}, {"m": redis_task(
+        redis_url, prefix, [{"source": coll, "resource": {"stream": f"{prefix}:feed"}}])})
+    topic, tp = f"{prefix}.derived", TopicPartition(f"{prefix}.derived", 0)
+
+    def derived(offset: int, d: dict[str, Any], source: bytes) -> Record:
+        return Record(topic, 0, offset, 0, None, orjson.dumps(d), d, headers=[(SOURCE_HEADER, source)])
+
+    m = build(catalog, "m")
+    await m.open()
+    try:
+        await m.assigned({tp})
+        await m.apply(Batch([derived(0, doc("k", 1), b"raw:0:10"), derived(1, doc("k", 2), b"raw:0:11")], {topic: 0}))
+        await m.apply(Batch([derived(2, doc("k", 1), b"raw:0:10"), derived(3, doc("j", 1), b"raw:1:4")], {topic: 0}))
+    finally:
+        await m.close(failed=False)
+    assert await json_values(r, [f"{coll}:k", f"{coll}:j"]) == [doc("k", 2), doc("j", 1)]
+    assert await stream_versions(r, f"{prefix}:feed") == {f"{coll}:k": [1, 2], f"{coll}:j": [1]}
+    assert await r.get(f"{prefix}:lf:pos:{coll}:k") == b"raw:0:11"
+
+
+async def test_two_bindings_whose_templates_render_the_same_key_do_not_refuse_each_other(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
+    prefix = unique_name()
+    first, second = f"{prefix}/first", f"{prefix}/second"
+    by_id, by_region = {"key": f"{prefix}:x:{{/id}}"}, {"key": f"{prefix}:x:{{/region}}"}  # both render x:k
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": redis_task(
+        redis_url, prefix, [{"source": first, "resource": by_id}, {"source": second, "resource": by_region}])})
+    topics = {f"{prefix}.first": 0, f"{prefix}.second": 1}
+    m = build(catalog, "m")
+    await m.open()
+    try:
+        await m.assigned({TopicPartition(t, 0) for t in topics})
+        one = orjson.dumps(doc("k", 1))
+        await m.apply(Batch([Record(f"{prefix}.first", 0, 5, 0, None, one, orjson.loads(one))], topics))
+        two = orjson.dumps(doc("other", 2, region="k"))  # a lower offset, but of another topic: the later write wins
+        await m.apply(Batch([Record(f"{prefix}.second", 0, 3, 0, None, two, orjson.loads(two))], topics))
+    finally:
+        await m.close(failed=False)
+    assert await json_values(r, [f"{prefix}:x:k"]) == [doc("other", 2, region="k")]
 
 
 async def test_checkpoint_rewound_under_a_worker_stops_it_before_it_writes(

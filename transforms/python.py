@@ -100,8 +100,10 @@ class PythonEngine(Engine):
                 continue
             if type(result) is dict:
                 out.documents.append(result)
+                out.sources.append(i)
             elif isinstance(result, list) and all(type(d) is dict for d in result):
                 out.documents.extend(result)
+                out.sources.extend([i] * len(result))
             else:
                 out.failed.append((i, f"returned {type(result).__name__}; return a document (dict), "
                                       f"a list of documents, or None"))

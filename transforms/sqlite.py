@@ -6,10 +6,18 @@ What a lambda author can rely on:
   (``sophia/sophia_raw_data`` -> ``sophia_raw_data``), with one column per top-level property of
   its schema: objects and arrays as JSON text (so ``data->>'type'`` works), other values as they
   are, NULL where absent. Properties the schema does not declare are not loaded. The table
-  holds one batch at a time.
+  holds one batch at a time, and a last column ``flow_seq``: the row's place in the batch.
 * Output. The lambda is one statement; every row it returns is a document. Each column becomes
   a top-level property (the last of two equal names wins), or, when the only column is named
   ``json``, its JSON text is the whole document (a NULL ``json`` yields no document).
+* Order and lineage. Each output row must be traced to the input it came from: the output
+  carries that input's source position, by which endpoints refuse an older version of a key.
+  A lambda whose rows have a ``flow_seq`` column (``SELECT *`` has it; with GROUP BY, select
+  ``max(flow_seq) AS flow_seq``) runs once per batch; its rows are put back in input order
+  (``flow_seq``, then the lambda's order), so ORDER BY, GROUP BY or DISTINCT never let an
+  older version of a key come out after a newer one, unless ``order: lambda`` says to keep the
+  lambda's order. ``flow_seq`` is not part of the document. A lambda without ``flow_seq`` runs
+  once per input document (about half the speed): lineage and order are then given.
 * Shaping, by the derived collection's schema, at any depth of ``properties``/``items``:
   JSON text where the schema expects an object or array is parsed; ``YYYY-MM-DD HH:MM:SS[.f]``
   (SQLite's CURRENT_TIMESTAMP, which is UTC) becomes RFC 3339 UTC where it says
@@ -28,11 +36,12 @@ What a lambda author can rely on:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import Field, ValidationError
@@ -45,6 +54,8 @@ Problems = list[tuple[str, str]]
 Shape = Callable[[Any], Any]
 
 _RUNTIME_ERRORS = (sqlite3.Error, ValueError, OverflowError)  # orjson.JSONDecodeError is a ValueError
+SEQ = "flow_seq"
+"""The column of each source table holding the row's index in the batch (the lineage of outputs)."""
 _SQLITE_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d+)?")
 
 
@@ -54,6 +65,11 @@ class SqliteOptions(Model):
     migrations: list[str] = Field(
         default_factory=list,
         description="SQL scripts run once per worker before the first batch (e.g. CREATE TABLE of state).",
+    )
+    order: Literal["input", "lambda"] = Field(
+        default="input",
+        description="Order of a batch's output rows: `input` (by flow_seq, so a key's versions keep the "
+                    "order of their inputs) or `lambda` (as the lambda's ORDER BY returns them).",
     )
 
 
@@ -66,13 +82,13 @@ class Table:
     columns: tuple[str, ...]
 
     def create_sql(self) -> str:
-        return f"CREATE TABLE {_quote(self.name)} ({', '.join(_quote(c) for c in self.columns)})"
+        return f"CREATE TABLE {_quote(self.name)} ({', '.join(_quote(c) for c in (*self.columns, SEQ))})"
 
     def insert_sql(self) -> str:
-        return f"INSERT INTO {_quote(self.name)} VALUES ({', '.join('?' * len(self.columns))})"
+        return f"INSERT INTO {_quote(self.name)} VALUES ({', '.join('?' * (len(self.columns) + 1))})"
 
     def describe(self) -> str:
-        return f"{self.name}({', '.join(self.columns)})"
+        return f"{self.name}({', '.join((*self.columns, SEQ))})"
 
 
 # ------------------------------------------------------------------------------------- catalog
@@ -131,7 +147,7 @@ def build(catalog: Catalog, collection: str) -> SqliteEngine:
     return SqliteEngine(
         lambdas=[t.lambda_ for t in derive.transforms],
         tables=[tables[t.source] for t in derive.transforms],
-        migrations=SqliteOptions.model_validate(derive.options).migrations,
+        options=SqliteOptions.model_validate(derive.options),
         schema=catalog.schema(collection),
         place=place,
     )
@@ -157,6 +173,11 @@ def _tables(catalog: Catalog, collection: str, place: str, problems: Problems) -
         if not columns:
             problems.append((f"{place}.transforms[{i}].source",
                              f"the schema of {t.source} declares no properties, so its table has no columns"))
+            continue
+        if SEQ in columns:
+            problems.append((f"{place}.transforms[{i}].source",
+                             f"the schema of {t.source} declares a property {SEQ!r}, the name of the column "
+                             f"that holds each row's place in the batch: rename the property"))
             continue
         tables[t.source] = Table(name, t.source, columns)
     return tables
@@ -184,16 +205,19 @@ def _prepare(conn: sqlite3.Connection, migrations: list[str], tables: Iterable[T
 class SqliteEngine(Engine):
     """One in-memory SQLite database per worker; transform ``i`` runs ``lambdas[i]`` over ``tables[i]``."""
 
-    def __init__(self, *, lambdas: list[str], tables: list[Table], migrations: list[str],
+    def __init__(self, *, lambdas: list[str], tables: list[Table], options: SqliteOptions,
                  schema: dict[str, Any], place: str) -> None:
         self._lambdas = lambdas
         self._tables = tables
-        self._migrations = migrations
+        self._migrations = options.migrations
+        self._input_order = options.order == "input"
         self._place = place
         self._properties = schema.get("properties", {})
         self._document_shape = _shape(schema) or (lambda doc: doc)
-        self._plans: dict[tuple[str, ...], list[tuple[int, str, Shape | None, bool]]] = {}
+        self._plans: dict[tuple[str, ...], tuple[int | None, Callable[[tuple[Any, ...]], Document | None]]] = {}
         self._inserts = [t.insert_sql() for t in tables]
+        self._traced: list[bool] = []
+        """Per transform: whether its rows have ``flow_seq`` (else it runs once per input)."""
         self._conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -201,6 +225,17 @@ class SqliteEngine(Engine):
         problems = _prepare(self._conn, self._migrations, set(self._tables), self._place)
         if problems:
             raise ConfigError(problems)
+        self._traced = [SEQ in self._columns(i) for i in range(len(self._lambdas))]
+
+    def _columns(self, transform: int) -> list[str]:
+        """The lambda's column names, from a run on the empty tables that leaves no trace."""
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN")
+        try:
+            return [d[0] for d in conn.execute(self._lambdas[transform]).description or ()]
+        finally:
+            conn.execute("ROLLBACK")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -210,8 +245,10 @@ class SqliteEngine(Engine):
     def apply(self, transform: int, documents: Sequence[Document]) -> Transformed:
         if not documents:
             return Transformed()
+        if len(documents) > 1 and not self._traced[transform]:
+            return self._each(transform, documents)
         try:
-            return Transformed(self._run(transform, documents))
+            return self._run(transform, documents)
         except _RUNTIME_ERRORS as e:
             if len(documents) == 1:
                 return Transformed(failed=[(0, f"{type(e).__name__}: {e}")])
@@ -221,39 +258,106 @@ class SqliteEngine(Engine):
         out.extend(self.apply(transform, documents[mid:]), mid)
         return out
 
-    def _run(self, transform: int, documents: Sequence[Document]) -> list[Document]:
+    def _each(self, transform: int, documents: Sequence[Document]) -> Transformed:
+        """A lambda without ``flow_seq``, once per document: the outputs of a run are its input's.
+
+        Without migrations there is no state a failed run could leave behind, so the runs share
+        one transaction (a run is then three statements, not five).
+        """
+        if self._migrations:
+            out = Transformed()
+            for i, doc in enumerate(documents):
+                out.extend(self.apply(transform, (doc,)), i)
+            return out
+        out = Transformed()
+        with self._transaction():
+            for i, doc in enumerate(documents):
+                try:
+                    one = self._select(transform, (doc,))
+                except _RUNTIME_ERRORS as e:
+                    out.failed.append((i, f"{type(e).__name__}: {e}"))
+                    continue
+                out.documents += one.documents
+                out.sources += [i] * len(one.documents)
+        return out
+
+    def _run(self, transform: int, documents: Sequence[Document]) -> Transformed:
+        with self._transaction():
+            return self._select(transform, documents)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction, rolled back on error: state tables never see a failed attempt."""
         conn = self._conn
         assert conn is not None, "open() first"
-        table = self._tables[transform]
-        columns = table.columns
         conn.execute("BEGIN")
         try:
-            conn.execute(f"DELETE FROM {_quote(table.name)}")
-            conn.executemany(self._inserts[transform],
-                             [tuple([_sql_value(d.get(c)) for c in columns]) for d in documents])
-            cursor = conn.execute(self._lambdas[transform])
-            rows = cursor.fetchall()
-            out = self._documents(cursor.description, rows) if cursor.description else []
+            yield
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return out
 
-    def _documents(self, description: Sequence[Sequence[Any]], rows: list[tuple[Any, ...]]) -> list[Document]:
+    def _select(self, transform: int, documents: Sequence[Document]) -> Transformed:
+        """Load ``documents`` into the transform's table and run its lambda (inside a transaction)."""
+        conn = self._conn
+        assert conn is not None
+        table = self._tables[transform]
+        columns = table.columns
+        conn.execute(f"DELETE FROM {_quote(table.name)}")
+        conn.executemany(self._inserts[transform],
+                         [(*[_sql_value(d.get(c)) for c in columns], i) for i, d in enumerate(documents)])
+        cursor = conn.execute(self._lambdas[transform])
+        rows = cursor.fetchall()
+        return self._outputs(cursor.description, rows, len(documents)) if cursor.description else Transformed()
+
+    def _outputs(self, description: Sequence[Sequence[Any]], rows: list[tuple[Any, ...]], inputs: int) -> Transformed:
+        """The documents of the lambda's rows and the input each came from, in input order."""
         names = tuple(d[0] for d in description)
-        if names == ("json",):
-            shape = self._document_shape
-            loads = orjson.loads
-            return [shape(loads(r[0])) for r in rows if r[0] is not None]
         plan = self._plans.get(names)
         if plan is None:
             plan = self._plans[names] = self._plan(names)
-        out = []
-        for row in rows:
+        seq, make = plan
+        if seq is None or inputs == 1:
+            sources = [0] * len(rows)
+        else:
+            sources = [r[seq] for r in rows]
+            if not all(type(i) is int and 0 <= i < inputs for i in sources):
+                bad = next(i for i in sources if not (type(i) is int and 0 <= i < inputs))
+                raise ValueError(f"a row's {SEQ} is {bad!r}, not the {SEQ} of an input row (select it from "
+                                 f"the source table, or max({SEQ}) with GROUP BY)")
+            if self._input_order:
+                order = sorted(range(len(rows)), key=sources.__getitem__)  # stable: the lambda's order within an input
+                rows = [rows[j] for j in order]
+                sources = [sources[j] for j in order]
+        out = Transformed()
+        for row, source in zip(rows, sources, strict=True):
+            doc = make(row)
+            if doc is not None:
+                out.documents.append(doc)
+                out.sources.append(source)
+        return out
+
+    def _plan(self, names: tuple[str, ...]) -> tuple[int | None, Callable[[tuple[Any, ...]], Document | None]]:
+        """(index of ``flow_seq`` or None, how to make a document of a row)."""
+        seq = names.index(SEQ) if SEQ in names else None
+        data = [(i, n) for i, n in enumerate(names) if n != SEQ]
+        if [n for _, n in data] == ["json"]:
+            shape = self._document_shape
+            loads = orjson.loads
+            j = data[0][0]
+            return seq, lambda row: None if row[j] is None else shape(loads(row[j]))
+        # Per column: (index, property, how to shape its values, whether NULL is kept as null).
+        columns = []
+        for i, name in data:
+            schema = self._properties.get(name, {})
+            types = _types(schema)
+            columns.append((i, name, _shape(schema), not types or "null" in types))
+
+        def make(row: tuple[Any, ...]) -> Document:
             doc: Document = {}
-            for i, name, shape, keep_null in plan:
+            for i, name, shape, keep_null in columns:
                 v = row[i]
                 if v is None:
                     if keep_null:
@@ -262,17 +366,9 @@ class SqliteEngine(Engine):
                     doc[name] = v
                 else:
                     doc[name] = shape(v)
-            out.append(doc)
-        return out
+            return doc
 
-    def _plan(self, names: tuple[str, ...]) -> list[tuple[int, str, Shape | None, bool]]:
-        """Per column: (index, property, how to shape its values, whether NULL is kept as null)."""
-        plan = []
-        for i, name in enumerate(names):
-            schema = self._properties.get(name, {})
-            types = _types(schema)
-            plan.append((i, name, _shape(schema), not types or "null" in types))
-        return plan
+        return seq, make
 
 
 def _sql_value(v: Any) -> Any:

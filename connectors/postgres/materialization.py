@@ -8,6 +8,13 @@ matches nothing, the transaction rolls back and ``Fenced`` is raised: no row of 
 applied. Records below the stored next offset are skipped, so a batch retried after a commit
 whose outcome was unknown is never applied twice (`localflow replay` alone re-applies them).
 
+Fences order workers of this materialization; the order of a key's versions comes from their
+source. Each row keeps the source position of its document (``flow_source``,
+``flow_source_offset``: a derived document's ``localflow-source``, else its own record's), and an
+upsert replaces a row only with a document newer in the same clock (topic and partition), so a
+stalled derivation worker's late outputs, written to the topic after newer ones, never make a
+row older. Within a batch the same rule picks each key's document before the load.
+
 The checkpoint rows are locked only by that last UPDATE (the fence check at the start is a
 plain read), so a worker paused mid-batch blocks nobody: the worker that takes over bumps the
 fences at once. A worker paused inside the final UPDATE..COMMIT window does hold those locks,
@@ -206,7 +213,7 @@ class PostgresMaterialization(Materialization):
             replaying = self.ctx.options.get("start_offsets", {})
             todo = [r for r in batch.records if r.offset >= stored[r.tp][0] or r.tp in replaying]
             dead = [(r, r.error) for r in todo if r.error is not None]
-            items = [(seq, r) for seq, r in enumerate(todo) if r.error is None]
+            items = self._newest([(seq, r) for seq, r in enumerate(todo) if r.error is None], batch.bindings)
             dead += await self._write(conn, batch.bindings, items)
             ends = {tp: n for tp, n in batch.next_offsets().items() if n > stored[tp][0] or tp in replaying}
             if ends:
@@ -228,6 +235,29 @@ class PostgresMaterialization(Materialization):
         self.ctx.status.connected = True
         return ends
 
+    def _newest(self, items: list[tuple[int, Record]], bindings: dict[str, int]) -> list[tuple[int, Record]]:
+        """Per key of an upsert table, the document the upsert's rule keeps when applied in order.
+
+        A later document replaces an earlier one of its key unless both have one source clock and
+        the later is not newer in it (a stalled derivation worker's late output). Keys are the
+        Kafka message keys (the collection key as a JSON array); a record without one stays.
+        """
+        keep: dict[tuple[int, bytes], int] = {}
+        dropped: set[int] = set()
+        for j, (_, r) in enumerate(items):
+            binding = bindings[r.topic]
+            if r.key is None or self._tables[binding].delta:
+                continue
+            held = keep.get((binding, r.key))
+            if held is not None:  # positions are read only for a key seen twice (rare, and not free)
+                (clock, offset), (new_clock, new_offset) = items[held][1].source, r.source
+                if clock == new_clock and offset >= new_offset:
+                    dropped.add(j)
+                    continue
+                dropped.add(held)
+            keep[(binding, r.key)] = j
+        return [item for j, item in enumerate(items) if j not in dropped] if dropped else items
+
     async def _write(self, conn: asyncpg.Connection, bindings: dict[str, int],
                      items: list[tuple[int, Record]]) -> list[tuple[Record, str]]:
         """Load and merge ``items``; on a refused row, split in halves to find it. Returns the refused.
@@ -240,7 +270,7 @@ class PostgresMaterialization(Materialization):
             async with conn.transaction():  # a savepoint: a refused row undoes only this attempt
                 await conn.copy_records_to_table(
                     sql.LOAD, columns=sql.LOAD_COLUMNS,
-                    records=[(bindings[r.topic], seq, r.timestamp_ms, r.value) for seq, r in items])
+                    records=[(bindings[r.topic], seq, r.timestamp_ms, r.value, *r.source) for seq, r in items])
                 lo, hi = items[0][0], items[-1][0] + 1
                 for binding in sorted({bindings[r.topic] for _, r in items}):
                     for statement in self._merges[binding]:

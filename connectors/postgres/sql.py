@@ -3,8 +3,10 @@
 Pure functions, no I/O (``localflow validate`` uses them without a database). Every identifier
 goes through ``ident`` (always quoted, so names keep their case and characters); every string
 constant through ``literal``. Documents are loaded into a per-session temporary table
-``localflow_load(_binding, _seq, _ms, doc jsonb)`` and Postgres extracts the columns from ``doc``
-itself, so Python never converts values one by one.
+``localflow_load(_binding, _seq, _ms, doc jsonb, _src, _off)`` and Postgres extracts the columns
+from ``doc`` itself, so Python never converts values one by one. ``_src``/``_off`` are the
+document's source position (``Record.source``): upserts refuse a document whose position is not
+newer than the row's (``flow_source``, ``flow_source_offset``) in the same clock.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ TEXT, BIGINT, DOUBLE, BOOLEAN, TIMESTAMPTZ, JSONB = (
 """Column types, spelled as Postgres's ``format_type`` reports them (so they compare as strings)."""
 
 PUBLISHED_AT, DOCUMENT = "flow_published_at", "flow_document"
+SOURCE, SOURCE_OFFSET = "flow_source", "flow_source_offset"
+"""The row's source position: ``<topic>:<partition>`` and offset of the record it came from (a
+derived document's source record). Nullable: rows written before they existed compare as older."""
 CHECKPOINTS = "localflow_checkpoints"
 LOAD = "localflow_load"
-LOAD_COLUMNS = ("_binding", "_seq", "_ms", "doc")
+LOAD_COLUMNS = ("_binding", "_seq", "_ms", "doc", "_src", "_off")
 
 # ---------------------------------------------------------------------------- names
 
@@ -100,7 +105,8 @@ class Column:
     def expr(self) -> str:
         """SQL computing this column from a ``localflow_load`` row."""
         if not self.path:
-            return {PUBLISHED_AT: "to_timestamp(_ms / 1000.0)", DOCUMENT: "doc"}[self.name]
+            return {PUBLISHED_AT: "to_timestamp(_ms / 1000.0)", DOCUMENT: "doc", SOURCE: "_src",
+                    SOURCE_OFFSET: "_off"}[self.name]
         parent = "doc" + "".join(f"->{literal(t)}" for t in self.path[:-1])
         last = literal(self.path[-1])
         if self.type == JSONB:
@@ -168,6 +174,8 @@ def table_of(collection_schema: dict[str, Any], key: list[str], resource: TableR
         columns.append(Column(name, column_type(sub if isinstance(sub, dict) else {}), (name,), not_null=not_null))
     columns.append(Column(PUBLISHED_AT, TIMESTAMPTZ, not_null=True))
     columns.append(Column(DOCUMENT, JSONB, not_null=True))
+    columns.append(Column(SOURCE, TEXT))
+    columns.append(Column(SOURCE_OFFSET, BIGINT))
     return Table(schema, resource.table, tuple(columns), resource.delta_updates, resource.partition_by,
                  tuple(resource.indexes))
 
@@ -343,15 +351,19 @@ def create_partition(table: Table, start: date) -> str:
 def create_load_table() -> str:
     """The per-session staging table that COPY fills; emptied by every commit."""
     return (f"CREATE TEMPORARY TABLE IF NOT EXISTS {LOAD} "
-            "(_binding integer NOT NULL, _seq integer NOT NULL, _ms bigint NOT NULL, doc jsonb NOT NULL) "
-            "ON COMMIT DELETE ROWS")
+            "(_binding integer NOT NULL, _seq integer NOT NULL, _ms bigint NOT NULL, doc jsonb NOT NULL, "
+            "_src text NOT NULL, _off bigint NOT NULL) ON COMMIT DELETE ROWS")
 
 
 def merge(table: Table, binding: int) -> list[str]:
     """Statements moving binding ``binding``'s rows with ``$1 <= _seq < $2`` from the load table.
 
-    Upserts keep the last document per key of the batch (``DISTINCT ON ... ORDER BY _seq DESC``),
-    then ``ON CONFLICT DO UPDATE``; delta tables append every document in order.
+    Upserts keep the last document per key of the batch (``DISTINCT ON ... ORDER BY _seq DESC``;
+    the materialization already dropped versions older at their source than another of the batch),
+    then ``ON CONFLICT DO UPDATE ... WHERE`` the document is newer at its source than the row; delta
+    tables append every document in order. Where a document may move its row to another partition,
+    the rows it would not replace are first removed from the load table, so neither the move's
+    DELETE nor the INSERT in the new partition acts for an older document.
     """
     cols = ", ".join(ident(c.name) for c in table.columns)
     exprs = ", ".join(c.expr() for c in table.columns)
@@ -362,17 +374,23 @@ def merge(table: Table, binding: int) -> list[str]:
     last = f"{source} ORDER BY {keys}, _seq DESC"
     conflict = table.primary_key
     updates = ", ".join(f"{ident(c.name)} = EXCLUDED.{ident(c.name)}" for c in table.columns if c.name not in conflict)
+    src, off = ident(SOURCE), ident(SOURCE_OFFSET)
+    newer = f"(t.{src} IS DISTINCT FROM {{new}}{src} OR t.{off} < {{new}}{off})"
     out = []
     if table.partition is not None and table.partition.column not in [c.name for c in table.key]:
-        part = table.column(table.partition.column)
-        assert part is not None
         names = [f"k{i}" for i in range(len(table.key))]
         selected = ", ".join(f"{c.expr()} AS {n}" for c, n in zip(table.key, names, strict=True))
         matches = " AND ".join(f"t.{ident(c.name)} = s.{n}" for c, n in zip(table.key, names, strict=True))
+        out.append(f"DELETE FROM {LOAD} AS l USING (SELECT _seq AS q, {selected}, _src AS {src}, _off AS {off} "
+                   f"{source}) AS s, {table.qualified} AS t WHERE l._binding = {binding} AND l._seq = s.q "
+                   f"AND {matches} AND NOT {newer.format(new='s.')}")
+        part = table.column(table.partition.column)
+        assert part is not None
         out.append(f"DELETE FROM {table.qualified} AS t USING (SELECT DISTINCT ON ({keys}) {selected}, "
                    f"{part.expr()} AS p {last}) AS s WHERE {matches} AND t.{ident(part.name)} <> s.p")
-    out.append(f"INSERT INTO {table.qualified} ({cols}) SELECT DISTINCT ON ({keys}) {exprs} {last} "
-               f"ON CONFLICT ({', '.join(map(ident, conflict))}) DO UPDATE SET {updates}")
+    out.append(f"INSERT INTO {table.qualified} AS t ({cols}) SELECT DISTINCT ON ({keys}) {exprs} {last} "
+               f"ON CONFLICT ({', '.join(map(ident, conflict))}) DO UPDATE SET {updates} "
+               f"WHERE {newer.format(new='EXCLUDED.')}")
     return out
 
 

@@ -3,7 +3,7 @@
 How a batch is made durable: its records are cut into chunks of ``advanced.chunk_size``
 documents, and each chunk is one EVALSHA of ``scripts.APPLY``, which in one atomic step checks
 this worker's fence of every partition in the chunk, writes each document unless its key already
-holds a newer position, XADDs applied documents to their stream, and stores the chunk's next
+holds a newer source position, XADDs applied documents to their stream, and stores the chunk's next
 offsets in the checkpoint hash. All chunks of a batch travel in one pipeline (one round trip).
 A crash between chunks leaves Redis at a chunk boundary with a matching checkpoint, so a restart
 resumes exactly there; a stream never gets an entry twice, because a re-read document is refused
@@ -11,7 +11,12 @@ by the position its key holds and refused documents are not streamed.
 
 State kept in Redis (``advanced.state_prefix``, default ``localflow:``):
 ``checkpoint:<task>`` and ``fence:<task>``, hashes with a field ``<topic>:<partition>``, and
-``pos:<key>``, the ``<partition>:<offset>`` a key's value came from (with the key's TTL).
+``pos:<key>``, the source position ``<topic>:<partition>:<offset>`` a key's value came from (with
+the key's TTL): a derived document's ``localflow-source``, else its own record's (``Record.source``).
+A document is refused unless its position is newer than the key's in the same clock (topic and
+partition): so a stalled derivation worker's late outputs, a replay or a re-delivery never make a
+key older, and two bindings whose templates render the same key never refuse each other's
+documents (their topics differ: the later write wins).
 """
 
 from __future__ import annotations
@@ -84,8 +89,8 @@ class _Chunk:
 
     parts: dict[TopicPartition, int] = field(default_factory=dict)
     """Partition -> next offset after this chunk."""
-    index: dict[TopicPartition, int] = field(default_factory=dict)
-    """Partition -> its 1-based index in the script's partition table (the order of ``parts``)."""
+    clocks: dict[str, int] = field(default_factory=dict)
+    """Source clock (``<topic>:<partition>``) -> its 1-based index in the script's clock table."""
     args: list[Any] = field(default_factory=list)
     docs: dict[str, int] = field(default_factory=dict)
     """Documents per collection, for metrics."""
@@ -229,11 +234,7 @@ class RedisMaterialization(Materialization):
         for r in batch.records:
             b = batch.bindings[r.topic]
             binding = bindings[b]
-            tp = r.tp
-            p = chunk.index.get(tp)
-            if p is None:
-                p = chunk.index[tp] = len(chunk.index) + 1
-            chunk.parts[tp] = r.offset + 1
+            chunk.parts[r.tp] = r.offset + 1
             doc = r.doc
             if r.error is not None or not isinstance(doc, dict):
                 await self._dead(binding, r, r.error or "the document is not a JSON object")
@@ -243,8 +244,12 @@ class RedisMaterialization(Materialization):
             except LookupError as e:
                 await self._dead(binding, r, f"key template: {e}")
                 continue
+            clock, offset = r.source
+            c = chunk.clocks.get(clock)
+            if c is None:
+                c = chunk.clocks[clock] = len(chunk.clocks) + 1
             args = chunk.args
-            args += (b + 1, p, r.offset, key)
+            args += (b + 1, c, offset, key)
             if binding.mode == "j":
                 args.append(r.value)
             else:
@@ -275,9 +280,9 @@ class RedisMaterialization(Materialization):
                 raise Fenced(f"{_field(tp)} is no longer assigned to this worker; its batch is dropped "
                              "and re-read by the partition's new owner")
             before = expected.get(tp)
-            head += [_field(tp), token, "" if before is None else before, after, tp.partition]
+            head += [_field(tp), token, "" if before is None else before, after]
             expected[tp] = after
-        return head + self._binding_args + [self._pos_prefix]
+        return [*head, len(chunk.clocks), *chunk.clocks, *self._binding_args, self._pos_prefix]
 
     # ------------------------------------------------------------------ talking to Redis
 

@@ -16,23 +16,24 @@ APPLY = """\
 -- localflow `redis` materialization: apply one chunk of documents and its checkpoint atomically.
 -- KEYS: checkpoint hash, fence hash. ARGV (built by materialization.py):
 --   nparts, then per partition: field ("<topic>:<partition>"), fence token, expected checkpoint
---     ("" = none), checkpoint after this chunk, partition number;
+--     ("" = none), checkpoint after this chunk;
+--   nclocks, then per source clock: "<topic>:<partition>" (see Record.source);
 --   nbind, then per binding: mode ("j" json | "h" hash), ttl ms ("0" = none), stream key ("" = none),
 --     stream maxlen;
 --   position key prefix;
---   then per document: binding index, partition index, offset, key, value
+--   then per document: binding index, clock index, source offset, key, value
 --     (json: 1 arg; hash: field count n then 2n args), and the document JSON if the binding streams.
 -- Replies: {1, applied, refused} | {3} chunk already applied | {0, field, fence held} not our fence |
 --   {2, field, stored checkpoint} checkpoint is not where this worker left it | {4, key, type} bad stream.
 local ckpt, fence = KEYS[1], KEYS[2]
 local a = 1
 local nparts = tonumber(ARGV[a]); a = a + 1
-local fields, afters, pnums = {}, {}, {}
+local fields, afters = {}, {}
 local fresh, done, fresh_field = 0, 0, ''
 for i = 1, nparts do
   local field, token, expected, after = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  fields[i], afters[i], pnums[i] = field, after, ARGV[a + 4]
-  a = a + 5
+  fields[i], afters[i] = field, after
+  a = a + 4
   local held = redis.call('HGET', fence, field)
   if held ~= token then return {0, field, held or ''} end
   local stored = redis.call('HGET', ckpt, field)
@@ -49,6 +50,10 @@ if done > 0 then
   return {3}
 end
 
+local nclocks = tonumber(ARGV[a]); a = a + 1
+local clocks = {}
+for i = 1, nclocks do clocks[i] = ARGV[a]; a = a + 1 end
+
 local nbind = tonumber(ARGV[a]); a = a + 1
 local modes, ttls, streams, maxlens = {}, {}, {}, {}
 for i = 1, nbind do
@@ -64,7 +69,7 @@ local posprefix = ARGV[a]; a = a + 1
 local applied, refused = 0, 0
 local n = #ARGV
 while a <= n do
-  local b, p, off, key = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  local b, c, off, key = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
   a = a + 4
   local mode, ttl, stream = modes[b], ttls[b], streams[b]
   local first, last = a, a
@@ -78,14 +83,17 @@ while a <= n do
     if mode == 'h' then doc = ARGV[a]; a = a + 1 else doc = ARGV[first] end
   end
 
-  -- A key remembers "<partition>:<offset>" of the document it holds; an older or equal position
-  -- of the same partition is a replay or a re-delivery and must not make the key older.
+  -- A key remembers the source position "<topic>:<partition>:<offset>" of the document it holds.
+  -- An older or equal offset of the same clock is a replay, a re-delivery or a stalled worker's
+  -- late write and must not make the key older; another clock (another topic or partition, or
+  -- a position of the format before topics were part of it) does not compare: the later write wins.
   local pkey = posprefix .. key
   local pos = redis.call('GET', pkey)
+  local clock = clocks[c]
   local newer = true
   if pos then
-    local sep = string.find(pos, ':', 1, true)
-    if sep and string.sub(pos, 1, sep - 1) == pnums[p] and tonumber(string.sub(pos, sep + 1)) >= tonumber(off) then
+    local held, held_off = string.match(pos, '^(.*):(%d+)$')
+    if held == clock and tonumber(held_off) >= tonumber(off) then
       newer = false
     end
   end
@@ -102,9 +110,9 @@ while a <= n do
       redis.call('SET', key, ARGV[first])
     end
     if ttl ~= '0' then
-      redis.call('SET', pkey, pnums[p] .. ':' .. off, 'PX', ttl)
+      redis.call('SET', pkey, clock .. ':' .. off, 'PX', ttl)
     else
-      redis.call('SET', pkey, pnums[p] .. ':' .. off)
+      redis.call('SET', pkey, clock .. ':' .. off)
     end
     if stream ~= '' then
       redis.call('XADD', stream, 'MAXLEN', '~', maxlens[b], '*', 'key', key, 'doc', doc)
