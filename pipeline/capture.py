@@ -103,7 +103,7 @@ class CaptureTask(Task):
         spec: CaptureSpec = ctx.spec
         collections = [ctx.collection(b.target) for b in spec.bindings]
         maskers = self._maskers(spec)
-        store = KafkaCheckpoints(ctx.kafka)
+        store = KafkaCheckpoints(ctx.kafka, replication_factor=max(c.replication_factor for c in collections))
         capture: Capture = load_connector(spec.connector).build(ctx)
         writer = CollectionWriter(ctx.kafka, ctx.name)
         await writer.start()

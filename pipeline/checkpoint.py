@@ -42,9 +42,12 @@ class CaptureCheckpoint(BaseModel):
 class KafkaCheckpoints:
     """Load and save capture checkpoints, one compacted topic per capture task."""
 
-    def __init__(self, kafka: KafkaConfig, prefix: str = CHECKPOINT_PREFIX) -> None:
+    def __init__(self, kafka: KafkaConfig, prefix: str = CHECKPOINT_PREFIX, *, replication_factor: int = 1) -> None:
         self.kafka = kafka
         self.prefix = prefix
+        self.replication_factor = replication_factor
+        """Of the checkpoint topics this store creates: the capture's collections' (a checkpoint on one
+        broker would be lost with it, while the documents it covers survive on the others)."""
         self._admin = Admin(kafka)
 
     def topic(self, task: str) -> str:
@@ -52,7 +55,7 @@ class KafkaCheckpoints:
         return self.prefix + topic_of(task)
 
     async def ensure(self, task: str) -> None:
-        await self._admin.ensure({self.topic(task): (1, 1, {"cleanup.policy": "compact"})})
+        await self._admin.ensure({self.topic(task): (1, self.replication_factor, {"cleanup.policy": "compact"})})
 
     async def latest(self, task: str) -> CaptureCheckpoint | None:
         """The last checkpoint ``task`` saved; None when it never saved one.
