@@ -434,9 +434,9 @@ async def test_next_page_that_stays_unreadable_abandons_the_chain_after_bounded_
         return web.json_response({"records": [{"id": "p1"}], "next": "/api?page=2"})
 
     async with Api(respond) as api:
-        endpoint = {"url": f"{api.url}/api", "advanced": {"unreadable_attempts": 3}}
         resource = {"records": "/records", "id": "/id", "pagination": {"type": "next_link", "pointer": "/next"}}
-        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, endpoint, resource, interval="100ms")
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"}, resource,
+                               interval="100ms")  # advanced.unreadable_attempts: 3 by default
         async with running(catalog, capture) as ctx:
             # Pages asked for: 1, 2 (unreadable), 2, 2, then the chain is abandoned: 1 again.
             await wait_for_async(lambda: [r.query.get("page", "1") for r in api.requests][:5] == ["1", "2", "2", "2", "1"],
