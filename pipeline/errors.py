@@ -93,3 +93,11 @@ class OffsetGap(Unrecoverable):
             f"{task}: stored offset {offset} of {topic}[{partition}] is {where} of the partition, which holds "
             f"offsets {span}: {why}. Stopped without committing past the gap; run `localflow replay` "
             f"for this materialization (--from-beginning re-reads what the topic holds) to move on")
+
+
+class AlreadyRunning(LocalflowError):
+    """Another live instance runs this task, and the task must run once (a capture: two would poll
+    twice and race on one checkpoint). Retriable: the refused instance waits, with backoff, and
+    starts once the other has left."""
+
+    retriable = True

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pipeline import metrics
 from pipeline.catalog import Catalog
 from pipeline.collection import Collection, CollectionWriter
-from pipeline.errors import ConfigError, Fenced, LocalflowError, OffsetGap, Unrecoverable
+from pipeline.errors import AlreadyRunning, ConfigError, Fenced, LocalflowError, OffsetGap, Unrecoverable
 from pipeline.logs import current_task
 
 TaskKind = Literal["capture", "derivation", "materialization"]
@@ -218,6 +218,8 @@ def _error_kind(e: BaseException) -> str:
         return "fenced"
     if isinstance(e, OffsetGap):
         return "gap"
+    if isinstance(e, AlreadyRunning):
+        return "duplicate"
     if isinstance(e, _Config):
         return "config"
     if isinstance(e, SourceError):

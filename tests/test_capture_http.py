@@ -29,9 +29,10 @@ from connectors import load_connector
 from connectors.http.capture import looked_back
 from connectors.http.config import HttpConfig, HttpResource
 from pipeline.catalog import Catalog, load_catalog, topic_of
-from pipeline.checkpoint import KafkaCheckpoints
+from pipeline.checkpoint import KafkaCheckpoints, Presence
 from pipeline.collection import read_to_end
 from pipeline.errors import ConfigError
+from tests.cli_support import cli_env, worker
 from tests.helpers import running, wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
@@ -519,3 +520,28 @@ async def test_checkpoint_topic_takes_the_replication_factor_of_the_captures_col
     finally:
         await admin.close()
     assert [len(p["replicas"]) for p in described["partitions"]] == [3]
+
+
+async def test_second_live_instance_of_a_capture_is_refused_and_takes_over_once_the_first_leaves(
+        tmp_path: Path, kafka_bootstrap: str, names: tuple[str, str]) -> None:
+    collection, capture = names
+
+    async def respond(request: web.Request, n: int) -> web.Response:
+        return web.json_response({"records": [{"id": f"r{n}"}]})
+
+    async with Api(respond) as api:
+        # One poll per instance (a long interval): a second poll would mean two instances polling.
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"},
+                               {"records": "/records", "id": "/id"}, interval="1h")
+        presence = Presence(KafkaCheckpoints(catalog.kafka), capture)  # an observer: it never claims
+        with worker(tmp_path / "flow.yaml", "--task", capture, log=tmp_path / "second.log",
+                    env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)) as second:
+            async with running(catalog, capture):
+                await wait_for_ids(catalog, collection, {"r1"})
+                await wait_for_async(presence.holder, timeout=30, message="the first instance in its group")
+                await wait_for_async(lambda: "is already running elsewhere" in second.output(), timeout=60,
+                                     message="the second instance to refuse")
+                assert len(api.requests) == 1, "the refused instance polled"
+            # The first left its group on stopping: the second starts (its next attempt) and polls.
+            await wait_for_ids(catalog, collection, {"r1", "r2"})
+            assert len(api.requests) == 2
