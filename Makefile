@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Tests run in parallel workers, each with its own servers; PYTEST_ARGS="-n0 -k ..." runs one in-process.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
