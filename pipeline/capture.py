@@ -109,7 +109,9 @@ class CaptureTask(Task):
         writer = CollectionWriter(ctx.kafka, ctx.name)
         try:
             await writer.start()
-            await presence.enter(writer)  # before anything is polled: a second live instance is refused here
+            await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
+            if ctx.stopping.is_set():
+                return
             await writer.ensure(collections)
             state = await store.load(ctx.name)
             await capture.open()

@@ -140,11 +140,13 @@ class Presence:
     its last record is not ``left`` and is younger than ``TTL`` (record timestamps: the machines'
     clocks must agree to within a few seconds, as NTP keeps them); the *holder* is the live
     instance that claimed first (one whose claim is older than the tail read claimed first of
-    all). ``enter`` refuses when another instance holds the capture; otherwise it claims and
-    reads back (of two instances starting at once, the earlier claim wins, and both see it),
-    then beats every ``BEAT`` seconds. ``check`` raises once another instance holds it (this
-    one stalled past the TTL). A stop writes ``left``, so a replacement starts at once; after
-    kill -9 the replacement is refused until the TTL has passed (the supervisor retries it).
+    all). When another instance holds the capture, ``enter`` watches it: a new record from it
+    (it beats every ``BEAT`` seconds) proves it alive, and ``enter`` refuses; a holder that
+    falls silent for the TTL was killed, and ``enter`` goes on (so a replacement started right
+    after a kill -9 waits, without an error, until the TTL has passed). Then it claims and reads
+    back (of two instances starting at once, the earlier claim wins, and both see it), and beats.
+    ``check`` raises once another instance holds it (this one stalled past the TTL). A stop
+    writes ``left``, so a replacement starts at once.
     """
 
     TTL = 10.0
@@ -161,11 +163,12 @@ class Presence:
         self._beats: asyncio.Task[None] | None = None
         self._lost: str | None = None
 
-    async def enter(self, writer: CollectionWriter) -> None:
+    async def enter(self, writer: CollectionWriter, stopping: asyncio.Event | None = None) -> None:
         await self.store._admin.ensure({self.topic: (1, self.replication_factor, {"retention.ms": "86400000"})})  # noqa: SLF001
-        holder = await self.holder()
-        if holder is not None:
-            raise AlreadyRunning(self._refusal(holder))
+        stopping = stopping or asyncio.Event()
+        await self._outlive(stopping)
+        if stopping.is_set():
+            return
         self._writer = writer
         await self._send("claim")
         holder = await self.holder()
@@ -191,8 +194,27 @@ class Presence:
                 await self._send("left")
         self._writer = None
 
+    async def _outlive(self, stopping: asyncio.Event) -> None:
+        """Return once no other instance holds the capture; AlreadyRunning when one shows it is alive."""
+        seen = await self._live()
+        if seen is not None:
+            log.info("capture %s: instance %s held it %.1fs ago; waiting to see whether it is alive", self.task,
+                     seen[0], time.time() - seen[1] / 1000)
+        while seen is not None and not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self.BEAT / 4)  # the watching period
+            now = await self._live()
+            if now is not None and now[0] == seen[0] and now[1] > seen[1]:
+                raise AlreadyRunning(self._refusal(seen[0]))
+            seen = now
+
     async def holder(self) -> str | None:
         """The live instance that holds the capture, other than this one (None: nobody else)."""
+        live = await self._live()
+        return None if live is None else live[0]
+
+    async def _live(self) -> tuple[str, int] | None:
+        """The live instance that holds the capture, other than this one, and its last record's time (ms)."""
         first: dict[str, int] = {}
         last: dict[str, tuple[str, int]] = {}
         for r in await self.store.tail(self.topic, self._WINDOW):
@@ -208,7 +230,7 @@ class Presence:
         if not live:
             return None
         holder = min(live, key=lambda i: first[i])
-        return None if holder == self.instance else holder
+        return None if holder == self.instance else (holder, last[holder][1])
 
     async def _send(self, kind: str) -> None:
         assert self._writer is not None
