@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Tests run in parallel workers, each with its own servers; PYTEST_ARGS="-n0 -k ..." runs one in-process.
+# Tests run in TEST_WORKERS parallel workers, each with its own servers (they mostly wait on
+# servers, so more workers than cores pays); `make test TEST_WORKERS=0 PYTEST_ARGS="-k ..."` runs in-process.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

