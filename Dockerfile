@@ -9,6 +9,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY connectors ./connectors
 COPY transforms ./transforms
+COPY localflow ./localflow
 RUN /opt/venv/bin/pip install . && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM python:3.11-slim
