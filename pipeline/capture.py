@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline import metrics
 from pipeline.catalog import MISSING, CaptureSpec, pointer_tokens, resolve
-from pipeline.checkpoint import KafkaCheckpoints
+from pipeline.checkpoint import KafkaCheckpoints, Presence
 from pipeline.collection import CollectionWriter
 from pipeline.errors import ConfigError
 from pipeline.task import Task, TaskContext
@@ -103,11 +103,15 @@ class CaptureTask(Task):
         spec: CaptureSpec = ctx.spec
         collections = [ctx.collection(b.target) for b in spec.bindings]
         maskers = self._maskers(spec)
-        store = KafkaCheckpoints(ctx.kafka)
+        store = KafkaCheckpoints(ctx.kafka, replication_factor=max(c.replication_factor for c in collections))
         capture: Capture = load_connector(spec.connector).build(ctx)
+        presence = Presence(store, ctx.name, store.replication_factor)
         writer = CollectionWriter(ctx.kafka, ctx.name)
-        await writer.start()
         try:
+            await writer.start()
+            await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
+            if ctx.stopping.is_set():
+                return
             await writer.ensure(collections)
             state = await store.load(ctx.name)
             await capture.open()
@@ -116,6 +120,7 @@ class CaptureTask(Task):
             stream = capture.run(state)
             try:
                 while (item := await self._next(stream)) is not None:
+                    presence.check()  # another instance holds the capture: write nothing more
                     await self._emit(item, collections, maskers, writer)
                     if item.state is not None:
                         await store.save(writer, ctx.name, item.state)
@@ -129,7 +134,10 @@ class CaptureTask(Task):
             try:
                 await capture.close()
             finally:
-                await writer.stop()
+                try:
+                    await presence.leave()
+                finally:
+                    await writer.stop()
 
     async def _next(self, stream: AsyncIterator[Captured]) -> Captured | None:
         """The capture's next item; None when it ended, or when stopping and it is not ready.

@@ -131,6 +131,10 @@ class KafkaConfig(Model):
                                             examples=["${KAFKA_PASSWORD}"])
     ssl_cafile: str | None = Field(default=None, description="CA bundle for SSL / SASL_SSL.")
     client_id: str = Field(default="localflow", description="Client id the broker logs and quotas see.")
+    max_message_bytes: int = Field(
+        default=1024 * 1024, ge=64 * 1024,
+        description="The largest record the broker accepts (its message.max.bytes; Apache Kafka's default, "
+                    "1 MiB, unless raised). A larger document becomes a dead letter that fits, never a stuck task.")
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by aiokafka producers, consumers and admin clients."""
@@ -197,6 +201,11 @@ class CollectionSpec(Model):
                            "properties.", examples=[["/metadata/id"]])
     partitions: int = Field(default=1, ge=1, le=1000, description="Kafka partitions of the topic.")
     replication_factor: int = Field(default=1, ge=1, le=32, description="Kafka replicas of each partition.")
+    retention: Duration | None = Field(
+        default=None, gt=0,
+        description="How long the broker keeps the topic's records (retention.ms, set when the topic is "
+                    "created). Unset: forever, which replay and rebuilding an endpoint from the collections "
+                    "rely on. A materialization that falls behind the retention stops with an offset gap.")
     derive: DeriveSpec | None = Field(default=None, description="Makes this a derivation: how it is computed.")
 
     @field_validator("key")

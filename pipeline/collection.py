@@ -4,13 +4,15 @@ Wire format (SPEC "Vocabulary"): message key = the document's key values as a JS
 value = the document, both orjson bytes; headers ``localflow-task`` (the writer) and
 ``localflow-schema`` (the schema fingerprint), and on a derived document ``localflow-source``
 (the source position it came from, see ``Record.source``). Invalid documents go to
-``<topic>.dead`` as a JSON envelope; they never stop the writer.
+``<topic>.dead`` as a JSON envelope; they never stop the writer, and neither does a document
+larger than the broker accepts (``kafka.max_message_bytes``): it becomes a dead letter that fits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import reprlib
@@ -25,7 +27,14 @@ import jsonschema_rs
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+)
 
 from pipeline import metrics
 from pipeline.catalog import (
@@ -37,7 +46,7 @@ from pipeline.catalog import (
     schema_fingerprint,
     topic_of,
 )
-from pipeline.errors import EndpointError, ValidationFailed
+from pipeline.errors import EndpointError, OffsetGap, ValidationFailed
 
 log = logging.getLogger("localflow.collection")
 
@@ -46,6 +55,10 @@ SCHEMA_HEADER = "localflow-schema"
 SOURCE_HEADER = "localflow-source"
 """``<topic>:<partition>:<offset>`` of the source record a derived document came from."""
 DEAD_SUFFIX = ".dead"
+RECORD_OVERHEAD = 1024
+"""Bytes of a record's limit kept for what is not key or value: batch and record framing and headers
+(Kafka's ``message.max.bytes`` counts the whole batch)."""
+KEEP_FOREVER = "-1"
 
 
 def compile_schema(schema: dict[str, Any]) -> Any:
@@ -77,17 +90,19 @@ def _error_text(e: Any) -> str:
 class Collection:
     """One collection: its topic, key pointers and a compiled validator (built once)."""
 
-    __slots__ = ("name", "topic", "dead_topic", "key", "partitions", "replication_factor", "schema",
+    __slots__ = ("name", "topic", "dead_topic", "key", "partitions", "replication_factor", "retention", "schema",
                  "fingerprint", "_validator", "_valid", "_paths", "_headers_cache")
 
     def __init__(self, name: str, schema: dict[str, Any], key: Sequence[str], partitions: int = 1,
-                 replication_factor: int = 1) -> None:
+                 replication_factor: int = 1, retention: float | None = None) -> None:
         self.name = name
         self.topic = topic_of(name)
         self.dead_topic = self.topic + DEAD_SUFFIX
         self.key = list(key)
         self.partitions = partitions
         self.replication_factor = replication_factor
+        self.retention = retention
+        """Seconds the broker keeps records; None: forever (the catalog's default)."""
         self.schema = schema
         self.fingerprint = schema_fingerprint(schema)
         self._validator = compile_schema(schema)
@@ -98,7 +113,21 @@ class Collection:
     @classmethod
     def from_catalog(cls, catalog: Catalog, name: str) -> Collection:
         spec = catalog.collections[name]
-        return cls(name, catalog.schema(name), spec.key, spec.partitions, spec.replication_factor)
+        return cls(name, catalog.schema(name), spec.key, spec.partitions, spec.replication_factor, spec.retention)
+
+    @property
+    def topic_configs(self) -> dict[str, str]:
+        """Configs the topic (and its dead-letter topic) is created with: the declared retention,
+        else none at all, whatever the broker's default (Apache Kafka's is 7 days): replay and
+        rebuilding an endpoint from the collections need every record."""
+        ms = KEEP_FOREVER if self.retention is None else str(max(1, round(self.retention * 1000)))
+        return {"retention.ms": ms}
+
+    def topics(self) -> dict[str, tuple[int, int, dict[str, str]]]:
+        """This collection's topics as ``Admin.ensure`` takes them: the topic and its dead letters."""
+        configs = self.topic_configs
+        return {self.topic: (self.partitions, self.replication_factor, configs),
+                self.dead_topic: (1, self.replication_factor, configs)}
 
     def validate(self, doc: Any) -> None:
         """Raise ValidationFailed naming the failing place when ``doc`` breaks the schema."""
@@ -222,22 +251,68 @@ def collections_of(catalog: Catalog, names: Iterable[str] | None = None) -> dict
     return {n: Collection.from_catalog(catalog, n) for n in (names if names is not None else catalog.collections)}
 
 
-def dead_letter(*, error: str, task: str, collection: str, original: bytes, **context: Any) -> bytes:
-    """The dead-letter envelope: what failed, where, why, and the original bytes."""
-    try:
-        text: str | None = original.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    envelope = {
+MAX_ERROR_CHARS = 4096
+
+
+def dead_letter(*, error: str, task: str, collection: str, original: bytes, limit: int | None = None,
+                **context: Any) -> bytes:
+    """The dead-letter envelope: what failed, where, why, and the original bytes, stored once.
+
+    ``original`` holds them as text when they are UTF-8, else ``original_base64`` does;
+    ``original_size`` and ``original_sha256`` describe the whole original. When the envelope
+    would exceed ``limit`` bytes, the original is cut (``original_truncated``) so that it fits:
+    a dead letter the broker refuses would stop its task as surely as the document did.
+    """
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[:MAX_ERROR_CHARS] + f"... ({len(error)} characters)"
+    envelope: dict[str, Any] = {
         "error": error,
         "task": task,
         "collection": collection,
         "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "original": text,
-        "original_base64": base64.b64encode(original).decode("ascii"),
+        "original_size": len(original),
+        "original_sha256": hashlib.sha256(original).hexdigest(),
         **context,
     }
-    return orjson.dumps(envelope, default=str)
+    try:
+        text: str | None = original.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    value = _envelope(envelope, original, text is not None)
+    if limit is None or len(value) <= limit:
+        return value
+    envelope["original_truncated"] = True
+    room = limit - len(_envelope(envelope, b"", text is not None)) - 64
+    while True:  # JSON escapes (up to 6 bytes a character) may need a shorter cut
+        cut = original[:max(0, room if text is not None else room * 3 // 4)]
+        value = _envelope(envelope, cut, text is not None)
+        if len(value) <= limit or room <= 0:
+            return value
+        room = min(room // 2, room - (len(value) - limit))
+
+
+def _envelope(envelope: dict[str, Any], original: bytes, as_text: bool) -> bytes:
+    if as_text:
+        fields = {"original": original.decode("utf-8", "ignore"), "original_base64": None}
+    else:
+        fields = {"original": None, "original_base64": base64.b64encode(original).decode("ascii")}
+    return orjson.dumps({**envelope, **fields}, default=str)
+
+
+def original_of(envelope: dict[str, Any]) -> bytes:
+    """The original bytes a dead-letter envelope holds (cut if ``original_truncated``)."""
+    text = envelope.get("original")
+    return text.encode() if text is not None else base64.b64decode(envelope.get("original_base64") or "")
+
+
+def _at(context: dict[str, Any], positions: Sequence[bytes] | None, i: int) -> dict[str, Any]:
+    """The dead-letter context of the ``i``-th document of a write (its source position added, if known)."""
+    if positions is None:
+        return context
+    clock, _, offset = positions[i].decode(errors="replace").rpartition(":")
+    topic, _, partition = clock.rpartition(":")
+    return {**context, "source_position": {"topic": topic, "partition": int(partition) if partition.isdigit() else partition,
+                                           "offset": int(offset) if offset.isdigit() else offset}}
 
 
 @dataclass
@@ -293,14 +368,23 @@ class CollectionWriter:
 
     ``write`` returns only when the broker acknowledged every message of the call, so a task
     may checkpoint right after it (SPEC: "emit nothing without a checkpoint").
+
+    A document whose record would exceed ``kafka.max_message_bytes`` is not sent (the broker
+    would refuse it, and the task would fail on the same input at every restart): it becomes a
+    dead letter (reason ``too_large``) holding its size, SHA-256, key and position, and as much
+    of it as fits.
     """
 
     def __init__(self, kafka: KafkaConfig, task: str, *, producer_options: dict[str, Any] | None = None) -> None:
         self.kafka = kafka
         self.task = task
         self.admin = Admin(kafka)
-        opts: dict[str, Any] = {"acks": "all", "linger_ms": 5, "max_batch_size": 256 * 1024,
-                                "max_request_size": 16 * 1024 * 1024, "enable_idempotence": False}
+        self.max_message_bytes = kafka.max_message_bytes
+        self.dead_limit = kafka.max_message_bytes - RECORD_OVERHEAD
+        """Largest dead-letter value: the limit, less framing and headers."""
+        opts: dict[str, Any] = {"acks": "all", "linger_ms": 5,
+                                "max_batch_size": min(256 * 1024, kafka.max_message_bytes),
+                                "max_request_size": kafka.max_message_bytes, "enable_idempotence": False}
         opts.update(producer_options or {})
         self.producer = AIOKafkaProducer(**kafka.client_options(), **opts)
         self._started = False
@@ -329,20 +413,21 @@ class CollectionWriter:
         """Create each collection's topic and dead-letter topic if missing."""
         topics: dict[str, tuple[int, int, dict[str, str]]] = {}
         for c in collections:
-            topics[c.topic] = (c.partitions, c.replication_factor, {})
-            topics[c.dead_topic] = (1, c.replication_factor, {})
+            topics.update(c.topics())
         await self.admin.ensure(topics)
 
     async def write(self, collection: Collection, docs: Iterable[dict[str, Any]], *,
                     positions: Sequence[bytes] | None = None, **dead_context: Any) -> WriteResult:
-        """Write documents and wait for every acknowledgement; invalid ones go to dead letters.
+        """Write documents and wait for every acknowledgement; invalid and oversized ones go to dead letters.
 
-        ``positions[i]``, when given, is document ``i``'s SOURCE_HEADER (a derivation's outputs).
+        ``positions[i]``, when given, is document ``i``'s SOURCE_HEADER (a derivation's outputs: the
+        topic, partition and offset of its input); it also goes into that document's dead letter.
         """
         await self.ensure((collection,))
         result = WriteResult()
         futures: list[asyncio.Future[Any]] = []
         headers = collection.headers(self.task)
+        budget = self.max_message_bytes - RECORD_OVERHEAD
         send = self.producer.send
         topic = collection.topic
         # Partitioned here exactly as Kafka's default partitioner would (same key, same partition):
@@ -352,17 +437,29 @@ class CollectionWriter:
             try:
                 key, value = collection.encode(doc)
             except ValidationFailed as e:
-                futures.append(await self._send_dead(collection, str(e), original_bytes(doc), dead_context))
+                futures.append(await self._send_dead(collection, str(e), original_bytes(doc),
+                                                     _at(dead_context, positions, i)))
                 result.dead += 1
                 continue
             except (TypeError, orjson.JSONEncodeError, RecursionError) as e:
                 futures.append(await self._send_dead(collection, f"not serializable as JSON: {e}",
-                                                     original_bytes(doc), dead_context))
+                                                     original_bytes(doc), _at(dead_context, positions, i)))
                 result.dead += 1
                 continue
-            futures.append(await send(topic, value, key=key, partition=partition_for(key, partitions),
-                                      headers=headers if positions is None
-                                      else [*headers, (SOURCE_HEADER, positions[i])]))
+            if len(value) + len(key) > budget:
+                futures.append(await self._too_large(collection, doc, key, value,
+                                                     _at(dead_context, positions, i)))
+                result.dead += 1
+                continue
+            try:
+                futures.append(await send(topic, value, key=key, partition=partition_for(key, partitions),
+                                          headers=headers if positions is None
+                                          else [*headers, (SOURCE_HEADER, positions[i])]))
+            except MessageSizeTooLargeError:  # headers larger than the margin: still never a stuck task
+                futures.append(await self._too_large(collection, doc, key, value,
+                                                     _at(dead_context, positions, i)))
+                result.dead += 1
+                continue
             result.written += 1
             result.bytes += len(value)
         await self._acked(futures)
@@ -375,12 +472,28 @@ class CollectionWriter:
         await self._acked([await self._send_dead(collection, error, original, context)])
         self._count(collection, WriteResult(dead=1))
 
+    async def _too_large(self, collection: Collection, doc: dict[str, Any], key: bytes, value: bytes,
+                         context: dict[str, Any]) -> asyncio.Future[Any]:
+        """Dead-letter a document too large to write; where it came from is kept whole, before the
+        cut: the writer's ``positions`` entry, else the document's ``metadata`` (a capture's source
+        record id and place) when that is small."""
+        error = (f"{collection.name}: document of {len(value) + len(key)} bytes is larger than the broker accepts "
+                 f"(kafka.max_message_bytes={self.max_message_bytes}, less {RECORD_OVERHEAD} for framing); "
+                 f"ask the source for smaller records, or raise the broker's message.max.bytes and "
+                 f"kafka.max_message_bytes together")
+        context = {**context, "reason": "too_large", "key": key.decode("utf-8", "replace")[:MAX_ERROR_CHARS]}
+        meta = doc.get("metadata")
+        if "source_position" not in context and isinstance(meta, dict) and len(orjson.dumps(meta)) <= MAX_ERROR_CHARS:
+            context["source_position"] = meta
+        return await self._send_dead(collection, error, value, context)
+
     async def _send_dead(self, collection: Collection, error: str, original: bytes,
                          context: dict[str, Any]) -> asyncio.Future[Any]:
-        log.warning("dead letter in %s from task %s: %s", collection.dead_topic, self.task, error)
+        log.warning("dead letter in %s from task %s: %s", collection.dead_topic, self.task, error[:1000])
         reason = context.get("reason", "invalid")
         metrics.DEAD_LETTERS.labels(self.task, collection.name, reason).inc()
-        value = dead_letter(error=error, task=self.task, collection=collection.name, original=original, **context)
+        value = dead_letter(error=error, task=self.task, collection=collection.name, original=original,
+                            limit=self.dead_limit, **context)
         return await self.producer.send(collection.dead_topic, value, headers=collection.headers(self.task))
 
     async def _acked(self, futures: list[asyncio.Future[Any]]) -> None:
@@ -388,6 +501,10 @@ class CollectionWriter:
             return
         try:
             await asyncio.gather(*futures)
+        except (MessageSizeTooLargeError, RecordTooLargeError) as e:
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers} refused a record as too large although "
+                                f"it fits kafka.max_message_bytes={self.max_message_bytes}: set that to the "
+                                f"broker's message.max.bytes (or lower): {e!r}") from e
         except KafkaError as e:
             raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: write not acknowledged: {e!r}") from e
 
@@ -467,6 +584,8 @@ class _Listener(ConsumerRebalanceListener):
         consumer.pause(*assigned)
         try:
             positions = await self.reader.on_assign(set(assigned))
+            stored = {tp: o for tp, o in positions.items() if tp in assigned and o is not None}
+            await self.reader.check_range(stored)
             for tp in assigned:
                 offset = positions.get(tp)
                 if offset is not None:
@@ -498,6 +617,24 @@ class CollectionReader:
     with newly assigned partitions and returns where to start each one (None = the beginning).
     Without it the group's committed offsets apply, and new groups start at the earliest
     offset (never "latest": some brokers answer latest-offset lookups wrongly).
+
+    Gaps: with ``on_assign``, a stored offset outside its partition's range is never "reset"
+    to the nearest end (aiokafka's ``auto_offset_reset`` would do it at INFO level, and the
+    task would commit past records it never read): ``batch()`` raises ``OffsetGap``. Three
+    ways to find one, for three kinds of broker:
+
+    * on assignment, the stored offset is compared with the log start (ListOffsets earliest)
+      and the end (the high watermark of a fetch): retention, or a recreated topic;
+    * a fetch the broker answers OFFSET_OUT_OF_RANGE (Apache Kafka, Redpanda, once retention
+      deletes the segment under a running reader) raises it, since ``auto_offset_reset`` is
+      ``"none"``;
+    * a broker that answers a fetch beyond the end with nothing (Tansu) leaves the position
+      past the high watermark: an idle ``batch()`` checks that and confirms it with a fresh
+      fetch before it raises.
+
+    Not detectable from offsets alone: a topic recreated and refilled past the stored offset
+    before the reader looks (the stored offset is then in range, of other records); Kafka's
+    topic ids would tell, and aiokafka does not expose them.
     """
 
     def __init__(self, kafka: KafkaConfig, group_id: str | None, collections: Sequence[Collection], *,
@@ -512,7 +649,7 @@ class CollectionReader:
         o = self.options
         self.consumer = AIOKafkaConsumer(
             **kafka.client_options(), group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", isolation_level="read_uncommitted",
+            auto_offset_reset="none" if on_assign is not None else "earliest", isolation_level="read_uncommitted",
             fetch_max_bytes=o.fetch_max_bytes, max_partition_fetch_bytes=o.max_partition_fetch_bytes,
             session_timeout_ms=o.session_timeout_ms, heartbeat_interval_ms=o.heartbeat_interval_ms,
             max_poll_interval_ms=o.max_poll_interval_ms, fetch_max_wait_ms=o.fetch_max_wait_ms, **o.extra,
@@ -528,7 +665,7 @@ class CollectionReader:
         subscribed topic with their own default count.
         """
         if partitions is None and self.collections:
-            topics = {c.topic: (c.partitions, c.replication_factor, {}) for c in self.collections.values()}
+            topics = {c.topic: (c.partitions, c.replication_factor, c.topic_configs) for c in self.collections.values()}
             await Admin(self.kafka).ensure(topics)
         try:
             await self.consumer.start()
@@ -558,8 +695,17 @@ class CollectionReader:
         try:
             fetched = await self.consumer.getmany(timeout_ms=timeout_ms,
                                                   max_records=max_records or self.options.max_records)
+        except NoOffsetForPartitionError:
+            # The group had no committed offset when the partition was assigned, before the listener
+            # seeked it to the task's own (every partition is seeked): a stale report, not a gap.
+            return []
+        except OffsetOutOfRangeError as e:
+            await self.check_range(dict(e.args[0]) if e.args and isinstance(e.args[0], dict) else {}, confirmed=True)
+            raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: offset out of range: {e!r}") from e
         except KafkaError as e:
             raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: fetch failed: {e!r}") from e
+        if not fetched and self.on_assign is not None:
+            await self._beyond_end()
         out: list[Record] = []
         loads = orjson.loads
         if self._group and fetched:
@@ -579,6 +725,45 @@ class CollectionReader:
                 c = self.collections.get(tp.topic)
                 metrics.DOCS_IN.labels(self.task, c.name if c else tp.topic).inc(len(messages))
         return out
+
+    async def check_range(self, stored: dict[TopicPartition, int], *, confirmed: bool = False) -> None:
+        """Raise OffsetGap for the first stored offset outside its partition's [log start, end].
+
+        The end comes from a fresh fetch (ListOffsets latest is wrong on some brokers). With
+        ``confirmed`` (the broker said out of range), a gap is raised even when the range
+        cannot be read.
+        """
+        if not stored:
+            return
+        from pipeline.offsets import beginning_offsets, high_watermarks, probe_consumer
+
+        tps = sorted(stored)
+        try:
+            async with probe_consumer(self.kafka) as probe:
+                begin = await beginning_offsets(probe, tps)
+                end = await high_watermarks(probe, tps)
+        except EndpointError:
+            if not confirmed:
+                raise
+            begin, end = {}, {}
+        for tp in tps:
+            b, e, offset = begin.get(tp), end.get(tp), stored[tp]
+            inside = (b is None or offset >= b) and (e is None or offset <= e)
+            if not inside or (confirmed and (b is None or e is None)):
+                raise OffsetGap(self.task or "reader", tp.topic, tp.partition, offset, b, e)
+
+    async def _beyond_end(self) -> None:
+        """An idle reader whose position is past a partition's high watermark is in a gap (Tansu
+        answers such a fetch with nothing, where Kafka answers OFFSET_OUT_OF_RANGE)."""
+        past = {}
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is not None and not self.consumer.paused() & {tp}:
+                position = await self.consumer.position(tp)
+                if position > hw:
+                    past[tp] = position
+        if past:
+            await self.check_range(past)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit next offsets of the partitions this reader still owns, and report their lag.

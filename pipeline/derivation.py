@@ -140,7 +140,7 @@ class DerivationTask(Task):
             # Known topics first, so the concurrent writes of a batch never create them twice; a source
             # nobody wrote yet must exist, or the group is assigned nothing until a metadata refresh.
             await writer.ensure([derived])
-            await writer.admin.ensure({c.topic: (c.partitions, c.replication_factor, {}) for c in sources.values()})
+            await writer.admin.ensure({c.topic: (c.partitions, c.replication_factor, c.topic_configs) for c in sources.values()})
             self._reader = reader = CollectionReader(
                 ctx.kafka, f"localflow.{ctx.name}", list(sources.values()), on_assign=self._assigned,
                 on_revoke=self._revoked, options=ReaderOptions(**ctx.options.get("reader", {})), task=ctx.name)

@@ -67,3 +67,37 @@ class CheckpointError(LocalflowError):
 
 class ImplementationError(LocalflowError):
     """A connector broke its contract (e.g. a cursor that went backwards)."""
+
+
+class Unrecoverable(LocalflowError):
+    """A restart would repeat the failure or make it worse: the supervisor stops the task instead
+    (reported in ``/readyz``, ``localflow status`` and ``localflow_task_up``) until an operator acts."""
+
+
+class OffsetGap(Unrecoverable):
+    """A stored offset the broker no longer has: below the partition's log start (retention deleted
+    records) or beyond its end (the topic was deleted and recreated).
+
+    Reading on from the nearest offset would commit past records this endpoint never applied, so
+    the task stops. ``localflow replay`` re-reads what the collection still holds into the endpoint
+    and moves its stored offsets back into the partition's range.
+    """
+
+    def __init__(self, task: str, topic: str, partition: int, offset: int, begin: int | None, end: int | None) -> None:
+        self.topic, self.partition, self.offset, self.begin, self.end = topic, partition, offset, begin, end
+        where = "below the log start" if begin is not None and offset < begin else "beyond the end"
+        span = f"[{begin if begin is not None else '?'}, {end if end is not None else '?'})"
+        why = ("records were deleted by retention before this task read them" if where == "below the log start"
+               else "the topic was deleted and recreated (or the stored offset belongs to another cluster)")
+        super().__init__(
+            f"{task}: stored offset {offset} of {topic}[{partition}] is {where} of the partition, which holds "
+            f"offsets {span}: {why}. Stopped without committing past the gap; run `localflow replay` "
+            f"for this materialization (--from-beginning re-reads what the topic holds) to move on")
+
+
+class AlreadyRunning(LocalflowError):
+    """Another live instance runs this task, and the task must run once (a capture: two would poll
+    twice and race on one checkpoint). Retriable: the refused instance waits, with backoff, and
+    starts once the other has left."""
+
+    retriable = True

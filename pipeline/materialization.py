@@ -18,8 +18,10 @@ Runtime options (``TaskContext.options``) that `localflow replay` sets to backfi
 * ``stop_at_end`` (``{TopicPartition: offset}``): the task returns (flushing and committing
   as on a stop) once every one of these partitions that this worker holds has been read up to
   its offset. Where the stored offset is further, the entry is raised to it, so the endpoint's
-  checkpoint never ends behind where it was. Partitions another worker of the group holds are
-  not waited for.
+  checkpoint never ends behind where it was, unless the stored offset is beyond the partition's
+  end (an offset gap: the topic was recreated), where the replay is the way forward and the
+  endpoint's checkpoint ends at the partition's end. Partitions another worker of the group
+  holds are not waited for.
 * ``progress`` (``{TopicPartition: offset}``, filled in by the task): the next offset to read
   of each partition, after each applied batch (for progress bars).
 """
@@ -155,11 +157,21 @@ class MaterializationTask(Task):
         async def on_assign(partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
             positions = await m.assigned(partitions)
             start, stop = options.get("start_offsets", {}), options.get("stop_at_end")
+            ahead: dict[TopicPartition, int] = {}
             for tp in partitions & start.keys():
                 stored = positions.get(tp)
                 positions[tp] = start[tp]
                 if stop is not None and tp in stop and stored is not None and stored > stop[tp]:
-                    stop[tp] = stored
+                    ahead[tp] = stored
+            if ahead:
+                ends = await _ends(self.ctx.kafka, sorted(ahead))
+                for tp, stored in ahead.items():
+                    if stored <= ends[tp]:
+                        stop[tp] = stored  # type: ignore[index]
+                    else:
+                        self.ctx.log.warning("stored offset %d of %s[%d] is beyond the partition's end %d (a gap): "
+                                             "the replay ends at the partition's end", stored, tp.topic,
+                                             tp.partition, ends[tp])
             if "progress" in options:
                 options["progress"].update({tp: positions.get(tp) or 0 for tp in partitions})
             self._ever_assigned = True
@@ -202,3 +214,10 @@ class MaterializationTask(Task):
                 born = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
         name = next((c.name for c in collections if c.topic == last.topic), last.topic)
         metrics.END_TO_END.labels(self.ctx.name, name).observe(max(0.0, time.time() - born))
+
+
+async def _ends(kafka: Any, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    from pipeline.offsets import high_watermarks, probe_consumer
+
+    async with probe_consumer(kafka) as consumer:
+        return await high_watermarks(consumer, tps)

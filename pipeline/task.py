@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pipeline import metrics
 from pipeline.catalog import Catalog
 from pipeline.collection import Collection, CollectionWriter
-from pipeline.errors import ConfigError, Fenced, LocalflowError
+from pipeline.errors import AlreadyRunning, ConfigError, Fenced, LocalflowError, OffsetGap, Unrecoverable
 from pipeline.logs import current_task
 
 TaskKind = Literal["capture", "derivation", "materialization"]
@@ -39,6 +39,8 @@ class TaskStatus:
     last_error_at: float | None = None
     last_progress_at: float | None = None
     documents: int = 0
+    stopped_by: BaseException | None = None
+    """The unrecoverable error that stopped the task for good (it is not restarted)."""
 
     def progressed(self, documents: int = 0) -> None:
         self.last_progress_at = time.time()
@@ -181,9 +183,12 @@ async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
             raise
         except Exception as e:  # noqa: BLE001 - the supervisor is the place that catches everything
             kind = _error_kind(e)
+            status.stopped_by = e if isinstance(e, Unrecoverable) else None
             metrics.ERRORS.labels(ctx.name, kind).inc()
             status.last_error, status.last_error_at = f"{type(e).__name__}: {e}", time.time()
-            if isinstance(e, LocalflowError):
+            if isinstance(e, Unrecoverable):
+                ctx.log.critical("task stopped (%s), not restarted: %s", kind, e)
+            elif isinstance(e, LocalflowError):
                 ctx.log.error("task failed (%s): %s", kind, e, exc_info=e.__cause__ is not None)
             else:
                 ctx.log.exception("task failed with an unexpected error")
@@ -192,6 +197,9 @@ async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
             status.connected = False
             metrics.TASK_UP.labels(ctx.name).set(0)
             await ctx.aclose()
+        if isinstance(status.stopped_by, Unrecoverable):
+            await ctx.stopping.wait()  # the process goes on (other tasks, /readyz says why this one stopped)
+            return
         if time.monotonic() - started > backoff.healthy_after:
             backoff.attempt = 0
         delay = backoff.next()
@@ -208,6 +216,10 @@ def _error_kind(e: BaseException) -> str:
 
     if isinstance(e, Fenced):
         return "fenced"
+    if isinstance(e, OffsetGap):
+        return "gap"
+    if isinstance(e, AlreadyRunning):
+        return "duplicate"
     if isinstance(e, _Config):
         return "config"
     if isinstance(e, SourceError):

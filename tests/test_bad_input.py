@@ -13,7 +13,6 @@ Catalog cases (names that would break SQL, S3 keys or Redis keys) go through the
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import gzip
 import math
@@ -32,7 +31,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from pipeline.catalog import KafkaConfig, load_catalog
-from pipeline.collection import Collection, CollectionWriter
+from pipeline.collection import Collection, CollectionWriter, original_of
 from pipeline.errors import ConfigError
 from pipeline.services import Services
 from tests.pipeline_harness import (
@@ -352,7 +351,7 @@ def sentinel_problems(snap: Snapshot, sentinels: set[str]) -> list[str]:
 
 
 def _original(envelope: dict[str, Any]) -> bytes:
-    return base64.b64decode(envelope.get("original_base64") or "")
+    return original_of(envelope)
 
 
 def dead_letters_of(case: dict[str, Any], snap: Snapshot, dead: str, task: str | None) -> list[dict[str, Any]]:
@@ -487,7 +486,7 @@ def _dead_letter(case: dict[str, Any], expect: dict[str, Any], snap: Snapshot, k
     dead_in = expect.get("dead", case.get("collection"))
     task = expect.get("task", WRITER)
     letters = dead_letters_of(case, snap, dead_in, task)
-    distinct = {(d["error"], d.get("original_base64")) for d in letters}
+    distinct = {(d["error"], d.get("original_sha256")) for d in letters}
     if len(distinct) < expect.get("count", 1):
         others = [d["error"] for d in dead_letters_of(case, snap, dead_in, None)]
         return [f"{len(distinct)} dead letters from {task} in {topic(dead_in)}.dead, expected "

@@ -22,12 +22,17 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 
 from connectors import load_connector
-from connectors.http.config import HttpConfig
+from connectors.http.capture import looked_back
+from connectors.http.config import HttpConfig, HttpResource
 from pipeline.catalog import Catalog, load_catalog, topic_of
+from pipeline.checkpoint import KafkaCheckpoints, Presence
 from pipeline.collection import read_to_end
+from pipeline.errors import ConfigError
+from tests.cli_support import cli_env, worker
 from tests.helpers import running, wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
@@ -417,3 +422,126 @@ async def test_record_without_its_id_is_a_dead_letter_and_the_others_land(
         [dead] = await documents(catalog, topic_of(collection) + ".dead")
         assert "no id at /id" in dead["error"] and f"{api.url}/api" in dead["error"]
         assert orjson.loads(dead["original"]) == {"name": "no id"}
+
+
+async def test_next_page_that_stays_unreadable_abandons_the_chain_after_bounded_attempts(
+        tmp_path: Path, kafka_bootstrap: str, names: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    collection, capture = names
+    caplog.set_level(logging.WARNING, logger="localflow")
+
+    async def respond(request: web.Request, n: int) -> web.Response:
+        if request.query.get("page") == "2":
+            return web.Response(text="<html>502 Bad Gateway</html>", content_type="text/html")
+        return web.json_response({"records": [{"id": "p1"}], "next": "/api?page=2"})
+
+    async with Api(respond) as api:
+        resource = {"records": "/records", "id": "/id", "pagination": {"type": "next_link", "pointer": "/next"}}
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"}, resource,
+                               interval="100ms")  # advanced.unreadable_attempts: 3 by default
+        async with running(catalog, capture) as ctx:
+            # Pages asked for: 1, 2 (unreadable), 2, 2, then the chain is abandoned: 1 again.
+            await wait_for_async(lambda: [r.query.get("page", "1") for r in api.requests][:5] == ["1", "2", "2", "2", "1"],
+                                 message="three attempts at page 2, then a fresh chain from page 1")
+        dead = await documents(catalog, topic_of(collection) + ".dead")
+        assert len(dead) >= 3 and all("not JSON" in d["error"] for d in dead)
+        assert any("unreadable 3 times" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+        assert errors(capture, "source") >= 1
+        assert ctx.status.restarts == 0
+
+
+async def test_lookback_asks_again_below_the_cursor_and_catches_a_late_record_sharing_the_maximum(
+        tmp_path: Path, kafka_bootstrap: str, names: tuple[str, str]) -> None:
+    collection, capture = names
+    stored = records(1, 2, 3)
+
+    async def respond(request: web.Request, n: int) -> web.Response:
+        return since_filter(stored, request)  # `since` is exclusive: updated > since
+
+    async with Api(respond) as api:
+        resource = {**INCREMENTAL, "incremental": {**INCREMENTAL["incremental"], "lookback": 1}}
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"}, resource)
+        async with running(catalog, capture):
+            await wait_for_ids(catalog, collection, {"r1", "r2", "r3"})
+            await wait_for_async(lambda: any(r.query.get("since") == "2" for r in api.requests),
+                                 message="a poll that asks for records since 3 - 1")
+            stored.append({"id": "r3-late", "updated": 3, "type": "agent_interaction"})  # stored after that poll
+            await wait_for_ids(catalog, collection, {"r3-late"})
+        assert {r.query.get("since") for r in api.requests} <= {None, "2"}  # the stored cursor stays 3
+
+
+async def test_inclusive_cursor_is_sent_as_the_maximum_and_a_late_record_sharing_it_lands(
+        tmp_path: Path, kafka_bootstrap: str, names: tuple[str, str]) -> None:
+    collection, capture = names
+    stored = records(1, 2, 3)
+
+    async def respond(request: web.Request, n: int) -> web.Response:
+        since = int(request.query.get("since", "0"))  # an API whose `since` means "at or after"
+        return web.json_response({"records": [r for r in stored if r["updated"] >= since]})
+
+    async with Api(respond) as api:
+        resource = {**INCREMENTAL, "incremental": {**INCREMENTAL["incremental"], "inclusive": True}}
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"}, resource)
+        async with running(catalog, capture):
+            await wait_for_async(lambda: any(r.query.get("since") == "3" for r in api.requests),
+                                 message="a poll that asks for records at or after 3")
+            stored.append({"id": "r3-late", "updated": 3, "type": "agent_interaction"})
+            await wait_for_ids(catalog, collection, {"r1", "r2", "r3", "r3-late"})
+        assert set(await id_counts(catalog, collection)) == {"r1", "r2", "r3", "r3-late"}  # re-reads keep their keys
+
+
+def test_lookback_is_subtracted_in_the_cursors_own_terms() -> None:
+    assert looked_back("2026-01-01T00:05:00Z", 300) == "2026-01-01T00:00:00Z"
+    assert looked_back("2026-01-01T00:05:00.250+02:00", 60) == "2026-01-01T00:04:00.250000+02:00"
+    assert looked_back(1000, 10.0) == 990 and looked_back(1.5, 0.5) == 1.0
+    assert looked_back("2026-01-01T00:05:00Z", None) == "2026-01-01T00:05:00Z"
+    with pytest.raises(ConfigError, match="lookback needs a numeric or ISO 8601 date-time cursor"):
+        looked_back("abc", 5)
+    resource = HttpResource.model_validate({"incremental": {"field": "/updated_at", "param": "since", "lookback": "5m"}})
+    assert resource.incremental is not None and resource.incremental.lookback == 300
+
+
+async def test_checkpoint_topic_takes_the_replication_factor_of_the_captures_collections(
+        tmp_path: Path, kafka_bootstrap: str, names: tuple[str, str]) -> None:
+    collection, capture = names
+
+    async def respond(request: web.Request, n: int) -> web.Response:
+        return web.json_response({"records": [{"id": "r1"}]})
+
+    async with Api(respond) as api:
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"},
+                               {"records": "/records", "id": "/id"}, interval="1h")
+        catalog.collections[collection].replication_factor = 3  # the test broker accepts any factor
+        async with running(catalog, capture):
+            await wait_for_ids(catalog, collection, {"r1"})
+    admin = AIOKafkaAdminClient(**catalog.kafka.client_options())
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([KafkaCheckpoints(catalog.kafka).topic(capture)])
+    finally:
+        await admin.close()
+    assert [len(p["replicas"]) for p in described["partitions"]] == [3]
+
+
+async def test_second_live_instance_of_a_capture_is_refused_and_takes_over_once_the_first_leaves(
+        tmp_path: Path, kafka_bootstrap: str, names: tuple[str, str]) -> None:
+    collection, capture = names
+
+    async def respond(request: web.Request, n: int) -> web.Response:
+        return web.json_response({"records": [{"id": f"r{n}"}]})
+
+    async with Api(respond) as api:
+        # One poll per instance (a long interval): a second poll would mean two instances polling.
+        catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, {"url": f"{api.url}/api"},
+                               {"records": "/records", "id": "/id"}, interval="1h")
+        presence = Presence(KafkaCheckpoints(catalog.kafka), capture)  # an observer: it never claims
+        with worker(tmp_path / "flow.yaml", "--task", capture, log=tmp_path / "second.log",
+                    env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)) as second:
+            async with running(catalog, capture):
+                await wait_for_ids(catalog, collection, {"r1"})
+                await wait_for_async(presence.holder, timeout=30, message="the first instance in its group")
+                await wait_for_async(lambda: "is already running elsewhere" in second.output(), timeout=60,
+                                     message="the second instance to refuse")
+                assert len(api.requests) == 1, "the refused instance polled"
+            # The first left its group on stopping: the second starts (its next attempt) and polls.
+            await wait_for_ids(catalog, collection, {"r1", "r2"})
+            assert len(api.requests) == 2

@@ -142,7 +142,7 @@ def test_validate_reports_every_problem_in_one_pass_at_file_line_column(tmp_path
         "  flow.yaml:6:20: collections.acme/events.schema.properties.id.type: 'strng' is not a JSON Schema type "
         "(did you mean 'string'?); valid: array, boolean, integer, null, number, object, string",
         "  flow.yaml:8:5: collections.acme/events.keys: unknown field 'keys' (did you mean 'key'?); "
-        "valid: schema, key, partitions, replication_factor, derive; see docs/reference.md#collectionspec",
+        "valid: schema, key, partitions, replication_factor, retention, derive; see docs/reference.md#collectionspec",
         "  flow.yaml:9:17: collections.acme/events.partitions: Input should be greater than or equal to 1; got 0",
         "  flow.yaml:16:43: captures.acme/poll.endpoint.http.timout: unknown field 'timout' "
         "(did you mean 'timeout'?); valid: url, method, headers, token, timeout, advanced; "
@@ -174,7 +174,7 @@ def test_validate_output_json_lists_each_problem_with_position_value_and_suggest
     assert by_path["collections.acme/events.keys"] == {
         "file": "flow.yaml", "line": 8, "column": 5, "path": "collections.acme/events.keys",
         "message": "unknown field 'keys'", "did_you_mean": "key",
-        "valid": ["schema", "key", "partitions", "replication_factor", "derive"],
+        "valid": ["schema", "key", "partitions", "replication_factor", "retention", "derive"],
         "reference": "docs/reference.md#collectionspec"}
     assert by_path["collections.acme/events.partitions"] == {
         "file": "flow.yaml", "line": 9, "column": 17, "path": "collections.acme/events.partitions",

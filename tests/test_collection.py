@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -13,20 +13,26 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from pipeline.catalog import KafkaConfig
 from pipeline.checkpoint import KafkaCheckpoints
 from pipeline.collection import (
+    RECORD_OVERHEAD,
     SCHEMA_HEADER,
     TASK_HEADER,
     Collection,
     CollectionReader,
     CollectionWriter,
+    dead_letter,
     murmur2,
+    original_of,
     read_to_end,
 )
-from pipeline.errors import CheckpointError, ValidationFailed
+from pipeline.errors import CheckpointError, OffsetGap, ValidationFailed
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
                         .read_text())  # the Sophia raw documents, as the example catalog declares them
@@ -113,7 +119,9 @@ async def test_invalid_documents_go_to_dead_letters_with_reason_and_bytes(
     for e in envelopes:
         assert e["task"] == "dl-task"
         assert e["collection"] == collection.name
-        assert orjson.loads(base64.b64decode(e["original_base64"])) == orjson.loads(e["original"])
+        assert e["original_base64"] is None  # the original is stored once: as text when it is UTF-8
+        assert e["original_size"] == len(original_of(e))
+        assert e["original_sha256"] == hashlib.sha256(original_of(e)).hexdigest()
     originals = [orjson.loads(e["original"]) for e in envelopes]
     assert bad_time in originals and no_data in originals
 
@@ -229,3 +237,96 @@ async def test_capture_checkpoints_round_trip_and_broken_ones_are_reported(
         await fut
     with pytest.raises(CheckpointError, match="checkpoint of task 'task-b' .* is unreadable"):
         await store.load("task-b")
+
+
+def big_doc(key: str, size: int) -> dict[str, Any]:
+    return doc(key, 0) | {"data": {"blob": "x" * size}}
+
+
+async def test_document_larger_than_the_broker_accepts_becomes_a_dead_letter_that_fits(
+        kafka: KafkaConfig, collection: Collection) -> None:
+    huge = big_doc("huge", 2 * 1024 * 1024)
+    async with CollectionWriter(kafka, "big-task") as writer:
+        result = await writer.write(collection, [doc("a", 1), huge, doc("b", 2)], reason="invalid")
+    assert (result.written, result.dead) == (2, 1)
+    assert sorted(r.doc["metadata"]["id"] for r in await read_to_end(kafka, collection.topic)) == ["a", "b"]
+    [dead] = await read_to_end(kafka, collection.dead_topic)
+    assert len(dead.value) <= kafka.max_message_bytes - RECORD_OVERHEAD
+    e = dead.doc
+    whole = orjson.dumps(huge)
+    assert e["reason"] == "too_large" and "kafka.max_message_bytes=1048576" in e["error"]
+    assert (e["original_size"], e["original_sha256"]) == (len(whole), hashlib.sha256(whole).hexdigest())
+    assert e["original_truncated"] is True and whole.startswith(original_of(e)) and len(original_of(e)) > 900_000
+    assert e["source_position"] == huge["metadata"] and orjson.loads(e["key"]) == ["huge"]
+
+
+async def test_dead_letter_of_a_large_invalid_document_holds_it_once_and_whole(
+        kafka: KafkaConfig, collection: Collection) -> None:
+    invalid = big_doc("bad", 700 * 1024) | {"timestamp": "yesterday"}  # twice stored, it would not fit 1 MiB
+    async with CollectionWriter(kafka, "big-task") as writer:
+        assert (await writer.write(collection, [invalid])).dead == 1
+    [dead] = await read_to_end(kafka, collection.dead_topic)
+    assert len(dead.value) < kafka.max_message_bytes - RECORD_OVERHEAD
+    assert orjson.loads(original_of(dead.doc)) == invalid and "original_truncated" not in dead.doc
+
+
+async def test_raw_bytes_too_large_for_a_dead_letter_are_cut_to_fit(
+        kafka: KafkaConfig, collection: Collection) -> None:
+    raw = b"\xff\x00" * (1024 * 1024)  # not UTF-8: base64, which is a third larger
+    async with CollectionWriter(kafka, "big-task") as writer:
+        await writer.write_dead(collection, "not JSON", raw, reason="unparseable")
+    [dead] = await read_to_end(kafka, collection.dead_topic)
+    assert len(dead.value) <= kafka.max_message_bytes - RECORD_OVERHEAD
+    assert dead.doc["original"] is None and dead.doc["original_truncated"] is True
+    assert raw.startswith(original_of(dead.doc)) and dead.doc["original_size"] == len(raw)
+
+
+def test_dead_letter_cut_fits_even_when_json_escapes_inflate_the_text() -> None:
+    original = b"\x01" * 400_000  # UTF-8, but every byte is written \u0001 (6 bytes) in JSON
+    value = dead_letter(error="e", task="t", collection="c", original=original, limit=100_000)
+    assert len(value) <= 100_000 and orjson.loads(value)["original_truncated"] is True
+
+
+async def test_collection_topics_keep_records_as_long_as_the_catalog_declares(
+        kafka: KafkaConfig, unique_name: Callable[..., str]) -> None:
+    forever = Collection(f"test/{unique_name()}", SCHEMA, ["/metadata/id"])
+    week = Collection(f"test/{unique_name()}", SCHEMA, ["/metadata/id"], retention=7 * 86400)
+    async with CollectionWriter(kafka, "r") as writer:
+        await writer.ensure([forever, week])
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        topics = [forever.topic, forever.dead_topic, week.topic, week.dead_topic]
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    finally:
+        await admin.close()
+    retention = {r[3]: {c[0]: c[1] for c in r[4]}.get("retention.ms")
+                 for response in responses for r in response.resources}
+    assert retention == {forever.topic: "-1", forever.dead_topic: "-1",
+                         week.topic: "604800000", week.dead_topic: "604800000"}
+
+
+async def test_stored_offset_beyond_the_end_is_a_loud_gap_not_a_silent_wait(
+        kafka: KafkaConfig, collection: Collection, unique_name: Callable[..., str]) -> None:
+    """A topic deleted and recreated: the endpoint's stored offset is past the new partition's end."""
+    async with CollectionWriter(kafka, "w") as writer:
+        await writer.write(collection, [doc(f"k{i}", i) for i in range(6)])
+    ends = {r.tp: r.offset + 1 for r in await read_to_end(kafka, collection.topic)}
+
+    async def on_assign(tps: set[Any]) -> dict[Any, int | None]:
+        return {tp: ends.get(tp, 0) + (100 if tp.partition == 1 else 0) for tp in tps}
+
+    reader = CollectionReader(kafka, unique_name("g"), [collection], on_assign=on_assign, task="gap-task")
+    await reader.start()
+    try:
+        with pytest.raises(OffsetGap) as caught:
+            for _ in range(200):
+                await reader.batch(timeout_ms=100)
+    finally:
+        await reader.stop()
+    gap = caught.value
+    end = ends.get(TopicPartition(collection.topic, 1), 0)
+    assert (gap.topic, gap.partition, gap.offset, gap.begin, gap.end) == (collection.topic, 1, end + 100, 0, end)
+    assert f"stored offset {end + 100} of {collection.topic}[1] is beyond the end" in str(gap)
+    assert f"offsets [0, {end})" in str(gap) and "localflow replay" in str(gap)
+    assert not OffsetGap.retriable

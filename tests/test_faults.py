@@ -49,6 +49,7 @@ from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, 
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
     AGENT_LOGS,
+    API_TASK,
     CONSUMERS,
     METRICS,
     POSTGRES,
@@ -314,6 +315,21 @@ class Zombie:
         return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in self.dir.glob("*.log"))
 
 
+async def test_a_2_mib_api_record_becomes_a_dead_letter_and_the_capture_goes_on(sophia: Sophia) -> None:
+    fed = sophia.fed
+    huge = f"huge-{fed}"
+    sophia.sources.add_records([{"id": huge, "type": "user_query", "note": "x" * (2 * 1024 * 1024)}])
+    sophia.feed(20, 20)
+    bad_input(sophia)
+    verdict = await sophia.trial("too large", "a 2 MiB API record among 20 (kafka.max_message_bytes 1 MiB)", fed)
+    letters = [d for d in (await sophia.census.topics())[RAW].dead_from(API_TASK)
+               if d.get("reason") == "too_large" and (d.get("source_position") or {}).get("id") == huge]
+    assert len(letters) == 1, f"no too_large dead letter of {huge}"
+    assert letters[0]["original_size"] > 2 * 1024 * 1024 and letters[0]["original_truncated"] is True
+    assert "task failed" not in sophia.log_of(API_TASK), "the capture failed on the 2 MiB record"
+    assert verdict.ok
+
+
 @pytest.mark.chaos
 @pytest.mark.timeout(3600)
 async def test_chaos_kill_9_at_random_points_many_times(sophia: Sophia) -> None:
@@ -361,5 +377,3 @@ async def test_chaos_consumers_killed_together_mid_burst(sophia: Sophia) -> None
     for name in CONSUMERS:
         sophia.pipeline.tasks[name].start()
     await sophia.trial("chaos", "derivation and all materializations kill -9 mid-burst", fed)
-
-

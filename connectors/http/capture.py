@@ -9,7 +9,9 @@ most one page, with the same keys. Checkpoint state, version 1::
 
 ``pending`` is a page chain under way: a restart resumes at its next page, and ``cursor``
 takes ``max`` only once the chain ends. A page the API refuses (4xx) abandons the chain: the
-next poll starts again from ``cursor``.
+next poll starts again from ``cursor``. So does a next page that comes back unreadable (not
+JSON, no records array) ``advanced.unreadable_attempts`` times in a row: each time it is a dead
+letter, and ``pending.unreadable`` counts them, so that one broken page cannot hold the binding.
 
 Failures never stop the task: a request is retried (connection errors, timeouts, 5xx, 429
 honouring Retry-After) with exponential backoff and jitter; what still fails, and any other
@@ -25,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -37,7 +39,7 @@ from pipeline import httpclient, metrics
 from pipeline.capture import Captured
 from pipeline.catalog import MISSING, CaptureBinding, pointer_tokens, resolve
 from pipeline.connector import Check
-from pipeline.errors import CheckpointError, describe
+from pipeline.errors import CheckpointError, ConfigError, describe
 
 STATE_VERSION = 1
 
@@ -106,7 +108,8 @@ class HttpCapture(httpclient.PollingCapture):
                 records, nxt = _parse_page(response, body, res)
             except Unreadable as e:
                 self.ctx.log.error("%s", e)
-                yield Captured(dead=[(index, str(e), body)], source_bytes=len(body))
+                yield Captured(dead=[(index, str(e), body)], source_bytes=len(body),
+                               state=self._unreadable(key, states, committed) if page else None)
                 return
             now = _rfc3339(datetime.now(UTC))
             meta_url = str(response.url.copy_with(query=None))
@@ -173,6 +176,21 @@ class HttpCapture(httpclient.PollingCapture):
             if not await self.ctx.sleep(delay):
                 return None
 
+    def _unreadable(self, key: str, states: dict[str, dict[str, Any]], committed: Any) -> dict[str, Any]:
+        """The state after the chain's next page came back unreadable once more: counted in
+        ``pending``, or, at ``advanced.unreadable_attempts``, the chain abandoned."""
+        pending = states.get(key, {}).get("pending") or {}
+        attempts = int(pending.get("unreadable", 0)) + 1
+        limit = self.config.advanced.unreadable_attempts
+        if attempts >= limit:
+            self._failed(PollFailed(f"{key}: the next page of the chain was unreadable {attempts} times "
+                                    f"(advanced.unreadable_attempts={limit}); abandoning the chain, the next "
+                                    f"poll starts again from the cursor"))
+            states[key] = _drop_none({"cursor": committed})
+        else:
+            states[key] = {**states[key], "pending": {**pending, "unreadable": attempts}}
+        return {"version": STATE_VERSION, "bindings": dict(states)}
+
     def _failed(self, e: PollFailed) -> None:
         self.ctx.log.error("%s", e)
         metrics.ERRORS.labels(self.ctx.name, e.kind).inc()
@@ -212,8 +230,27 @@ def _base_url(config: HttpConfig, res: HttpResource, cursor: Any) -> httpx.URL:
         url = url.copy_with(path=url.path.rstrip("/") + "/" + res.path.lstrip("/"))
     params: dict[str, Any] = dict(res.params)
     if res.incremental is not None and cursor is not None:
-        params[res.incremental.param] = _param(cursor)
+        params[res.incremental.param] = _param(looked_back(cursor, res.incremental.lookback))
     return url.copy_merge_params(params) if params else url
+
+
+def looked_back(cursor: Any, lookback: float | None) -> Any:
+    """The cursor to send: ``lookback`` below the stored one (seconds for a date-time, an amount
+    for a number), written as the API wrote it (same zone notation); other values as they are."""
+    if not lookback:
+        return cursor
+    if _number(cursor):
+        back = cursor - lookback
+        return int(back) if isinstance(cursor, int) and float(lookback).is_integer() else back
+    if isinstance(cursor, str):
+        try:
+            moment = datetime.fromisoformat(cursor)
+        except ValueError:
+            raise ConfigError(f"incremental.lookback needs a numeric or ISO 8601 date-time cursor, and the cursor "
+                              f"is {cursor[:100]!r}; remove lookback or point `field` at such a value") from None
+        text = (moment - timedelta(seconds=lookback)).isoformat()
+        return text.replace("+00:00", "Z") if cursor.endswith(("Z", "z")) else text
+    return cursor
 
 
 def _page_url(base: httpx.URL, page: dict[str, Any], res: HttpResource) -> httpx.URL:

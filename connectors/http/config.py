@@ -16,7 +16,7 @@ Example (the Sophia catalog)::
             id: /id
             timestamp: /timestamp
             pagination: {type: next_link, pointer: /next}
-            incremental: {field: /updated_at, param: since}
+            incremental: {field: /updated_at, param: since, lookback: 5m}
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ class HttpAdvanced(Model):
         description="A larger (decoded) response body is refused, logged and counted, so a huge page "
                     "cannot exhaust the worker's memory.")
     verify_tls: bool = Field(default=True, description="Verify the API's TLS certificate.")
+    unreadable_attempts: int = Field(
+        default=3, ge=1, le=100,
+        description="Times the next page of a chain may come back unreadable (not JSON, no records array), "
+                    "each a dead letter, before the chain is abandoned like a refused page: the next poll "
+                    "starts again from the cursor.")
 
 
 class HttpConfig(Model):
@@ -129,12 +134,34 @@ class Incremental(Model):
     moves only when a page chain ends, so an API that lists newest first loses nothing when
     the capture stops mid-chain. Numbers compare as numbers, anything else as strings: use
     ISO 8601 timestamps written in one zone and format, or ids that grow.
+
+    Which field: one the API sets when it *stores or changes* a record (``updated_at``, a
+    sequence number), never the event time a client reports (``timestamp``, ``created_at``
+    from the device): a record stored late with an old event time sorts below the cursor and
+    is never asked for again.
+
+    Records that share the largest value but are stored after the poll: an API whose
+    parameter means "after" (exclusive, the default) never returns them. Say ``inclusive:
+    true`` when the parameter means "at or after" (the records at the cursor then come back on
+    every poll, under the same keys: harmless), or set ``lookback`` to ask again for a margin
+    below the cursor (re-read records keep their keys too).
     """
 
-    field: Pointer = Field(description="JSON pointer into each record, e.g. /updated_at.", examples=["/updated_at"])
+    field: Pointer = Field(description="JSON pointer into each record, e.g. /updated_at (not an event time).",
+                           examples=["/updated_at"])
     param: str = Field(min_length=1, description="Query parameter that carries the cursor, e.g. since.",
                        examples=["since"])
     initial: str | int | float | None = Field(default=None, description="Cursor of the very first poll.")
+    inclusive: bool = Field(
+        default=False,
+        description="The API's parameter means 'at or after' the value: the cursor (the largest value "
+                    "captured) is sent as it is, and records that share it are asked for again. False: it "
+                    "means 'after'; records stored later with the same value are missed unless `lookback` is set.")
+    lookback: Duration | None = Field(
+        default=None,
+        description="Subtracted from the cursor before it is sent: seconds (5m, 1h) for a date-time cursor, "
+                    "an amount for a numeric one. Covers records stored late under a value at or below the "
+                    "cursor; the stored cursor itself never moves back.")
 
 
 class HttpResource(Model):
