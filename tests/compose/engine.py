@@ -123,9 +123,8 @@ def docker_engine(start_timeout: float = 60) -> Iterator[Engine]:
     cache.mkdir(parents=True, exist_ok=True)
     docker0 = Path("/sys/class/net/docker0")
     had_docker0 = docker0.exists()
-    with _exclusive(cache / "engine.lock", timeout=1200), \
-            tempfile.TemporaryDirectory(prefix="lf-dockerd-", dir="/tmp") as tmp:  # short: socket paths
-        run_dir = Path(tmp)
+    with _exclusive(cache / "engine.lock", timeout=1200):
+        run_dir = Path(tempfile.mkdtemp(prefix="lf-dockerd-", dir="/tmp"))  # short: socket paths
         log = (run_dir / "dockerd.log").open("wb")
         proc = subprocess.Popen(
             ["dockerd", "--host", f"unix://{run_dir}/docker.sock", "--data-root", str(cache / "docker"),
@@ -150,6 +149,16 @@ def docker_engine(start_timeout: float = 60) -> Iterator[Engine]:
             log.close()
             if docker0.exists() and not had_docker0:
                 run(["ip", "link", "delete", "docker0"], timeout=30, check=False)
+            _unmount_under(run_dir)  # dockerd leaves exec/netns/default mounted
+            shutil.rmtree(run_dir)
+
+
+def _unmount_under(directory: Path) -> None:
+    """Unmount what is still mounted below `directory`, deepest first."""
+    prefix = f"{directory}/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        run(["umount", mount], timeout=30)
 
 
 class Compose:
