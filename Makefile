@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Tests run in TEST_WORKERS parallel workers, each with its own servers (they mostly wait on
+# servers, so more workers than cores pays); `make test TEST_WORKERS=0 PYTEST_ARGS="-k ..."` runs in-process.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The real docker-compose.yml on a private dockerd (tests/compose/engine.py; as root). Installs the
 # Debian packages it needs when missing; images and the Debian base are cached in LOCALFLOW_CACHE_DIR.

@@ -11,22 +11,89 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
-from pipeline.catalog import Catalog, load_catalog, topic_of
+from pipeline.catalog import Catalog, Problem, load_catalog, topic_of
 from pipeline.errors import ConfigError, LocalflowError
-from pipeline.logs import redact, setup_logging
+from pipeline.logs import describe, no_broker, setup_logging
 
 if TYPE_CHECKING:
     from pipeline.task import TaskKind
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """Help in click's usual notation (``validate [OPTIONS] CATALOG``, ``--task TEXT``) instead of the
+    Python types typer shows (``{catalog}``, ``<list[str]>``), which mean nothing to a user."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._verbatim = {p.name for p in self.params if p.metavar is not None}  # shown as written
+        for p in self.params:
+            if p.metavar is None and isinstance(p, TyperArgument):
+                p.metavar = p.name.upper()
+            elif p.metavar is None and isinstance(p, TyperOption) and not (p.is_flag or p.count):
+                p.metavar = _metavar(p.display_type(None))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument) and not p.hidden:
+                verbatim = p.required or p.name in self._verbatim
+                pieces.append(p.metavar if verbatim else f"[{p.metavar}]")
+        return pieces
+
+    def format_options(self, ctx: typer.Context, formatter: Any) -> None:
+        args, opts = [], []
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record is None:
+                continue
+            if isinstance(p, TyperArgument):
+                args.append((p.metavar, record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "float": "NUMBER", "float range": "NUMBER",
+               "file": "FILE", "path": "PATH", "directory": "DIRECTORY", "datetime": "DATETIME"}
+
+
+def _metavar(display: str) -> str:
+    """``<list[str]>`` -> ``TEXT``, ``<text|json>`` -> ``[text|json]``: what an option takes, in words."""
+    label = display.strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]  # repeatable: the help says so
+    if "|" in label:
+        return f"[{label}]"
+    return _TYPE_NAMES.get(label, re.sub(r"\W+", "_", label).upper())
+
+
+class _App(typer.Typer):
+    """Every command, including those registered from other modules, gets the readable help."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"localflow {package_version('localflow')}")
+        raise typer.Exit(0)
+
+
+app = _App(
     name="localflow",
     help="Self-hosted streaming pipeline: captures -> Kafka collections -> derivations -> materializations.\n\n"
          "Start with `localflow validate examples/sophia/flow.yaml`.",
@@ -34,12 +101,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: reflows docstring paragraphs to the terminal width
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Self-hosted streaming pipeline: captures -> Kafka collections -> derivations -> materializations."""
 
 
@@ -47,36 +118,54 @@ CATALOG_ARG = typer.Argument(..., help="The catalog file (flow.yaml).", exists=F
 
 
 def load_or_exit(path: Path) -> Catalog:
-    """Load the catalog; on problems print each with its place and exit 2."""
+    """Load the catalog; on problems print each with its position and place, and exit 2."""
     try:
         return load_catalog(path)
     except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] catalog {path} is not valid:", highlight=False)
-        for place, message in e.problems:
-            err_console.print(f"  {place}: {message}" if place else f"  {message}", highlight=False, markup=False)
+        _print_problems(path, e)
         raise typer.Exit(2) from None
 
 
+def _print_problems(path: Path, e: ConfigError) -> None:
+    count = f"{len(e.problems)} problem{'s' * (len(e.problems) != 1)}"
+    err_console.print(f"[bold red]error:[/] catalog {escape(str(path))} is not valid ({count}):", highlight=False)
+    for problem in e.problems:
+        if isinstance(problem, Problem):
+            line = str(problem)
+        else:
+            place, message = problem
+            line = f"{place}: {message}" if place else message
+        err_console.print(f"  {line}", highlight=False, markup=False)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
 @app.command()
-def validate(catalog: Path = CATALOG_ARG) -> None:
-    """Check a catalog without running it: models, keys, bindings, connector configs, SQL.
+def validate(
+    catalog: Path = CATALOG_ARG,
+    output: Output = typer.Option(Output.text, "--output", "-o",
+                                  help="`text` (readable) or `json` (one object: valid, problems, tasks)."),
+) -> None:
+    """Check a catalog without running it: models, schemas, keys, bindings, connector configs, SQL.
 
-    Exits 0 and lists tasks and collections when valid; exits 2 and prints every problem
-    with its place (e.g. `captures.sophia/metrics.interval: '30x' is not a duration`).
+    Exits 0 and lists tasks and collections when valid; exits 2 and prints every problem at
+    once, each at its file:line:column with its place, the offending value and, for a misspelled
+    name, a suggestion and the valid names (e.g. `flow.yaml:12:15:
+    captures.sophia/metrics.interval: '30x' is not a duration`). Fields of every connector are
+    in docs/reference.md (`localflow schema --reference`).
 
-    Example: localflow validate examples/sophia/flow.yaml
+    \b
+    Example:
+      localflow validate examples/sophia/flow.yaml
+      localflow validate flow.yaml --output json | jq '.problems[].message'
     """
+    if output is Output.json:
+        raise typer.Exit(_validate_json(catalog))
     cat = load_or_exit(catalog)
-    rows: list[tuple[str, str, str]] = []
-    for name, spec in cat.collections.items():
-        kind = "derivation" if spec.derive else "collection"
-        extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
-        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
-    for name, cap in cat.captures.items():
-        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
-                     + ", ".join(b.target for b in cap.bindings)))
-    for name, mat in cat.materializations.items():
-        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    rows = _catalog_rows(cat)
     if not console.is_terminal:  # pipes and CI: plain lines, never cut to a terminal's width
         print(f"{catalog}: valid")
         for row in rows:
@@ -88,6 +177,70 @@ def validate(catalog: Path = CATALOG_ARG) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def _catalog_rows(cat: Catalog) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for name, spec in cat.collections.items():
+        kind = "derivation" if spec.derive else "collection"
+        extra = f" <- {', '.join(t.source for t in spec.derive.transforms)} ({spec.derive.engine})" if spec.derive else ""
+        rows.append((kind, name, f"topic {topic_of(name)}, key {spec.key}, {spec.partitions} partition(s){extra}"))
+    for name, cap in cat.captures.items():
+        rows.append(("capture", name, f"{cap.connector} every {cap.interval:g}s -> "
+                     + ", ".join(b.target for b in cap.bindings)))
+    for name, mat in cat.materializations.items():
+        rows.append(("materialization", name, f"{mat.connector} <- " + ", ".join(b.source for b in mat.bindings)))
+    return rows
+
+
+def _validate_json(path: Path) -> int:
+    """`validate --output json`: one JSON object on stdout, for editors and CI; exit 0 or 2."""
+    import orjson
+
+    try:
+        cat = load_catalog(path)
+    except ConfigError as e:
+        problems = [p.as_json() if isinstance(p, Problem) else {"path": p[0], "message": p[1]} for p in e.problems]
+        sys.stdout.buffer.write(orjson.dumps({"catalog": str(path), "valid": False, "problems": problems},
+                                             option=orjson.OPT_INDENT_2) + b"\n")
+        return 2
+    body = {"catalog": str(path), "valid": True, "problems": [],
+            "collections": {n: {"topic": topic_of(n), "key": c.key, "partitions": c.partitions,
+                                "derived_from": [t.source for t in c.derive.transforms] if c.derive else None}
+                            for n, c in cat.collections.items()},
+            "captures": {n: {"connector": c.connector, "interval_seconds": c.interval,
+                             "targets": [b.target for b in c.bindings]} for n, c in cat.captures.items()},
+            "materializations": {n: {"connector": m.connector, "sources": [b.source for b in m.bindings]}
+                                 for n, m in cat.materializations.items()}}
+    sys.stdout.buffer.write(orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+@app.command()
+def schema(
+    reference: bool = typer.Option(
+        False, "--reference", help="Print the Markdown reference of every catalog and connector field instead."),
+) -> None:
+    """Print the catalog's JSON Schema (draft 2020-12), generated from the models `validate` uses.
+
+    Point an editor at it for completion and inline errors in flow.yaml (the YAML language
+    server reads `# yaml-language-server: $schema=flow.schema.json`). With --reference, print
+    docs/reference.md: every field of the catalog and of each connector, with its type, default,
+    description and example (the page `validate`'s messages point at).
+
+    \b
+    Example:
+      localflow schema > flow.schema.json
+      localflow schema --reference > docs/reference.md
+    """
+    import orjson
+
+    from pipeline.reference import catalog_json_schema, reference_markdown
+
+    if reference:
+        sys.stdout.write(reference_markdown())
+    else:
+        sys.stdout.buffer.write(orjson.dumps(catalog_json_schema(), option=orjson.OPT_INDENT_2) + b"\n")
 
 
 class LogFormat(StrEnum):
@@ -105,8 +258,16 @@ _RUN_LOG_FORMAT, _RUN_LOG_LEVEL = _log_options()
 _QUIET_LOG_FORMAT, _QUIET_LOG_LEVEL = _log_options("warning")
 
 
-def _setup(log_format: LogFormat, log_level: str) -> None:
-    setup_logging(log_format.value, log_level)
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+_OUTPUT = typer.Option(Output.text, "--output", "-o", help="`text` (for people) or `json` (one object, for scripts).")
+
+
+def _setup(log_format: LogFormat, log_level: str, *, quiet_clients: bool = False) -> None:
+    setup_logging(log_format.value, log_level, quiet_clients=quiet_clients)
 
 
 def _exit_now(sig: signal.Signals) -> None:
@@ -181,7 +342,7 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
         loop.add_signal_handler(sig, on_signal, sig)
     telemetry = None
     if port is not None:
-        telemetry = Telemetry(kinds)
+        telemetry = Telemetry(kinds, kafka=catalog.kafka)  # registered in Kafka, for `localflow status`
         try:
             await telemetry.start(host, port)
         except OSError as e:
@@ -272,10 +433,25 @@ def _run_async(make: Callable[[], Awaitable[int]]) -> int:
         return 2 if isinstance(e, ConfigError) else 1
 
 
-def _workers(given: list[str] | None) -> list[str]:
+def _run_command(make: Callable[[], Awaitable[int]]) -> int:
+    """`_run_async` for doctor, preview, status and test: the error in plain words, and where to
+    find a broker when none answered."""
+    from pipeline.doctor import NO_BROKER_HINT
+
+    try:
+        return asyncio.run(make())
+    except LocalflowError as e:
+        err_console.print(f"[bold red]error:[/] {escape(describe(e))}", highlight=False)
+        if no_broker(e) is not None:
+            err_console.print(NO_BROKER_HINT, highlight=False, markup=False)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+def _workers(given: list[str] | None) -> list[str] | None:
+    """--worker, else LOCALFLOW_WORKERS, else None: the workers of the registry."""
     if given:
         return given
-    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w]
+    return [w for w in re.split(r"[,\s]+", os.environ.get("LOCALFLOW_WORKERS", "")) if w] or None
 
 
 @app.command()
@@ -283,38 +459,49 @@ def status(
     catalog: Path = CATALOG_ARG,
     worker: list[str] | None = typer.Option(
         None, "--worker", "-w",
-        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated)."),
+        help="URL of a worker's metrics port (repeatable); default: LOCALFLOW_WORKERS (comma-separated), "
+             "else every live worker of the registry in Kafka."),
     watch: bool = typer.Option(False, "--watch", help="Refresh in place until Ctrl-C."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    output: Output = _OUTPUT,
 ) -> None:
     """Show each task: running or not, documents per second, lag per partition, checkpoint age, last error.
 
-    Lag (partition end minus the task's committed checkpoint) comes from the broker; running,
-    documents per second and errors come from the workers' /status (`localflow run
-    --metrics-port`), named with --worker or LOCALFLOW_WORKERS. Exit 1 when the broker or a
-    worker did not answer (what could be read is still shown).
+    Lag (partition end minus the task's committed checkpoint, in documents) comes from the
+    broker; running, documents per second and errors from the workers' /status (`localflow
+    run --metrics-port`). Workers register themselves in Kafka (topic localflow.workers), so
+    status finds every live worker of the cluster; --worker or LOCALFLOW_WORKERS name them
+    instead. Exit 1 when the broker or a worker did not answer (what could be read is still
+    shown).
 
     \b
     Example:
-      localflow status examples/sophia/flow.yaml --worker http://127.0.0.1:9100 --watch
+      localflow status examples/sophia/flow.yaml --watch
+      localflow status examples/sophia/flow.yaml --output json
     """
     from pipeline import status as st
 
-    _setup(LogFormat.text, "warning")
+    _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
     urls = _workers(worker)
 
+    def show(report: st.StatusReport) -> None:
+        if output == Output.json:
+            print(orjson.dumps(report.as_json()).decode(), flush=True)
+        else:
+            console.print(st.render(report))
+
     async def once() -> int:
         report = await st.gather(cat, urls)
-        console.print(st.render(report))
+        show(report)
         return 1 if report.problems else 0
 
     async def live() -> int:
         from rich.live import Live
 
-        if not console.is_terminal:  # a pipe or a file: one snapshot after the other
+        if output == Output.json or not console.is_terminal:  # a pipe or a file: one snapshot after the other
             while True:
-                console.print(st.render(await st.gather(cat, urls)))
+                show(await st.gather(cat, urls))
                 await asyncio.sleep(interval)
         with Live(console=console, auto_refresh=False, screen=False) as view:
             while True:
@@ -322,15 +509,38 @@ def status(
                 await asyncio.sleep(interval)
 
     try:
-        raise typer.Exit(_run_async(live if watch else once))
+        raise typer.Exit(_run_command(live if watch else once))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
 
+def _preview_arguments(first: Path, second: str | None, option: Path | None) -> tuple[Path, str]:
+    """(catalog, collection) from `preview CATALOG COLLECTION`, or from the deprecated
+    `preview COLLECTION [--catalog FILE]` (./flow.yaml by default), which still works."""
+    if second is not None:
+        if option is not None:
+            err_console.print("[bold red]error:[/] the catalog is given twice (argument and --catalog); "
+                              "write: localflow preview CATALOG COLLECTION", highlight=False)
+            raise typer.Exit(2)
+        return first, second
+    if option is None and first.is_file():
+        err_console.print("[bold red]error:[/] name the collection to read: localflow preview CATALOG COLLECTION",
+                          highlight=False)
+        raise typer.Exit(2)
+    catalog = option or Path("flow.yaml")
+    err_console.print(f"warning: `preview COLLECTION --catalog FILE` is deprecated; write: localflow preview {catalog} {first}",
+                      highlight=False, markup=False)
+    return catalog, str(first)
+
+
 @app.command()
 def preview(
-    collection: str = typer.Argument(..., help="The collection to read, e.g. sophia/sophia_raw_data."),
-    catalog: Path = typer.Option(Path("flow.yaml"), "--catalog", "-c", help="The catalog file.", dir_okay=False),
+    catalog: Path = CATALOG_ARG,
+    collection: str | None = typer.Argument(
+        None, metavar="COLLECTION", help="The collection to read, e.g. sophia/sophia_raw_data.  [required]"),
+    catalog_option: Path | None = typer.Option(
+        None, "--catalog", "-c", hidden=True, dir_okay=False,
+        help="Deprecated: the catalog is the first argument, as in every other command."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new documents until Ctrl-C."),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Stop after this many documents."),
     from_beginning: bool = typer.Option(
@@ -344,11 +554,12 @@ def preview(
 
     \b
     Example:
-      localflow preview sophia/sophia_raw_data --catalog examples/sophia/flow.yaml --from-beginning --limit 5
+      localflow preview examples/sophia/flow.yaml sophia/sophia_raw_data --from-beginning --limit 5
     """
     from pipeline.preview import preview as read
 
-    _setup(LogFormat.text, "warning")
+    catalog, collection = _preview_arguments(catalog, collection, catalog_option)
+    _setup(LogFormat.text, "warning", quiet_clients=True)
     cat = load_or_exit(catalog)
 
     async def go() -> int:
@@ -363,40 +574,47 @@ def preview(
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return 0
 
-    raise typer.Exit(_run_async(go))
+    raise typer.Exit(_run_command(go))
 
 
 @app.command()
 def doctor(
     catalog: Path = CATALOG_ARG,
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds each check may take."),
+    output: Output = _OUTPUT,
 ) -> None:
     """Check that the catalog can run here: Kafka, every task's endpoint, and api.estuary.dev.
 
-    One line per check: OK, FAIL or SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh
-    token present) is reported but never required: localflow is what runs while it is
-    unreachable. Secrets are never printed. Exit 1 when a required check fails.
+    One line per check: OK, FAIL (a required check failed), WARN (an optional one did) or
+    SKIP, and why. Estuary (DNS, HTTPS, token expiry, refresh token present) is reported but
+    never required: localflow is what runs while it is unreachable. Secrets are never
+    printed. Exit 1 when a required check fails.
 
     \b
     Example:
       localflow doctor examples/sophia/flow.yaml
+      localflow doctor examples/sophia/flow.yaml --output json
     """
-    from pipeline.doctor import diagnose
+    from pipeline import doctor as dr
 
-    _setup(LogFormat.text, "error")
+    _setup(LogFormat.text, "error", quiet_clients=True)
     cat = load_or_exit(catalog)
 
     async def go() -> int:
-        lines = await diagnose(cat, timeout=timeout)
-        width = max(len(ln.check.name) for ln in lines)
-        for ln in lines:
-            note = " (not required)" if ln.state == "FAIL" and not ln.check.required else ""
-            print(redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {ln.check.detail}{note}"))
-        failed = [ln for ln in lines if ln.blocking]
-        print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
-        return 1 if failed else 0
+        lines = await dr.diagnose(cat, timeout=timeout)
+        if output == Output.json:
+            print(orjson.dumps(dr.as_json(lines), option=orjson.OPT_INDENT_2).decode())
+        else:
+            print("\n".join(dr.render(lines)))
+        return 1 if any(ln.blocking for ln in lines) else 0
 
-    raise typer.Exit(_run_async(go))
+    raise typer.Exit(_run_command(go))
+
+
+class Broker(StrEnum):
+    auto = "auto"
+    embedded = "embedded"
+    catalog = "catalog"
 
 
 @app.command("test")
@@ -405,23 +623,31 @@ def test_catalog(
     test: list[str] | None = typer.Option(None, "--test", help="Run only this test (repeatable). Default: all."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds a verify step waits for the expected documents."),
     keep_topics: bool = typer.Option(False, "--keep-topics", help="Keep the test's topics (to inspect them)."),
+    broker: Broker = typer.Option(
+        Broker.auto, "--broker",
+        help="`catalog`: the catalog's broker; `embedded`: a broker of its own (Tansu, stopped afterwards); "
+             "`auto`: the catalog's when KAFKA_BOOTSTRAP_SERVERS is set, else embedded."),
     log_format: LogFormat = _QUIET_LOG_FORMAT,
     log_level: str = _QUIET_LOG_LEVEL,
 ) -> None:
-    """Run the catalog's `tests:` against the real broker, in topics of their own.
+    """Run the catalog's `tests:` in topics of their own, on the catalog's broker or an embedded one.
 
-    Each test ingests documents and verifies what its derivations made, in a namespace of
-    fresh topics (production topics and consumer groups are never touched; the topics are
-    deleted afterwards). A verify step compares, per key, only the properties the expected
-    document states. Each failing document is shown as a diff. Exit 1 when a test fails.
+    With no broker configured (KAFKA_BOOTSTRAP_SERVERS unset) the tests need no infrastructure:
+    they run on an embedded broker started for them and stopped afterwards. Each test ingests
+    documents and verifies what its derivations made, in a namespace of fresh topics
+    (production topics and consumer groups are never touched; the topics are deleted
+    afterwards). A verify step compares, per key, only the properties the expected document
+    states. Each failing document is shown as a diff. Exit 1 when a test fails.
 
     \b
     Example:
       localflow test examples/sophia/flow.yaml
     """
+    from pipeline.catalog import KafkaConfig
     from pipeline.catalog_test import report_lines, run_tests
+    from pipeline.services import Kafka, ServiceError
 
-    _setup(log_format, log_level)
+    _setup(log_format, log_level, quiet_clients=True)
     cat = load_or_exit(catalog)
     unknown = [t for t in test or [] if t not in cat.tests]
     if unknown:
@@ -431,6 +657,19 @@ def test_catalog(
     if not cat.tests:
         console.print(f"{catalog} declares no tests", highlight=False)
         raise typer.Exit(0)
+    embedded = Kafka() if broker == Broker.embedded or (
+        broker == Broker.auto and not os.environ.get(Kafka.env_var)) else None
+    if embedded is not None:
+        why = "" if broker == Broker.embedded else f"no broker configured ({Kafka.env_var} is not set): "
+        err_console.print(f"{why}testing on an embedded broker", highlight=False, markup=False)
+        try:
+            embedded.start()
+        except ServiceError as e:
+            err_console.print(f"[bold red]error:[/] cannot start the embedded broker: {escape(str(e))}\n"
+                              f"Set {Kafka.env_var} to test on your broker, or install it: "
+                              "pip install 'localflow[services]'", highlight=False)
+            raise typer.Exit(1) from None
+        cat = cat.model_copy(update={"kafka": KafkaConfig(bootstrap_servers=embedded.bootstrap_servers)})
 
     async def go() -> int:
         results = await run_tests(cat, test or None, timeout=timeout, keep_topics=keep_topics)
@@ -441,7 +680,12 @@ def test_catalog(
         console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
         return 1 if failed else 0
 
-    raise typer.Exit(_run_async(go))
+    try:
+        code = _run_command(go)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    raise typer.Exit(code)
 
 
 from pipeline.demo import demo_command, demo_sources_command  # noqa: E402 - registered here, defined there

@@ -9,6 +9,13 @@ materialization wrote, as a user would count it (rows, keys, objects). It ends a
 `--duration` or on Ctrl-C / SIGTERM: tasks flush and stop first, then the sources, then the
 servers it started. External servers are never cleaned: the demo only adds to them.
 
+It leaves you somewhere: it prints the ``export KAFKA_BOOTSTRAP_SERVERS=... POSTGRES_URL=...``
+lines that point another shell's `localflow preview`, `status` and `psql` at its servers, serves
+``/metrics`` and ``/status`` while the tasks run (registered, so `localflow status` finds it), and
+on a terminal keeps its servers up after the run until Enter (``--keep-services`` anywhere, until
+Ctrl-C / SIGTERM). The live view fits 80x24: a row per collection with what each
+materialization made of it, a row per task with its lag in documents.
+
 Exit code 0 when every binding of every materialization grew during the run; 1 (naming the
 binding) when one did not, so a broken demo is visible in CI; 2 for an invalid catalog.
 """
@@ -46,6 +53,7 @@ from pipeline.services import ServiceError, Services
 
 if TYPE_CHECKING:
     from pipeline.demo_sources import DemoSources
+    from pipeline.server import Telemetry
 
 STOP_TIMEOUT_S = 60.0
 """How long tasks get to flush and stop (the S3 archive may upload its open batches)."""
@@ -77,6 +85,8 @@ class Target:
     connector: str
     label: str
     count: Callable[[], Awaitable[int | None]]
+    collection: str = ""
+    """The collection the binding reads (a row of the live view)."""
     """Current count; None when there is nothing to count yet (e.g. the table does not exist)."""
 
 
@@ -98,7 +108,9 @@ class Endpoints:
         self._failed: set[str] = set()
         for name, spec in catalog.materializations.items():
             for binding in spec.bindings:
-                self.targets.append(self._target(name, spec.connector, spec.config, binding))
+                target = self._target(name, spec.connector, spec.config, binding)
+                target.collection = binding.source
+                self.targets.append(target)
 
     def _target(self, name: str, connector: str, config: Any, binding: Any) -> Target:
         resource, collection = binding.parsed, binding.source
@@ -255,7 +267,6 @@ def take_snapshot(catalog: Catalog, endpoints: dict[tuple[str, str], int | None]
     lag: dict[str, float] = {}
     for labels, value in _samples(metrics.CONSUMER_LAG):
         lag[labels["task"]] = lag.get(labels["task"], 0) + value
-    capture_lag = {labels["task"]: value for labels, value in _samples(metrics.CAPTURE_LAG)}
     for name in catalog.task_names():
         status = STATUS.get(name)
         snap.tasks[name] = {
@@ -264,8 +275,7 @@ def take_snapshot(catalog: Catalog, endpoints: dict[tuple[str, str], int | None]
             "documents": status.documents if status else 0,
             "restarts": status.restarts if status else 0,
             "error": status.last_error if status else None,
-            "lag": f"{capture_lag[name]:.0f} s" if name in capture_lag else
-                   f"{lag[name]:.0f}" if name in lag else "",
+            "lag": f"{lag[name]:,.0f}" if name in lag else "",  # documents behind; captures read no collection
         }
     return snap
 
@@ -276,36 +286,61 @@ def _rate(now: Snapshot, before: Snapshot, value: Callable[[Snapshot], float]) -
     return f"{max(0.0, value(now) - value(before)) / (now.at - before.at):.1f}/s"
 
 
-def render(catalog: Catalog, snap: Snapshot, before: Snapshot, title: str) -> Group:
-    """The live view: collections, tasks, endpoints, sources."""
-    collections = Table(title="collections", title_justify="left", expand=False)
-    for col in ("collection", "documents", "rate", "dead letters"):
-        collections.add_column(col, justify="left" if col == "collection" else "right", overflow="fold")
+UNITS = {"postgres": "rows", "redis": "keys", "s3": "objects"}
+"""What a materialization's count is, by connector (else documents applied)."""
+MAX_ERROR_LINES = 3
+
+
+def _namespace(names: list[str]) -> str:
+    """The ``prefix/`` every name shares (``sophia/``), which the view shows once, in its title."""
+    heads = {n.split("/", 1)[0] for n in names}
+    return f"{heads.pop()}/" if len(heads) == 1 and all("/" in n for n in names) else ""
+
+
+def render(catalog: Catalog, snap: Snapshot, before: Snapshot, title: str, targets: list[Target] | None = None,
+           width: int = 80) -> Group:
+    """The live view, within 80 columns and 24 lines for the Sophia catalog: one row per collection
+    with what each materialization wrote from it (rows, keys, objects), one row per task, the sources."""
+    ns = _namespace(list(catalog.collections) + catalog.task_names())
+
+    def short(name: str) -> str:
+        return name.removeprefix(ns)
+
+    units = {t.materialization: UNITS.get(t.connector, "docs") for t in targets or []}
+    where = {(t.materialization, t.label): t.collection for t in targets or []}
+    grid = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
+    grid.add_column("collection", overflow="ellipsis", no_wrap=True, max_width=28)
+    for col in ("documents", "rate", "dead"):
+        grid.add_column(col, justify="right", no_wrap=True)
+    for mat, unit in units.items():
+        grid.add_column(f"{short(mat)}\n{unit}", justify="right", no_wrap=True, overflow="ellipsis", max_width=12)
+    written: dict[tuple[str, str], int | None] = {}
+    for (mat, label), n in snap.endpoints.items():
+        key = (where.get((mat, label), ""), mat)
+        written[key] = None if n is None and written.get(key) is None else (written.get(key) or 0) + (n or 0)
     for name, n in snap.documents.items():
-        collections.add_row(escape(name), f"{n:,.0f}", _rate(snap, before, lambda s, c=name: s.documents.get(c, 0)),
-                            f"{snap.dead.get(name, 0):,.0f}")
-    tasks = Table(title="tasks", title_justify="left")
-    for col in ("task", "state", "documents", "rate", "lag", "restarts"):
-        tasks.add_column(col, justify="left" if col in ("task", "state") else "right", no_wrap=True)
+        cells = [written.get((name, mat), "") for mat in units]
+        grid.add_row(escape(short(name)), f"{n:,.0f}", _rate(snap, before, lambda s, c=name: s.documents.get(c, 0)),
+                     f"{snap.dead.get(name, 0):,.0f}", *("-" if c is None else f"{c:,}" if c != "" else "" for c in cells))
+    tasks = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
+    tasks.add_column("task", overflow="ellipsis", no_wrap=True, max_width=28)
+    for col in ("state", "documents", "rate", "lag (docs)", "restarts"):
+        tasks.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     errors = []
     for name, t in snap.tasks.items():
         style = {"running": "green", "restarting": "red"}.get(t["state"], "yellow")
-        tasks.add_row(escape(name), f"[{style}]{t['state']}[/]", f"{t['documents']:,}",
+        tasks.add_row(escape(short(name)), f"[{style}]{t['state']}[/]", f"{t['documents']:,}",
                       _rate(snap, before, lambda s, n=name: s.tasks[n]["documents"]), t["lag"],
                       str(t["restarts"] or ""))
-        if t["error"]:
-            errors.append(Text.assemble((f"{name} last error: ", "red"), t["error"][:300]))
-    ends = Table(title="what the materializations wrote", title_justify="left")
-    for col in ("materialization", "where", "count", "rate"):
-        ends.add_column(col, justify="right" if col in ("count", "rate") else "left", overflow="fold")
-    for (mat, label), n in snap.endpoints.items():
-        ends.add_row(escape(mat), escape(label), "—" if n is None else f"{n:,}",
-                     _rate(snap, before, lambda s, k=(mat, label): s.endpoints.get(k) or 0))
+        if t["error"] and len(errors) < MAX_ERROR_LINES:
+            text = f"{short(name)}: {' '.join(t['error'].split())}"
+            errors.append(Text(text if len(text) <= width else text[:width - 1] + "…", style="red"))
     src = snap.sources
-    sources = (f"sources: API {src.get('api_records', 0):,} records ({src.get('api_requests', 0)} requests, "
-               f"{src.get('api_unauthorized', 0)} refused), agent logs {src.get('log_lines', 0):,} lines "
-               f"({src.get('log_rotations', 0)} rotations)")
-    return Group(f"[bold]{escape(title)}[/]", collections, tasks, *errors, ends, sources)
+    sources = (f"sources: API {src.get('api_records', 0):,} records, {src.get('api_requests', 0)} requests "
+               f"({src.get('api_unauthorized', 0)} refused) · logs {src.get('log_lines', 0):,} lines, "
+               f"{src.get('log_rotations', 0)} rotations")
+    return Group(Text(title, style="bold", overflow="ellipsis", no_wrap=True), grid, "", tasks, *errors,
+                 Text(sources, overflow="ellipsis", no_wrap=True))
 
 
 def plain_line(snap: Snapshot, elapsed: float) -> str:
@@ -335,6 +370,7 @@ class DemoOptions:
     log_dir: Path | None
     verbose: bool
     keep_services: bool = False
+    metrics_port: int | None = 0
 
 
 def demo_env(services: Services, sources: DemoSources, token: str) -> dict[str, str]:
@@ -360,7 +396,8 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
     from pipeline.demo_sources import DemoSources
     from pipeline.errors import ConfigError
     from pipeline.logs import setup_logging
-    from pipeline.task import run_tasks
+    from pipeline.server import Telemetry
+    from pipeline.task import kind_of, run_tasks
 
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
@@ -375,6 +412,7 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
     token = os.environ.get("SOPHIA_API_TOKEN") or secrets.token_urlsafe(16)
     sources = DemoSources(log_dir=log_dir, token=token, rate=opts.rate, rotate_bytes=DEMO_ROTATE_BYTES)
     endpoints: Endpoints | None = None
+    telemetry: Telemetry | None = None
     tty = console.is_terminal
     try:
         await sources.start()
@@ -389,6 +427,15 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
         if opts.interval > 0:
             for capture in catalog.captures.values():
                 capture.interval = min(capture.interval, opts.interval)
+        if opts.metrics_port is not None:
+            telemetry = Telemetry({n: kind_of(catalog, n) for n in catalog.task_names()}, kafka=catalog.kafka)
+            try:
+                await telemetry.start("127.0.0.1", opts.metrics_port)
+            except OSError as e:
+                err_console.print(f"[bold red]error:[/] cannot serve metrics on 127.0.0.1:{opts.metrics_port}: "
+                                  f"{escape(e.strerror or str(e))}", highlight=False)
+                return 2
+        print_exports(services, opts.catalog, catalog, telemetry)
         endpoints = Endpoints(catalog, services)
         baseline = await endpoints.counts()
         first = take_snapshot(catalog, baseline, sources.stats())
@@ -409,7 +456,8 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
                 snap = take_snapshot(catalog, await endpoints.counts(), sources.stats())
                 if live is not None:
                     left = f", {opts.duration - elapsed:.0f}s left" if opts.duration else ""
-                    live.update(render(catalog, snap, window[0], f"{title}: {elapsed:.0f}s{left} (Ctrl-C stops)"))
+                    live.update(render(catalog, snap, window[0], f"{title}: {elapsed:.0f}s{left} (Ctrl-C stops)",
+                                       endpoints.targets))
                 elif elapsed - last_plain >= PLAIN_EVERY_S:
                     print(plain_line(snap, elapsed), flush=True)
                     last_plain = elapsed
@@ -425,10 +473,12 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
         final = await endpoints.counts()
         snap = take_snapshot(catalog, final, sources.stats())
         console.print(render(catalog, snap, first, f"{title}: ran {time.monotonic() - started:.0f}s "
-                                                   "(rates are averages)"))
+                                                   "(rates are averages)", endpoints.targets))
         _print_how_to_query(catalog, services, endpoints, opts.keep_services)
         return _verdict(catalog, baseline, final, snap)
     finally:
+        if telemetry is not None:
+            await telemetry.stop()
         if endpoints is not None:
             await endpoints.close()
         await sources.stop()
@@ -479,6 +529,36 @@ def _verdict(catalog: Catalog, baseline: dict[tuple[str, str], int | None],
     return 0
 
 
+def export_lines(services: Services) -> list[str]:
+    """``export`` lines that point a shell (preview, status, psql...) at the demo's embedded servers.
+
+    External servers are left out: the shell that started the demo already names them.
+    """
+    env = services.env()
+    groups = {"kafka": ["KAFKA_BOOTSTRAP_SERVERS"], "postgres": ["POSTGRES_URL"], "redis": ["REDIS_URL"],
+              "s3": ["S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]}
+    return ["export " + " ".join(f"{k}={shlex.quote(env[k])}" for k in groups[s.name])
+            for s in services if not s.external]
+
+
+def print_exports(services: Services, path: Path, catalog: Catalog, telemetry: Telemetry | None) -> None:
+    """Where the demo's servers and metrics are, as lines to paste in another shell."""
+    lines = export_lines(services)
+    if telemetry is not None:
+        console.print(f"metrics on {telemetry.url}/metrics (and /status: `localflow status` finds this demo)",
+                      highlight=False, markup=False, soft_wrap=True)
+    if not lines:
+        return
+    first = next(iter(catalog.collections), "COLLECTION")
+    console.print("To use its servers from another shell:", highlight=False)
+    for line in lines:
+        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    uses = [f"localflow status {path}", f"localflow preview {first} --catalog {path} --from-beginning -n 5"]
+    if not services.postgres.external:
+        uses.append('psql "$POSTGRES_URL"')
+    console.print("then: " + " · ".join(uses), highlight=False, markup=False, soft_wrap=True)
+
+
 def _print_how_to_query(catalog: Catalog, services: Services, endpoints: Endpoints, kept: bool) -> None:
     """Command lines that read what the run wrote, with the real hosts and ports (never a password)."""
     lines = []
@@ -510,6 +590,10 @@ def _print_how_to_query(catalog: Catalog, services: Services, endpoints: Endpoin
         console.print(f"  (the embedded {', '.join(embedded)} stop when the demo ends: add --keep-services to "
                       "query them, or point the demo at your own servers with KAFKA_BOOTSTRAP_SERVERS, "
                       "POSTGRES_URL, REDIS_URL, S3_ENDPOINT_URL)", highlight=False)
+    elif embedded:
+        console.print("\n[bold]Its servers stay up:[/]", highlight=False)
+        for line in export_lines(services):
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,9 +628,14 @@ def demo_command(
     rate: float = typer.Option(5.0, min=0.1, help="Records per second the simulated Sophia API creates."),
     log_dir: Path | None = typer.Option(None, file_okay=False, help="Where the simulated agents write their "
                                         "logs (default: a temporary directory, removed at the end)."),
-    keep_services: bool = typer.Option(False, "--keep-services", help="After the run, keep the embedded "
-                                       "servers up until Ctrl-C, so the printed psql / redis-cli / aws "
-                                       "commands work."),
+    keep_services: bool | None = typer.Option(
+        None, "--keep-services/--no-keep-services",
+        help="After the run, keep the embedded servers up (until Enter on a terminal, else until Ctrl-C or "
+             "SIGTERM), so `localflow preview`, `status` and the printed psql / redis-cli / aws commands work "
+             "against them. Default: on a terminal, keep them."),
+    metrics_port: int = typer.Option(
+        0, "--metrics-port", min=0, max=65535, help="Serve /metrics and /status on this port of 127.0.0.1 while the tasks run "
+                                  "(0: any free port, printed)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the tasks' INFO logs, not only warnings."),
 ) -> None:
     """Run a catalog end to end on embedded services and simulated sources, with a live view.
@@ -556,13 +645,17 @@ def demo_command(
     anything there); starts a simulated Sophia AI API, agent log writer and /metrics endpoint;
     points SOPHIA_API_URL, SOPHIA_API_TOKEN, SOPHIA_METRICS_URL, SOPHIA_AGENT_LOG_DIR,
     POSTGRES_*, REDIS_*, S3_* and AWS_* at them; and runs every task of the catalog in this
-    process. Shows documents per collection, rows, keys and objects written, lag and rates; ends
-    after --duration or Ctrl-C / SIGTERM (tasks flush first), then prints how to query the
-    results. Exits 1, naming it, if a materialization wrote nothing.
+    process. Prints the `export ...` lines that point another shell (localflow preview, status,
+    psql) at its servers and serves /metrics. Shows documents per collection, rows, keys and
+    objects written, lag (documents) and rates, within 80x24; ends after --duration or Ctrl-C /
+    SIGTERM (tasks flush first), then prints how to query the results. On a terminal the
+    servers then stay up until Enter. Exits 1, naming it, if a materialization wrote nothing.
 
     Example: localflow demo examples/sophia/flow.yaml --duration 2m
     """
-    opts = DemoOptions(catalog, _duration(duration), _duration(interval), rate, log_dir, verbose, keep_services)
+    interactive = sys.stdin.isatty() and console.is_terminal
+    keep = interactive if keep_services is None else keep_services
+    opts = DemoOptions(catalog, _duration(duration), _duration(interval), rate, log_dir, verbose, keep, metrics_port)
     if not catalog.is_file():
         err_console.print(f"[bold red]error:[/] catalog {escape(str(catalog))} not found (run from the repository root, or "
                           "pass the path of a flow.yaml)")
@@ -574,13 +667,17 @@ def demo_command(
         names = ", ".join(f"{s.name} ({'external' if s.external else 'embedded'})" for s in services)
         with console.status(f"starting services: {names}"):
             services.start()
+        console.print("services: " + ", ".join(s.label for s in services), highlight=False)
         _warn_mixed(services)
         code = asyncio.run(run_demo(opts, services))
         signal.signal(signal.SIGTERM, _raise_terminated)  # the event loop reset it on exit
-        if keep_services and any(not s.external for s in services):
-            console.print("The embedded servers stay up; press Ctrl-C to stop them.")
-            with contextlib.suppress(KeyboardInterrupt, _Terminated):
-                signal.pause()
+        if keep and code != 2 and any(not s.external for s in services):
+            with contextlib.suppress(KeyboardInterrupt, _Terminated, EOFError):
+                if interactive:
+                    input("Press Enter to stop them. ")
+                else:
+                    console.print("Ctrl-C or SIGTERM stops them.", highlight=False)
+                    signal.pause()
     except ServiceError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
     except (KeyboardInterrupt, _Terminated):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.catalog import Catalog
 from pipeline.connector import Check
+from pipeline.logs import describe, redact
 
 ESTUARY_HOST = "api.estuary.dev"
 ESTUARY_TOKEN_ENVS = ("ESTUARY_ACCESS_TOKEN", "ESTUARY_JWT_TOKEN")
@@ -33,20 +35,65 @@ ESTUARY_TOKEN_LIFETIME = 14 * 86400
 """The seed: Estuary access tokens expire after 14 days (used when a token has no ``exp``)."""
 
 
+NO_BROKER_HINT = "no broker? try localflow demo --keep-services"
+"""Printed under a failed Kafka check: the demo's embedded services, kept up, with their export lines."""
+KAFKA_CHECK = "kafka "
+
+
 @dataclass(frozen=True)
 class Line:
-    """One printed line: a check and whether it ran (``SKIP`` when nothing could be checked)."""
+    """One printed line: OK, FAIL (a required check failed), WARN (an optional one did), or SKIP
+    (nothing could be checked)."""
 
-    state: Literal["OK", "FAIL", "SKIP"]
+    state: Literal["OK", "FAIL", "WARN", "SKIP"]
     check: Check
 
     @property
     def blocking(self) -> bool:
-        return self.state == "FAIL" and self.check.required
+        return self.state == "FAIL"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"state": self.state, "check": self.check.name, "detail": tidy(self.check.detail),
+                "required": self.check.required}
 
 
 def line(check: Check) -> Line:
-    return Line("OK" if check.ok else "FAIL", check)
+    return Line("OK" if check.ok else "FAIL" if check.required else "WARN", check)
+
+
+def kafka_failed(lines: list[Line]) -> bool:
+    return any(ln.check.name.startswith(KAFKA_CHECK) and ln.state == "FAIL" for ln in lines)
+
+
+_REFUSED = re.compile(r"(?:\w+Error: )?(?:\[Errno 111\]|Error 111 connecting to \S+) "
+                      r"Connect call failed \('([^']*)', (\d+)(?:, \d+, \d+)?\)\.?")
+"""asyncio's refusal as drivers quote it, with its address as a tuple (asyncpg, redis-py)."""
+
+
+def tidy(detail: str) -> str:
+    """A connector's detail without the Python tuple of asyncio's refusal: ``connection refused by HOST:PORT``."""
+    return _REFUSED.sub(lambda m: f"connection refused by {m[1]}:{m[2]}", detail)
+
+
+def render(lines: list[Line]) -> list[str]:
+    """The report as printed: one line per check, a summary, and a hint when no broker answered."""
+    width = max(len(ln.check.name) for ln in lines)
+    out = [redact(f"{ln.state:<4}  {ln.check.name:<{width}}  {tidy(ln.check.detail)}".rstrip()) for ln in lines]
+    failed = sum(ln.blocking for ln in lines)
+    warned = sum(ln.state == "WARN" for ln in lines)
+    summary = f"{failed} required check(s) failed" if failed else "all required checks passed"
+    out.append(summary + (f", {warned} optional check(s) warned" if warned else ""))
+    if kafka_failed(lines):
+        out.append(NO_BROKER_HINT)
+    return out
+
+
+def as_json(lines: list[Line]) -> dict[str, object]:
+    """``--output json``: every check, and the same verdict as the exit code."""
+    return {"ok": not any(ln.blocking for ln in lines),
+            "failed": sum(ln.blocking for ln in lines), "warned": sum(ln.state == "WARN" for ln in lines),
+            "checks": [{k: redact(v) if isinstance(v, str) else v for k, v in ln.as_dict().items()} for ln in lines],
+            "hint": NO_BROKER_HINT if kafka_failed(lines) else None}
 
 
 async def check_kafka(catalog: Catalog, timeout: float) -> Check:  # noqa: ASYNC109
@@ -57,10 +104,11 @@ async def check_kafka(catalog: Catalog, timeout: float) -> Check:  # noqa: ASYNC
             await admin.start()
             topics = await admin.list_topics()
     except (KafkaError, OSError, TimeoutError) as e:
-        return Check(f"kafka {servers}", False, f"unreachable: {type(e).__name__}: {e}".rstrip(": "))
+        why = f"no answer within {timeout:g}s" if isinstance(e, TimeoutError) else describe(e)
+        return Check(KAFKA_CHECK + servers, False, f"unreachable: {why}")
     finally:
         await admin.close()
-    return Check(f"kafka {servers}", True, f"answered, {len(topics)} topics")
+    return Check(KAFKA_CHECK + servers, True, f"answered, {len(topics)} topics")
 
 
 async def check_endpoints(catalog: Catalog, timeout: float) -> list[Line]:  # noqa: ASYNC109
@@ -80,7 +128,7 @@ async def check_endpoints(catalog: Catalog, timeout: float) -> list[Line]:  # no
         except TimeoutError:
             checks = [Check(spec.connector, False, f"no answer within {timeout:g}s")]
         except Exception as e:  # noqa: BLE001 - a broken hook is a failed check, not a crash
-            checks = [Check(spec.connector, False, f"check failed: {type(e).__name__}: {e}")]
+            checks = [Check(spec.connector, False, f"check failed: {describe(e)}")]
         out.extend(line(Check(f"{name}: {c.name}", c.ok, c.detail, c.required)) for c in checks)
     return out
 
@@ -91,7 +139,7 @@ async def check_estuary(host: str, timeout: float) -> list[Check]:  # noqa: ASYN
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as e:
-        why = f"{type(e).__name__}: {e}".rstrip(": ")
+        why = "no answer in time" if isinstance(e, TimeoutError) else (e.strerror or describe(e)).lower()
         return [Check(f"estuary dns {host}", False, f"does not resolve ({why}); localflow runs without it",
                       required=False),
                 Check(f"estuary https {host}", False, "not tried: the name does not resolve", required=False)]
@@ -101,7 +149,7 @@ async def check_estuary(host: str, timeout: float) -> list[Check]:  # noqa: ASYN
         async with httpx.AsyncClient(timeout=timeout) as client:
             response = await client.get(f"https://{host}/")
     except httpx.HTTPError as e:
-        checks.append(Check(f"estuary https {host}", False, f"unreachable: {type(e).__name__}: {e}", required=False))
+        checks.append(Check(f"estuary https {host}", False, f"unreachable: {describe(e)}", required=False))
     else:
         checks.append(Check(f"estuary https {host}", True, f"answered HTTP {response.status_code}", required=False))
     return checks

@@ -123,11 +123,14 @@ class TextFormatter(logging.Formatter):
         return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def setup_logging(fmt: LogFormat = "text", level: str | int = "INFO", stream: TextIO | None = None) -> None:
+def setup_logging(fmt: LogFormat = "text", level: str | int = "INFO", stream: TextIO | None = None,
+                  *, quiet_clients: bool = False) -> None:
     """Route every logger through one redacting handler on ``stream`` (stderr by default).
 
     Text on a terminal is rendered by rich; text to a pipe or file and JSON are one line each.
     Call again to switch format (e.g. in tests); the environment is re-read for secrets.
+    ``quiet_clients``: the Kafka client logs nothing; for one-shot commands (doctor, preview,
+    status, test) that report each failure once, in their own words (``describe``).
     """
     global _redactor
     _redactor = Redactor()
@@ -154,4 +157,37 @@ def setup_logging(fmt: LogFormat = "text", level: str | int = "INFO", stream: Te
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # aiokafka reports every retried connection at WARNING/ERROR; the task's own error says enough.
-    logging.getLogger("aiokafka").setLevel(max(root.level, logging.WARNING))
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL + 1 if quiet_clients else max(root.level, logging.WARNING))
+
+
+_ADDRESS = re.compile(r"\('([^']*)', (\d+)")
+"""``('127.0.0.1', 9092`` in aiokafka's "Unable to bootstrap from [('127.0.0.1', 9092, <AddressFamily...>)]"."""
+
+
+def no_broker(error: BaseException) -> BaseException | None:
+    """The Kafka client's "no broker answered" error in ``error``'s chain of causes, if any."""
+    from aiokafka.errors import KafkaConnectionError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KafkaConnectionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe(error: BaseException) -> str:
+    """One line a user reads for ``error``: what failed, where, without Python reprs.
+
+    A Kafka client that found no broker becomes ``no Kafka broker answers at HOST:PORT`` (from
+    whichever error of the chain is aiokafka's); other errors keep their message, redacted, or
+    show their type's name when they have none.
+    """
+    unreachable = no_broker(error)
+    if unreachable is not None:
+        where = ", ".join(f"{h}:{p}" for h, p in _ADDRESS.findall(str(unreachable)))
+        return f"no Kafka broker answers at {where}" if where else "no Kafka broker answers"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    text = redact(str(error).strip())
+    return text or type(error).__name__

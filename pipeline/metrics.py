@@ -1,5 +1,9 @@
 """Every metric localflow exports, in one place and one naming scheme (``localflow_*``).
 
+Names follow Prometheus' naming guide: the unit last, in the plural (``_documents``,
+``_bytes``, ``_seconds``), then ``_total`` for counters (added by prometheus_client); a time
+is a ``_timestamp_seconds`` gauge whose age the query computes (``time() - ...``).
+
 Labels: ``task`` (catalog task name), ``collection`` (collection name), ``topic``/``partition``
 for per-partition gauges. Use these objects; never create metrics elsewhere.
 """
@@ -9,25 +13,24 @@ from __future__ import annotations
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import REGISTRY, Collector
 
-DOCS_IN = Counter("localflow_documents_in", "Documents read by a task, per input collection.",
+DOCS_IN = Counter("localflow_input_documents", "Documents read by a task, per input collection.",
                   ["task", "collection"])
-DOCS_OUT = Counter("localflow_documents_out", "Documents written by a task, per output collection or binding.",
+DOCS_OUT = Counter("localflow_output_documents", "Documents written by a task, per output collection or binding.",
                    ["task", "collection"])
-BYTES_IN = Counter("localflow_bytes_in", "Bytes read by a task (source bytes for captures).",
+BYTES_IN = Counter("localflow_input_bytes", "Bytes read by a task (source bytes for captures).",
                    ["task", "collection"])
-BYTES_OUT = Counter("localflow_bytes_out", "Bytes written by a task.", ["task", "collection"])
-DEAD_LETTERS = Counter("localflow_dead_letters", "Documents sent to a dead-letter topic, by reason.",
+BYTES_OUT = Counter("localflow_output_bytes", "Bytes written by a task.", ["task", "collection"])
+DEAD_LETTERS = Counter("localflow_dead_letter_documents", "Documents sent to a dead-letter topic, by reason.",
                        ["task", "collection", "reason"])
 ERRORS = Counter("localflow_errors", "Errors by kind (auth, source, endpoint, config, fenced, internal).",
                  ["task", "kind"])
-CONSUMER_LAG = Gauge("localflow_consumer_lag", "Fetch high watermark minus the task's checkpoint, per partition.",
+CONSUMER_LAG = Gauge("localflow_consumer_lag_documents",
+                     "Fetch high watermark minus the task's checkpoint, per partition, in documents.",
                      ["task", "topic", "partition"])
 CAPTURE_LAG = Gauge("localflow_capture_lag_seconds", "Now minus the newest source timestamp a capture wrote.",
                     ["task"])
-BATCH_SIZE = Histogram("localflow_batch_size", "Documents per applied batch.", ["task"],
+BATCH_SIZE = Histogram("localflow_batch_documents", "Documents per applied batch.", ["task"],
                        buckets=(1, 10, 100, 500, 1000, 5000, 10000, 50000))
 BATCH_SECONDS = Histogram("localflow_batch_duration_seconds", "Time to apply one batch.", ["task"],
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -40,32 +43,19 @@ TASK_RESTARTS = Counter("localflow_task_restarts", "Times a task was restarted a
 TASK_INFO = Gauge("localflow_task_info", "1 for each task this process runs; `type` is capture, derivation or "
                   "materialization (alerts join on it).", ["task", "type"])
 TASK_UP = Gauge("localflow_task_up", "1 while a task is running, 0 after it failed or stopped.", ["task"])
+LAST_CHECKPOINT = Gauge("localflow_last_checkpoint_timestamp_seconds",
+                        "When the task last committed a checkpoint (Unix time; its age is time() minus this).",
+                        ["task"])
 
-
-class _CheckpointAge(Collector):
-    """Seconds since each task last committed a checkpoint, computed at scrape time."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-
-    def collect(self):  # noqa: ANN201 - prometheus_client protocol
-        family = GaugeMetricFamily("localflow_checkpoint_age_seconds",
-                                   "Seconds since the task last committed a checkpoint.", labels=["task"])
-        now = time.time()
-        for task, at in self.last.items():
-            family.add_metric([task], now - at)
-        yield family
-
-
-_CHECKPOINTS = _CheckpointAge()
-REGISTRY.register(_CHECKPOINTS)
+_checkpoints: dict[str, float] = {}
 
 
 def checkpointed(task: str) -> None:
     """Record that ``task`` just committed a checkpoint."""
-    _CHECKPOINTS.last[task] = time.time()
+    _checkpoints[task] = now = time.time()
+    LAST_CHECKPOINT.labels(task).set(now)
 
 
 def checkpoint_times() -> dict[str, float]:
     """Epoch seconds of each task's last checkpoint (for `status` and `/readyz`)."""
-    return dict(_CHECKPOINTS.last)
+    return dict(_checkpoints)

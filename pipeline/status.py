@@ -5,19 +5,24 @@ Two sources, each for what it knows:
   checkpoint, which for derivations and materializations is the group ``localflow.<task>``'s
   committed offset (read per partition, without joining the group); capture checkpoints are
   the last record of ``localflow.checkpoints.<task>`` (their write time gives the checkpoint age);
-* the workers, for the rest: each `localflow run --metrics-port P` serves ``/status``;
-  ``--worker http://host:P`` (or LOCALFLOW_WORKERS) names them. A task no worker reports is
-  shown as not running when workers were given, and as unknown when none were.
+* the workers, for the rest: each `localflow run --metrics-port P` serves ``/status``.
+  ``--worker http://host:P`` (or LOCALFLOW_WORKERS) names them; without, they are found in
+  the worker registry (``localflow.workers``, see ``pipeline.server``), which lists every live
+  worker of the cluster. A task no worker reports is shown as not running when some worker
+  was asked, and as unknown when none was found.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
+from aiokafka.errors import KafkaError
 from rich import box
 from rich.console import Group
 from rich.markup import escape
@@ -27,10 +32,15 @@ from rich.table import Table
 from pipeline.catalog import Catalog
 from pipeline.checkpoint import KafkaCheckpoints
 from pipeline.collection import Collection
+from pipeline.doctor import NO_BROKER_HINT
 from pipeline.errors import CheckpointError, EndpointError
-from pipeline.logs import redact
-from pipeline.offsets import high_watermarks, partitions_of, probe_consumer
+from pipeline.logs import describe, no_broker, redact
+from pipeline.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
+from pipeline.server import HEARTBEAT_S, REGISTRY_TOPIC
 from pipeline.task import kind_of
+
+REGISTRY_TAIL = 1000
+"""Registry records read back from its end: at one per worker per HEARTBEAT_S, minutes of history."""
 
 
 @dataclass
@@ -68,6 +78,56 @@ class StatusReport:
     tasks: list[TaskReport]
     problems: list[str]
     at: float
+    workers: list[str] = field(default_factory=list)
+    """The workers asked for their /status."""
+    discovered: bool = False
+    """Whether they came from the registry (no --worker given)."""
+    kafka_down: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        """``--output json``: the same facts as the text, in numbers (epoch seconds, documents)."""
+        return {"at": self.at, "workers": self.workers, "discovered": self.discovered,
+                "problems": [redact(p) for p in self.problems],
+                "tasks": [{"name": t.name, "kind": t.kind, "running": t.running, "workers": t.workers,
+                           "docs_per_second": t.docs_per_second, "checkpoint_at": t.checkpoint_at,
+                           "last_error": redact(t.last_error) if t.last_error else None,
+                           "last_error_at": t.last_error_at, "targets": t.targets,
+                           "lag": sum(p.lag for p in t.partitions) if t.partitions else None,
+                           "partitions": [{"collection": p.collection, "partition": p.partition, "end": p.end,
+                                           "checkpoint": p.checkpoint, "lag": p.lag} for p in t.partitions],
+                           "missing_topics": t.missing_topics} for t in self.tasks]}
+
+
+async def discover(catalog: Catalog, now: float | None = None) -> list[str]:
+    """The /status URLs of the catalog's live workers, from the tail of the worker registry.
+
+    A worker is live when its last record is recent (within three heartbeats) and does not say
+    it stopped, and it runs a task of this catalog.
+    """
+    now = time.time() if now is None else now
+    latest: dict[bytes, dict[str, Any]] = {}
+    async with probe_consumer(catalog.kafka, partition_fetch_bytes=1024 * 1024) as consumer:
+        tps = await partitions_of(consumer, REGISTRY_TOPIC)
+        if not tps:
+            return []
+        ends = await high_watermarks(consumer, tps)
+        begins = await beginning_offsets(consumer, tps)
+        for tp in tps:
+            consumer.seek(tp, max(begins[tp], ends[tp] - REGISTRY_TAIL))
+        pending = {tp for tp in tps if ends[tp] > begins[tp]}
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            for tp, messages in (await consumer.getmany(*pending, timeout_ms=200)).items():
+                for m in messages:
+                    if m.offset < ends[tp] and m.key:
+                        with contextlib.suppress(orjson.JSONDecodeError):
+                            latest[m.key] = orjson.loads(m.value or b"null")
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+    tasks = set(catalog.task_names())
+    return sorted({w["url"] for w in latest.values()
+                   if isinstance(w, dict) and not w.get("stopped") and isinstance(w.get("url"), str)
+                   and now - float(w.get("heartbeat_at") or 0) <= 3 * HEARTBEAT_S
+                   and tasks & set(w.get("tasks") or ())})
 
 
 async def worker_status(urls: list[str], timeout: float = 3.0) -> tuple[list[dict[str, Any]], list[str]]:  # noqa: ASYNC109
@@ -80,7 +140,7 @@ async def worker_status(urls: list[str], timeout: float = 3.0) -> tuple[list[dic
                 response.raise_for_status()
                 answers.append(response.json())
             except (httpx.HTTPError, ValueError) as e:
-                problems.append(f"worker {url} did not answer /status: {type(e).__name__}: {e}")
+                problems.append(f"worker {url} did not answer /status: {describe(e)}")
 
         await asyncio.gather(*(one(u) for u in urls))
     return answers, problems
@@ -94,9 +154,20 @@ def inputs_of(catalog: Catalog, task: str) -> list[str]:
     return list(dict.fromkeys(t.source for t in derive.transforms)) if derive else []
 
 
-async def gather(catalog: Catalog, workers: list[str]) -> StatusReport:
-    """One report per task of the catalog."""
-    answers, problems = await worker_status(workers) if workers else ([], [])
+async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
+    """One report per task of the catalog; ``workers`` None: those of the registry."""
+    problems: list[str] = []
+    discovered = workers is None
+    kafka_down = False
+    if workers is None:
+        try:
+            workers = await discover(catalog)
+        except (EndpointError, KafkaError) as e:
+            problems.append(f"cannot read the worker registry: {describe(e)}")
+            kafka_down = no_broker(e) is not None
+            workers = []
+    answers, unanswered = await worker_status(workers) if workers else ([], [])
+    problems += unanswered
     reports = {name: TaskReport(name, kind_of(catalog, name)) for name in catalog.task_names()}
     for name, capture in catalog.captures.items():
         reports[name].targets = [b.target for b in capture.bindings]
@@ -115,12 +186,14 @@ async def gather(catalog: Catalog, workers: list[str]) -> StatusReport:
             report.checkpoint_at = _latest(report.checkpoint_at, t.get("checkpoint_at"))
             if t.get("last_error") and (t.get("last_error_at") or 0) >= (report.last_error_at or 0):
                 report.last_error, report.last_error_at = t["last_error"], t.get("last_error_at")
-    try:
-        await _lags(catalog, reports)
-        await _capture_checkpoints(catalog, reports)
-    except EndpointError as e:
-        problems.append(str(e))
-    return StatusReport(list(reports.values()), problems, time.time())
+    if not kafka_down:
+        try:
+            await _lags(catalog, reports)
+            await _capture_checkpoints(catalog, reports)
+        except (EndpointError, KafkaError) as e:
+            problems.append(f"lag unknown: {describe(e)}")
+            kafka_down = no_broker(e) is not None
+    return StatusReport(list(reports.values()), problems, time.time(), workers, discovered, kafka_down)
 
 
 async def _lags(catalog: Catalog, reports: dict[str, TaskReport]) -> None:
@@ -178,9 +251,14 @@ def ago(at: float | None, now: float) -> str:
 def render(report: StatusReport) -> Group:
     """Per task a heading line (running, docs/s, checkpoint age), its partitions' lag, its last error."""
     parts: list[Any] = [f"[yellow]![/] {escape(redact(p))}" for p in report.problems]
+    if report.kafka_down:
+        parts.append(NO_BROKER_HINT)
+    elif report.discovered:
+        parts.append(f"{len(report.workers)} worker(s) in {REGISTRY_TOPIC}" if report.workers else
+                     f"no live worker in {REGISTRY_TOPIC} (workers register when run with --metrics-port)")
     for t in report.tasks:
         if t.running is None:
-            running = "running: unknown (pass --worker)"
+            running = "running: unknown"
         elif t.running:
             running = f"[green]running[/] on {t.workers} worker{'s' if t.workers != 1 else ''}"
         else:
@@ -191,9 +269,11 @@ def render(report: StatusReport) -> Group:
         parts.append(f"\n[bold]{t.name}[/] ({t.kind}) · {running} · {rate} · checkpoint {checkpoint}")
         if t.kind == "capture":
             parts.append(f"  writes to {', '.join(t.targets)}")
+        elif not t.partitions and not t.missing_topics:
+            parts.append("  lag unknown")
         else:
             table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-            for column in ("collection", "partition", "end", "checkpoint", "lag"):
+            for column in ("collection", "partition", "end", "checkpoint", "lag (docs)"):
                 table.add_column(column, justify="left" if column == "collection" else "right")
             for p in t.partitions:
                 table.add_row(p.collection, str(p.partition), str(p.end),

@@ -54,6 +54,18 @@ def write_catalog(path: Path, catalog: dict[str, Any]) -> Path:
     return path
 
 
+def redis_catalog(tmp_path: Path, name: str) -> Path:
+    """A collection ``NAME/docs`` and a Redis materialization ``NAME/cache`` reading it (a task
+    with a consumer group), on KAFKA_BOOTSTRAP_SERVERS and REDIS_URL."""
+    return write_catalog(tmp_path / "flow.yaml", {
+        "kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
+        "collections": {f"{name}/docs": {"schema": DOC_SCHEMA, "key": ["/id"]}},
+        "materializations": {f"{name}/cache": {
+            "endpoint": {"redis": {"url": "${REDIS_URL}"}},
+            "bindings": [{"source": f"{name}/docs", "resource": {"key": "k:{/id}"}}]}},
+    })
+
+
 class Worker:
     """A `localflow run` process; stderr goes to a file the test can read while it runs."""
 

@@ -601,20 +601,30 @@ def _key_value(raw: bytes | None) -> Any:
 
 
 async def read_topics(bootstrap: str, collections: Iterable[str] = COLLECTIONS) -> dict[str, TopicContent]:
-    kafka = KafkaConfig(bootstrap_servers=bootstrap)
-    out: dict[str, TopicContent] = {}
-    for c in collections:
-        content = TopicContent()
-        for r in await read_to_end(kafka, topic(c), timeout=60):
+    """Every record and dead letter of the collections, read from the start."""
+    kafka, nexts = KafkaConfig(bootstrap_servers=bootstrap), {}
+    out = {c: TopicContent() for c in collections}
+    for c, content in out.items():
+        await _read_new(kafka, c, content, nexts)
+    return out
+
+
+async def _read_new(kafka: KafkaConfig, collection: str, content: TopicContent,
+                    nexts: dict[str, dict[int, int]]) -> None:
+    """Append to `content` what the collection and its dead letters got past `nexts` (topic ->
+    partition -> next offset, advanced here), so a census of a growing topic reads each record once."""
+    for name, dead in ((topic(collection), False), (topic(collection) + ".dead", True)):
+        seen = nexts.setdefault(name, {})
+        for r in await read_to_end(kafka, name, timeout=60, from_offsets=seen):
+            seen[r.partition] = r.offset + 1
+            if dead:
+                content.dead.append(orjson.loads(r.value))
+                continue
             try:
                 doc = orjson.loads(r.value)
             except orjson.JSONDecodeError:
                 doc = None
             content.messages.append((r.partition, r.offset, _key_value(r.key), doc if isinstance(doc, dict) else None))
-        for r in await read_to_end(kafka, topic(c) + ".dead", timeout=60):
-            content.dead.append(orjson.loads(r.value))
-        out[c] = content
-    return out
 
 
 def dead_key(envelope: dict[str, Any], collection: str) -> Any:
@@ -727,9 +737,15 @@ class Census:
         self.postgres_url = postgres_url
         self.redis_url = redis_url
         self.archive = ArchiveReader(s3_endpoint)
+        self._kafka = KafkaConfig(bootstrap_servers=bootstrap)
+        self._content = {c: TopicContent() for c in COLLECTIONS}
+        self._next: dict[str, dict[int, int]] = {}
 
     async def topics(self) -> dict[str, TopicContent]:
-        return await read_topics(self.bootstrap)
+        """What every collection holds now; only records new since the last look are fetched."""
+        for c, content in self._content.items():
+            await _read_new(self._kafka, c, content, self._next)
+        return {c: TopicContent(messages=list(t.messages), dead=list(t.dead)) for c, t in self._content.items()}
 
     async def endpoints(self) -> Endpoints:
         out = Endpoints()
@@ -743,7 +759,7 @@ class Census:
                 out.postgres[collection] = [r[0] for r in rows]
         finally:
             await conn.close()
-        redis = Redis.from_url(self.redis_url, socket_timeout=10)
+        redis = Redis.from_url(self.redis_url, socket_timeout=60)
         try:
             for collection, prefix in REDIS_PREFIXES.items():
                 ids = set()

@@ -88,7 +88,7 @@ BROKEN: dict[str, tuple[str, str]] = {
     endpoint: {ftp: {}}
     bindings: [{target: acme/events}]
 """),
-        "captures.acme/poll.endpoint: unknown connector 'ftp'; known captures:",
+        "captures.acme/poll.endpoint.ftp: unknown connector 'ftp'; valid: files, http, prometheus",
     ),
     "binding to undeclared collection": (
         catalog_text(captures=HTTP_CAPTURE.format(interval="5m", target="acme/nope")),

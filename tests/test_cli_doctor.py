@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from pipeline.services import free_port
-from tests.cli_support import DOC_SCHEMA, ROOT, cli_env, localflow, write_catalog
+from tests.cli_support import ROOT, cli_env, localflow, redis_catalog
 
 
 def jwt(**claims: int) -> str:
@@ -20,16 +20,6 @@ def jwt(**claims: int) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
 
     return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'sub': 'sophia', **claims})}.c2lnbmF0dXJlLW5vdC1jaGVja2Vk"
-
-
-def redis_catalog(tmp_path: Path, name: str) -> Path:
-    return write_catalog(tmp_path / "flow.yaml", {
-        "kafka": {"bootstrap_servers": "${KAFKA_BOOTSTRAP_SERVERS}"},
-        "collections": {f"{name}/docs": {"schema": DOC_SCHEMA, "key": ["/id"]}},
-        "materializations": {f"{name}/cache": {
-            "endpoint": {"redis": {"url": "${REDIS_URL}"}},
-            "bindings": [{"source": f"{name}/docs", "resource": {"key": "k:{/id}"}}]}},
-    })
 
 
 def line_of(out: str, check: str) -> str:
@@ -49,7 +39,8 @@ def test_doctor_passes_with_kafka_and_endpoints_up_while_estuary_is_only_reporte
     assert re.search(r"estuary token ESTUARY_ACCESS_TOKEN\s+valid until \S+ \S+ UTC \(in 3\.0 days\)", out), out
     assert re.search(r"^OK\s+estuary refresh token\s+ESTUARY_REFRESH_TOKEN is present", out, re.M), out
     assert "estuary dns api.estuary.dev" in out and "estuary https api.estuary.dev" in out
-    assert out.rstrip().endswith("all required checks passed")
+    assert out.splitlines()[-1].startswith("all required checks passed")
+    assert "no broker?" not in out
 
 
 def test_doctor_exits_1_naming_kafka_when_the_broker_is_unreachable(
@@ -61,14 +52,48 @@ def test_doctor_exits_1_naming_kafka_when_the_broker_is_unreachable(
     assert "1 required check(s) failed" in result.stdout
 
 
+def test_with_nothing_running_each_check_is_one_clean_line_optional_ones_warn_and_a_hint_closes(
+        tmp_path: Path, unique_name: Callable[..., str]) -> None:
+    kafka, redis = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    name = unique_name()
+    result = localflow("doctor", str(redis_catalog(tmp_path, name)), "--timeout", "2",
+                       env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL=f"redis://{redis}/0",
+                                   ESTUARY_ACCESS_TOKEN="", ESTUARY_JWT_TOKEN="", ESTUARY_REFRESH_TOKEN=""))
+    assert result.returncode == 1
+    assert result.stderr == "", "no log line of a client library"
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(rf"FAIL  kafka {kafka} +unreachable: no Kafka broker answers at {kafka}", lines[0]), lines[0]
+    assert re.fullmatch(rf"FAIL  {name}/cache: redis redis://{redis}/0 +unreachable: connection refused by {redis}",
+                        lines[1]), lines[1]
+    assert re.fullmatch(r"WARN  estuary refresh token +ESTUARY_REFRESH_TOKEN is not set", lines[-3]), lines[-3]
+    assert all(ln[:6] in ("OK    ", "FAIL  ", "WARN  ", "SKIP  ") for ln in lines[:-2])
+    assert not any("(not required)" in ln or "<" in ln or "Error:" in ln for ln in lines), "no reprs, no type names"
+    assert re.fullmatch(r"2 required check\(s\) failed, \d optional check\(s\) warned", lines[-2]), lines[-2]
+    assert lines[-1] == "no broker? try localflow demo --keep-services"
+
+
+def test_output_json_gives_every_check_and_the_verdict(
+        tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
+    name = unique_name()
+    result = localflow("doctor", str(redis_catalog(tmp_path, name)), "--output", "json",
+                       env=cli_env(ESTUARY_REFRESH_TOKEN=""))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads(result.stdout)
+    checks = {c["check"]: c for c in report["checks"]}
+    assert checks[f"kafka {services_env['KAFKA_BOOTSTRAP_SERVERS']}"]["state"] == "OK"
+    assert checks[f"{name}/cache: redis {services_env['REDIS_URL']}"]["state"] == "OK"
+    assert checks["estuary refresh token"] == {"state": "WARN", "check": "estuary refresh token",
+                                               "detail": "ESTUARY_REFRESH_TOKEN is not set", "required": False}
+    assert (report["ok"], report["failed"], report["hint"]) == (True, 0, None)
+
+
 def test_doctor_reports_an_expired_estuary_token(
         tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
     token = jwt(iat=int(time.time()) - 20 * 86400)  # no exp: 14 days after iat, so 6 days ago
     result = localflow("doctor", str(redis_catalog(tmp_path, unique_name())),
                        env=cli_env(ESTUARY_JWT_TOKEN=token, ESTUARY_ACCESS_TOKEN=""))
     line = line_of(result.stdout, "estuary token ESTUARY_JWT_TOKEN")
-    assert line.startswith("FAIL") and "expired" in line and "(6.0 days ago)" in line
-    assert line.endswith("(not required)")
+    assert line.startswith("WARN  ") and "expired" in line and "(6.0 days ago)" in line
     assert result.returncode == 0, "an Estuary token is never required"
 
 

@@ -79,6 +79,26 @@ def test_preview_of_an_unknown_collection_exits_2_listing_the_collections(
     assert f"collections: {name}/events" in result.stderr
 
 
+async def test_preview_takes_the_catalog_first_and_still_accepts_the_deprecated_catalog_option(
+        tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    name = unique_name()
+    catalog = write_catalog(tmp_path / "flow.yaml", {
+        "kafka": {"bootstrap_servers": kafka_bootstrap},
+        "collections": {f"{name}/events": {"schema": DOC_SCHEMA, "key": ["/id"]}}})
+    docs = [{"id": f"k{i}", "n": i} for i in range(5)]
+    await produce(catalog, f"{name}/events", docs)
+
+    first = localflow("preview", str(catalog), f"{name}/events", "--from-beginning")
+    old = localflow("preview", f"{name}/events", "--catalog", str(catalog), "--from-beginning")
+
+    for result in (first, old):
+        assert result.returncode == 0, result.stderr
+        assert sorted((orjson.loads(line) for line in result.stdout.splitlines()), key=lambda d: d["n"]) == docs
+    assert "deprecated" not in first.stderr
+    assert (f"warning: `preview COLLECTION --catalog FILE` is deprecated; write: localflow preview {catalog} "
+            f"{name}/events") in old.stderr.splitlines()
+
+
 # -------------------------------------------------------------------------------------- status
 
 def partition_rows(out: str, collection: str) -> dict[int, tuple[int, str, int]]:
@@ -130,7 +150,8 @@ async def test_status_without_workers_says_running_is_unknown_and_a_new_group_ha
     await produce(catalog, f"{name}/events", [{"id": f"k{i}", "n": i} for i in range(30)])
     result = localflow("status", str(catalog), env=cli_env(LOCALFLOW_WORKERS=""))
     assert result.returncode == 0, result.stderr
-    assert "running: unknown (pass --worker)" in result.stdout
+    assert "no live worker in localflow.workers (workers register when run with --metrics-port)" in result.stdout
+    assert f"{name}/cache (materialization) · running: unknown ·" in result.stdout
     rows = partition_rows(result.stdout, f"{name}/events")
     assert [checkpoint for _, checkpoint, _ in rows.values()] == ["none"] * 3
     assert sum(lag for _, _, lag in rows.values()) == 30

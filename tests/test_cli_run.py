@@ -89,8 +89,8 @@ async def test_metrics_endpoint_lists_every_localflow_metric_and_counts_document
     families = {f.name: f for f in text_string_to_metric_families(scrape)}
     expected = {f.name for f in REGISTRY.collect() if f.name.startswith("localflow_")}
     assert expected - set(families) == set()
-    out = {(s.labels["task"], s.labels["collection"]): s.value for s in families["localflow_documents_out"].samples
-           if s.name == "localflow_documents_out_total"}
+    out = {(s.labels["task"], s.labels["collection"]): s.value for s in families["localflow_output_documents"].samples
+           if s.name == "localflow_output_documents_total"}
     assert out[(task, collection)] == 20
     up = {s.labels["task"]: s.value for s in families["localflow_task_up"].samples}
     assert up == {task: 1.0}

@@ -9,7 +9,8 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.catalog import KafkaConfig
-from tests.cli_support import DOC_SCHEMA, ROOT, localflow, write_catalog
+from pipeline.services import free_port
+from tests.cli_support import DOC_SCHEMA, ROOT, cli_env, localflow, write_catalog
 
 
 def catalog_with_tests(tmp_path: Path, name: str, tests: dict[str, Any]) -> Path:
@@ -109,3 +110,22 @@ def test_a_derivation_that_does_not_produce_the_expected_documents_fails_with_a_
     assert result.returncode == 1, result.stdout + result.stderr
     assert 'document ["b"]: differs\n    /n: expected 11, actual 10' in result.stdout
     assert 'document ["a"]' not in result.stdout
+
+
+def test_with_no_broker_configured_the_tests_run_on_an_embedded_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in cli_env().items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    result = localflow("test", str(ROOT / "examples/sophia/flow.yaml"), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "no broker configured (KAFKA_BOOTSTRAP_SERVERS is not set): testing on an embedded broker"]
+    assert result.stdout.splitlines()[-1] == "1 passed, 0 failed"
+
+
+def test_an_unreachable_broker_is_one_error_line_and_the_hint(tmp_path: Path, unique_name: Callable[..., str]) -> None:
+    name, kafka = unique_name(), f"127.0.0.1:{free_port()}"
+    docs = [{"id": "a", "n": 1}]
+    catalog = catalog_with_tests(tmp_path, name, {"t": steps(name, docs, docs)})
+    result = localflow("test", str(catalog), env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: no Kafka broker answers at {kafka}",
+                                          "no broker? try localflow demo --keep-services"], "no unclosed producer"

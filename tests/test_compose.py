@@ -214,3 +214,13 @@ def test_the_compose_stack_runs_and_a_materialization_scales_to_two_workers(stac
     assert all(key.endswith(".jsonl.gz") for key in data), data
     archived = {key.split("/")[2] for key in data}
     assert archived == {"sophia_raw_data", "sophia_processed_data", "sophia_agent_logs", "sophia_metrics"}, data
+
+
+def test_task_down_fires_for_a_failed_task_a_failed_scrape_and_a_vanished_worker(stack: Stack) -> None:
+    """The rule unit test of tests/compose/alerts_test.yml, by promtool from the Prometheus image."""
+    image = yaml.safe_load((ROOT / "tests/compose/override.yml").read_text())["services"]["prometheus"]["image"]
+    result = stack.compose.engine.docker("run", "--rm", "--network", "none", "--entrypoint", "promtool",
+                                         "--volume", f"{ROOT}:/src:ro", image,
+                                         "test", "rules", "/src/tests/compose/alerts_test.yml", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aioboto3
 import asyncpg
+import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
 import yaml
@@ -40,7 +42,7 @@ async def _counts(env: dict[str, str]) -> dict[str, int]:
                 out[table] = 0
     finally:
         await conn.close()
-    client = aioredis.from_url(env["REDIS_URL"])
+    client = aioredis.from_url(env["REDIS_URL"], socket_timeout=60)
     try:
         out["redis keys"] = len([k async for k in client.scan_iter(match="sophia:*", count=1000)])
     finally:
@@ -57,10 +59,10 @@ async def _counts(env: dict[str, str]) -> dict[str, int]:
     return out
 
 
-async def _run(*args: str) -> tuple[int, str, str]:
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run `python -m pipeline ARGS` to its end (killed after 4 minutes): exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline", *args, cwd=ROOT,
+        sys.executable, "-m", "pipeline", *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with asyncio.timeout(240):
@@ -70,6 +72,12 @@ async def _run(*args: str) -> tuple[int, str, str]:
             proc.kill()
             await proc.wait()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+def assert_closed(port: int) -> None:
+    """Nothing listens on ``port`` any more (the demo stopped the server it started there)."""
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
 
 
 async def test_demo_fills_every_table_redis_and_the_archive_and_says_how_to_query_them(
@@ -117,5 +125,124 @@ async def test_sigterm_ends_the_demo_cleanly_and_stops_the_servers_it_started() 
             await proc.wait()
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
     port = int(re.search(rb"psql -h 127\.0\.0\.1 -p (\d+)", out).group(1))
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
-        pass
+    assert_closed(port)
+
+
+def test_the_live_view_of_the_sophia_catalog_fits_80_columns_and_24_lines() -> None:
+    from rich.console import Console
+
+    from pipeline.catalog import load_catalog
+    from pipeline.demo import Endpoints, Snapshot, render
+    from pipeline.services import Services
+
+    catalog = load_catalog(CATALOG)
+    endpoints = Endpoints(catalog, Services())
+
+    def busy(at: float, k: int) -> Snapshot:
+        """Large counts, every task restarting with a long error: the widest and tallest view."""
+        return Snapshot(at, documents=dict.fromkeys(catalog.collections, 123_456 * k),
+                        dead=dict.fromkeys(catalog.collections, 12 * k),
+                        tasks={n: {"state": "restarting", "documents": 123_456 * k, "restarts": 3, "lag": "12,345",
+                                   "error": "EndpointError: " + "x" * 300} for n in catalog.task_names()},
+                        endpoints={(t.materialization, t.label): 99_999 * k for t in endpoints.targets},
+                        sources={"api_records": 123_456, "api_requests": 1_234, "log_lines": 123_456})
+
+    console = Console(width=80, height=24, record=True)
+    console.print(render(catalog, busy(10.0, 2), busy(0.0, 1),
+                         "localflow demo: examples/sophia/flow.yaml: 1234s, 1000s left (Ctrl-C stops)",
+                         endpoints.targets))
+    lines = console.export_text().rstrip("\n").split("\n")
+    assert len(lines) <= 24 and max(map(len, lines)) <= 80, "\n".join(lines)
+    header = next(line for line in lines if line.startswith("task "))
+    assert header.split() == ["task", "state", "documents", "rate", "lag", "(docs)", "restarts"], "lag in documents"
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.strip()}
+    assert rows["sophia_metrics"][-3:] == ["199,998"] * 3, "postgres rows, redis keys, s3 objects per collection"
+
+
+async def _line_matching(stream: asyncio.StreamReader, pattern: bytes, seen: list[bytes]) -> re.Match[bytes]:
+    while not (found := re.search(pattern, line := await stream.readline())):
+        assert line, f"demo ended early: {b''.join(seen).decode()}"
+        seen.append(line)
+    seen.append(line)
+    return found
+
+
+async def test_kept_services_answer_preview_status_and_postgres_with_the_printed_exports() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS} | {"PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "demo", str(CATALOG), "--duration", "0", "--keep-services",
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seen: list[bytes] = []
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(120):
+            metrics_url = (await _line_matching(proc.stdout, rb"^metrics on (\S+/metrics) ", seen))[1].decode()
+            exports: dict[str, str] = {}
+            while "AWS_DEFAULT_REGION" not in exports:
+                line = await _line_matching(proc.stdout, rb"^  export (.+)$", seen)
+                exports |= dict(kv.split("=", 1) for kv in line[1].decode().split())
+            async with httpx.AsyncClient() as client:
+                scrape = await client.get(metrics_url)
+            assert scrape.status_code == 200 and "localflow_output_documents_total" in scrape.text
+            await _line_matching(proc.stdout, rb"sophia_raw_data=[1-9]", seen)
+            shell = env | exports
+            status = await _run("status", str(CATALOG), "--output", "json", env=shell)
+            report = orjson.loads(status[1])
+            assert report["workers"] == [metrics_url.removesuffix("/metrics")], "status finds the demo"
+            proc.send_signal(signal.SIGTERM)  # the tasks stop; the servers stay
+            await _line_matching(proc.stdout, rb"^Ctrl-C or SIGTERM stops them\.", seen)
+        code, out, err = await _run("preview", "sophia/sophia_raw_data", "--catalog", str(CATALOG),
+                                    "--from-beginning", "-n", "1", env=shell)
+        assert code == 0, err
+        assert orjson.loads(out)["source"]
+        conn = await asyncpg.connect(exports["POSTGRES_URL"])
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM estuary.sophia_metrics") > 0
+        finally:
+            await conn.close()
+        proc.send_signal(signal.SIGTERM)
+        rest, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, f"{b''.join(seen).decode()}{rest.decode()}\n--- stderr\n{err.decode()}"
+    port = int(exports["POSTGRES_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert_closed(port)
+
+
+
+async def test_on_a_terminal_the_demo_keeps_its_servers_until_enter() -> None:
+    """An 80x24 pseudo-terminal, as a user's: the run ends, the servers stay, Enter stops them."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS} | {"TERM": "xterm"}
+    env.pop("COLUMNS", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "demo", str(CATALOG), "--duration", "3", cwd=ROOT, env=env,
+        stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    screen = b""
+    try:
+        async with asyncio.timeout(120):
+            while b"Press Enter to stop them." not in screen:
+                chunk = await asyncio.to_thread(os.read, leader, 65536)
+                assert chunk, screen.decode(errors="replace")
+                screen += chunk
+            text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", screen).decode(errors="replace")
+            assert re.search(r"export KAFKA_BOOTSTRAP_SERVERS=127\.0\.0\.1:\d+", text), text
+            port = int(re.search(r"export POSTGRES_URL=postgresql://postgres@127\.0\.0\.1:(\d+)/", text)[1])
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()  # still up
+            os.write(leader, b"\r")
+            assert await proc.wait() in (0, 1), text  # the verdict of a 3 s run (0 or 1) does not matter here
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(leader)
+    assert_closed(port)

@@ -586,7 +586,7 @@ async def test_stopping_uploads_open_batches(env: Env, unique_name: Callable[...
     await produce(cat, coll, docs("d", 300))
     running = Running(cat, task)
     try:
-        await wait_for_async(lambda: counter("localflow_documents_in_total", {"task": task, "collection": coll}) >= 300,
+        await wait_for_async(lambda: counter("localflow_input_documents_total", {"task": task, "collection": coll}) >= 300,
                              timeout=60, message="the task reading all 300 documents")
         assert await archived(env.s3, env.bucket) == []
     finally:

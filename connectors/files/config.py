@@ -53,7 +53,7 @@ class FilesConfig(Model):
 
     directory: str = Field(
         description="Absolute directory holding the log files. Nothing outside it is read, not even "
-                    "through a symlink.")
+                    "through a symlink.", examples=["${SOPHIA_AGENT_LOG_DIR:-/var/log/sophia/agents}"])
     start_at: Literal["beginning", "end"] = Field(
         default="beginning",
         description="Where to start in files found by the first scan of a capture that has no checkpoint "
@@ -77,7 +77,7 @@ class FilesResource(Model):
     """Which files of the directory a binding captures (the first binding whose globs match wins)."""
 
     globs: list[str] = Field(
-        min_length=1,
+        min_length=1, examples=[["**/*.log", "**/*.jsonl"]],
         description="Patterns relative to `directory`: `*` and `?` within a name, `[abc]` classes, "
                     "`**/` any number of directories (`**/*.log` also matches `a.log`).")
 

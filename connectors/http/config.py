@@ -79,7 +79,8 @@ class HttpConfig(Model):
     """Where the JSON API is and how to reach it (shared by every binding of the task)."""
 
     url: Annotated[str, AfterValidator(check_url)] = Field(
-        description="Base URL; a binding's `path` is appended to it.")
+        description="Base URL; a binding's `path` is appended to it.",
+        examples=["${SOPHIA_API_URL:-http://127.0.0.1:8700/v1/records}"])
     method: Literal["GET", "POST"] = Field(default="GET", description="HTTP method of every request.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers (no secrets here).")
     token: SecretStr | None = Field(
@@ -97,22 +98,24 @@ class HttpConfig(Model):
 class NextLink(Model):
     """The body holds the next page's URL (absolute or relative) at `pointer`; null or absent ends the chain."""
 
-    type: Literal["next_link"]
-    pointer: Pointer = Field(description="JSON pointer to the next page's URL in the response body.")
+    type: Literal["next_link"] = Field(description="Selects this kind of pagination.", examples=["next_link"])
+    pointer: Pointer = Field(description="JSON pointer to the next page's URL in the response body.",
+                             examples=["/next"])
 
 
 class LinkHeader(Model):
     """The next page is the `Link` response header's rel="next" URL (RFC 8288), as GitHub-style APIs do."""
 
-    type: Literal["link_header"]
+    type: Literal["link_header"] = Field(description="Selects this kind of pagination.", examples=["link_header"])
 
 
 class CursorParam(Model):
     """The body holds an opaque page cursor at `pointer`; the next page repeats the request with `param`."""
 
-    type: Literal["cursor"]
-    pointer: Pointer = Field(description="JSON pointer to the next page's cursor in the response body.")
-    param: str = Field(min_length=1, description="Query parameter that carries the cursor.")
+    type: Literal["cursor"] = Field(description="Selects this kind of pagination.", examples=["cursor"])
+    pointer: Pointer = Field(description="JSON pointer to the next page's cursor in the response body.",
+                             examples=["/next_cursor"])
+    param: str = Field(min_length=1, description="Query parameter that carries the cursor.", examples=["cursor"])
 
 
 Pagination = Annotated[NextLink | LinkHeader | CursorParam, Field(discriminator="type")]
@@ -128,8 +131,9 @@ class Incremental(Model):
     ISO 8601 timestamps written in one zone and format, or ids that grow.
     """
 
-    field: Pointer = Field(description="JSON pointer into each record, e.g. /updated_at.")
-    param: str = Field(min_length=1, description="Query parameter that carries the cursor, e.g. since.")
+    field: Pointer = Field(description="JSON pointer into each record, e.g. /updated_at.", examples=["/updated_at"])
+    param: str = Field(min_length=1, description="Query parameter that carries the cursor, e.g. since.",
+                       examples=["since"])
     initial: str | int | float | None = Field(default=None, description="Cursor of the very first poll.")
 
 

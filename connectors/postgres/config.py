@@ -115,7 +115,8 @@ class PostgresConfig(Model):
 class Index(Model):
     """A secondary index on columns of the table (created if missing when the task opens)."""
 
-    columns: list[str] = Field(min_length=1, description="Column names (top-level properties, or flow_published_at).")
+    columns: list[str] = Field(min_length=1, description="Column names (top-level properties, or flow_published_at).",
+                               examples=[["source", "timestamp"]])
     method: Literal["btree", "hash", "gin", "brin"] = Field(default="btree", description=(
         "Index method: btree for ranges and equality, gin for jsonb containment, brin for huge "
         "append-mostly time columns."))
@@ -125,7 +126,8 @@ class Index(Model):
 class Partitioning(Model):
     """Range partitions of the table by a date-time column, one per month or per day."""
 
-    column: str = Field(description="A required, top-level `format: date-time` property of the collection.")
+    column: str = Field(description="A required, top-level `format: date-time` property of the collection.",
+                        examples=["timestamp"])
     interval: Literal["month", "day"] = Field(default="month", description="Period of one partition.")
     ahead: int = Field(default=3, ge=0, le=400, description=(
         "Periods created ahead of the current one, so writes do not wait on DDL at a period's start. "
@@ -135,7 +137,8 @@ class Partitioning(Model):
 class TableResource(Model):
     """The table one collection is materialized into."""
 
-    table: str = Field(description="Table name in the endpoint's schema (quoted: case and characters are kept).")
+    table: str = Field(description="Table name in the endpoint's schema (quoted: case and characters are kept).",
+                       examples=["sophia_agent_logs"])
     delta_updates: bool = Field(default=False, description=(
         "Append every document as a row (no primary key) instead of keeping the last one per key."))
     indexes: list[Index] = Field(default_factory=list, description=(
@@ -144,7 +147,7 @@ class TableResource(Model):
         "Range-partition the table by a date-time column. With upserts the primary key becomes "
         "(key, column), and a document whose column value changes moves its row."))
 
-    @field_validator("indexes", mode="before")
+    @field_validator("indexes", mode="before", json_schema_input_type=list[Index | str])
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
         if isinstance(v, list):

@@ -65,7 +65,8 @@ class PrometheusConfig(Model):
     target, and its scrape is up 0; the capture goes on with the next target and scrape.
     """
 
-    targets: list[str] = Field(min_length=1, description="URLs of /metrics endpoints.")
+    targets: list[str] = Field(min_length=1, description="URLs of /metrics endpoints.",
+                               examples=[["${SOPHIA_METRICS_URL:-http://127.0.0.1:8701/metrics}"]])
     job: str | None = Field(default=None, description="The `job` label and each document's `source`; "
                                                       "the capture's name if unset.")
     honor_labels: bool = Field(default=False, description="On a label conflict keep the scraped value "

@@ -59,7 +59,7 @@ class Advanced(Model):
 class S3Config(Model):
     """Where the archive lives and how to reach it. Credentials come from the environment only."""
 
-    bucket: str = Field(description="Bucket name, e.g. sophia-intel-data.")
+    bucket: str = Field(description="Bucket name, e.g. sophia-intel-data.", examples=["sophia-intel-data"])
     prefix: str = Field(default="", description="Key prefix of every binding (e.g. `estuary/`); empty or ending in '/'.")
     region: str = Field(default="us-east-1", description="AWS region of the bucket; ${AWS_DEFAULT_REGION}.")
     endpoint_url: str | None = Field(
