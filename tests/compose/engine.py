@@ -140,6 +140,8 @@ def docker_engine(start_timeout: float = 60) -> Iterator[Engine]:
                 time.sleep(0.2)  # polling the socket until dockerd answers; bounded by the deadline
             yield engine
         finally:
+            if proc.poll() is None:  # no bridge (br-...) outlives the engine, even after a failed `down`
+                engine.docker("network", "prune", "--force", check=False)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
