@@ -14,6 +14,7 @@ nothing that did not change. One run at a time uses it (a lock file).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -141,7 +142,8 @@ def docker_engine(start_timeout: float = 60) -> Iterator[Engine]:
             yield engine
         finally:
             if proc.poll() is None:  # no bridge (br-...) outlives the engine, even after a failed `down`
-                engine.docker("network", "prune", "--force", check=False)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    engine.docker("network", "prune", "--force", check=False)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
