@@ -131,10 +131,10 @@ def stack() -> Iterator[Stack]:
 
 def _healthy(stack: Stack, services: list[str]) -> dict[str, list[tuple[str, str, int]]]:
     """{service: [(status, health, exit code) per container]} when all are healthy, else {}."""
-    states = {svc: [stack.compose.state(c) for c in stack.compose.containers(svc)] for svc in services}
+    states = {svc: containers for svc, containers in stack.compose.states().items() if svc in services}
+    if set(states) != set(services):
+        return {}
     for svc, containers in states.items():
-        if not containers:
-            return {}
         for status, health, code in containers:
             done = svc == "s3-init" and status == "exited" and code == 0  # a one-shot: exited 0
             if not done and (status != "running" or health not in ("healthy", "")):
