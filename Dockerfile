@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY connectors ./connectors
 COPY transforms ./transforms
+COPY localflow ./localflow
 RUN /opt/venv/bin/pip install . && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}

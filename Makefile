@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-compose lint demo bench chaos clean
+.PHONY: venv test test-system test-compose lint demo bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,22 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Tests run in TEST_WORKERS parallel workers, each with its own servers (they mostly wait on
-# servers, so more workers than cores pays); `make test TEST_WORKERS=0 PYTEST_ARGS="-k ..."` runs in-process.
+# servers, so more workers than cores pays), a module per worker so module fixtures (a whole
+# pipeline run) are built once; `make test TEST_WORKERS=0 PYTEST_ARGS="-k ..."` runs in-process.
 TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# Tests with real Debian programs (logrotate): installs the missing ones with apt-get first.
+SYSTEM_PROGRAMS := logrotate
+test-system: $(STAMP)
+	@for p in $(SYSTEM_PROGRAMS); do command -v $$p >/dev/null 2>&1 || test -x /usr/sbin/$$p || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
+	fi
+	$(BIN)/python -m pytest -m system $(PYTEST_ARGS)
 
 # The real docker-compose.yml on a private dockerd (tests/compose/engine.py; as root). Installs the
 # Debian packages it needs when missing; images and the Debian base are cached in LOCALFLOW_CACHE_DIR.

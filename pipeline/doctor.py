@@ -155,6 +155,30 @@ async def check_estuary(host: str, timeout: float) -> list[Check]:  # noqa: ASYN
     return checks
 
 
+async def check_api(env: dict[str, str], timeout: float) -> Line:  # noqa: ASYNC109
+    """The control plane named by LOCALFLOW_API_URL: reachable (not required: `localflow run`
+    serves it) and LOCALFLOW_API_TOKEN accepted (required: a wrong token is a broken setup)."""
+    url, token = env.get("LOCALFLOW_API_URL", "").rstrip("/"), env.get("LOCALFLOW_API_TOKEN", "")
+    if not url:
+        return Line("SKIP", Check("localflow api", True, "LOCALFLOW_API_URL is not set", required=False))
+    name = f"localflow api {url}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(f"{url}/v1/health", headers=headers)
+    except httpx.HTTPError as e:
+        return line(Check(name, False, f"unreachable: {type(e).__name__}: {e}".rstrip(": "), required=False))
+    if response.status_code == 401:
+        why = "LOCALFLOW_API_TOKEN was refused" if token else "a token is required: LOCALFLOW_API_TOKEN is not set"
+        return line(Check(name, False, why))
+    try:
+        health = response.json()
+        detail = f"{health['status']}, {health['tasks']['total']} task(s)"
+    except (ValueError, KeyError, TypeError):
+        return line(Check(name, False, f"answered HTTP {response.status_code}, not localflow's health"))
+    return line(Check(name, response.is_success, f"{detail}; {'token accepted' if token else 'no token needed'}"))
+
+
 def check_tokens(env: dict[str, str], now: float | None = None) -> list[Check]:
     """Expiry of the Estuary access token and presence of the refresh token; never the tokens."""
     now = time.time() if now is None else now
@@ -212,7 +236,9 @@ def _days(seconds: float) -> str:
 async def diagnose(catalog: Catalog, *, timeout: float = 5.0, estuary_host: str = ESTUARY_HOST,  # noqa: ASYNC109
                    env: dict[str, str] | None = None) -> list[Line]:
     """Every check of the catalog, in print order."""
-    kafka, endpoints, estuary = await asyncio.gather(
-        check_kafka(catalog, timeout), check_endpoints(catalog, timeout), check_estuary(estuary_host, timeout))
-    tokens = check_tokens(dict(os.environ) if env is None else env)
-    return [line(kafka), *endpoints, *(line(c) for c in estuary), *(line(c) for c in tokens)]
+    env = dict(os.environ) if env is None else env
+    kafka, endpoints, estuary, api = await asyncio.gather(
+        check_kafka(catalog, timeout), check_endpoints(catalog, timeout), check_estuary(estuary_host, timeout),
+        check_api(env, timeout))
+    tokens = check_tokens(env)
+    return [line(kafka), *endpoints, api, *(line(c) for c in estuary), *(line(c) for c in tokens)]

@@ -39,20 +39,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist (`make test` runs `--dist loadgroup`), the tests of a module that share a
-    module-scoped fixture (a whole pipeline run, say) go to one worker, so it is built once."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        for name in info.names_closure:
-            defs = info.name2fixturedefs.get(name) or ()
-            if any(d.scope == "module" for d in defs):
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{name}"))
-                break
-
-
 @pytest.fixture(scope="session")
 def lazy_services() -> Iterator[Services]:
     """All four services, constructed (ports and URLs known) but not started; stopped at the end."""

@@ -1,13 +1,19 @@
 """What the `files` capture tests share: a catalog over a temp log directory, a running task, readers.
 
-Run as a script it is the capture process of the kill -9 test:
-``python tests/files_support.py <catalog> <task>`` runs the task until it is killed.
+Run as a script it is one of the real processes of the kill -9 and rotation tests:
+``python tests/files_support.py <catalog> <task>`` runs the capture task until it is killed;
+``python tests/files_support.py write <log> <count> <per second>`` is a log writer: it appends
+numbered lines at a steady rate through an ``O_APPEND`` descriptor and reopens its log on
+SIGUSR1, as nginx does when logrotate's ``postrotate`` signals it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -98,9 +104,59 @@ def write_lines(path: Path, lines: Sequence[str]) -> None:
         f.write("".join(line + "\n" for line in lines))
 
 
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(Path(__file__).resolve())
+
+
+async def start_process(*args: str, log: Path) -> asyncio.subprocess.Process:
+    """``python tests/files_support.py ARGS`` (a capture task or a writer), output appended to ``log``."""
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(sys.executable, SCRIPT, *args, cwd=ROOT, stdout=out,
+                                                    stderr=asyncio.subprocess.STDOUT)
+
+
+async def end_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a process this test started (if it still runs) and reap it."""
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    await asyncio.wait_for(proc.wait(), timeout=30)
+
+
+def writer_line(n: int) -> str:
+    """Line ``n`` of the test writer; ``writer_number`` reads ``n`` back from a captured message."""
+    return f"line {n:07d} GET /api/agents/{n % 97} 200 " + "x" * 60
+
+
+def writer_number(message: str) -> int:
+    return int(message[5:12])
+
+
 async def _run_until_killed(catalog_path: str, task: str) -> None:
     await run_tasks(load_catalog(catalog_path), [task], asyncio.Event())
 
 
+def _write(log: str, count: int, per_second: float) -> None:
+    reopen = False
+
+    def on_usr1(signum: int, frame: object) -> None:
+        nonlocal reopen
+        reopen = True
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = time.monotonic()
+    for n in range(count):
+        if reopen:
+            reopen = False
+            os.close(fd)
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, (writer_line(n) + "\n").encode())
+        time.sleep(max(0.0, start + (n + 1) / per_second - time.monotonic()))
+    os.close(fd)
+
+
 if __name__ == "__main__":
-    asyncio.run(_run_until_killed(sys.argv[1], sys.argv[2]))
+    if sys.argv[1] == "write":
+        _write(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        asyncio.run(_run_until_killed(sys.argv[1], sys.argv[2]))

@@ -24,7 +24,7 @@ from tests.files_support import Flow, running, write_lines
 from tests.helpers import wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent
-ID = re.compile(r"^[0-9a-f]+-[0-9a-f]+-[0-9a-f]{16}(\.\d+)?:\d+$")
+ID = re.compile(r"^[0-9a-f]{16}(\.\d+)?:\d+$")
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ async def test_file_that_vanishes_and_reappears_resumes_at_its_offset(flow: Flow
         await wait_for_messages(flow, 2)
         away = tmp_path / "elsewhere.log"
         log.rename(away)
-        await wait_for_checkpoint(flow, lambda s: all("gone" in e for e in s["files"].values()))
+        await wait_for_checkpoint(flow, lambda s: all("retired" in e for e in s["files"].values()))
         write_lines(away, ["line 3, written while away"])
         away.rename(log)
         write_lines(log, ["line 4"])

@@ -18,7 +18,7 @@ HINT = "no broker? try localflow demo --keep-services"
 
 def test_preview_with_no_broker_prints_one_line_and_the_hint(tmp_path: Path, unique_name: Callable[..., str]) -> None:
     name, kafka = unique_name(), f"127.0.0.1:{free_port()}"
-    result = localflow("preview", f"{name}/docs", "--catalog", str(redis_catalog(tmp_path, name)), "--from-beginning",
+    result = localflow("preview", str(redis_catalog(tmp_path, name)), f"{name}/docs", "--from-beginning",
                        env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL="redis://127.0.0.1:1/0"))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: no Kafka broker answers at {kafka}", HINT]

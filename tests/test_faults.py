@@ -21,167 +21,33 @@ long version: many rounds of kill -9 at random points, of tasks and servers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import threading
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
-from pipeline.services import Services
-from tests.helpers import wait_for_async
+from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, open_sophia
 from tests.pipeline_harness import (
     AGENT_LOGS,
-    CAPTURES,
     CONSUMERS,
     METRICS,
     POSTGRES,
     PROCESSED,
     RAW,
-    REDIS,
-    S3,
     TASKS,
-    AgentLogs,
-    Census,
     Endpoints,
     Expected,
-    FaultProxy,
-    FaultTable,
-    Pipeline,
-    SourceServer,
-    TableReport,
     TopicContent,
-    Verdict,
-    api_records,
     judge,
-    pipeline_env,
-    settle,
-    sophia_catalog,
 )
-
-SEED = int(os.environ.get("LOCALFLOW_CHAOS_SEED") or time.time_ns() % 1_000_000)
-"""Random points of the kill trials; set LOCALFLOW_CHAOS_SEED to replay a run (it is in the table)."""
-CHAOS_ROUNDS = int(os.environ.get("LOCALFLOW_CHAOS_ROUNDS", "6"))
-
-
-@dataclass
-class Sophia:
-    """The running pipeline, its sources and servers, and what the sources produced so far."""
-
-    infra: Services
-    """The broker, durable on its own moto."""
-    ends: Services
-    """Postgres, Redis and the archive's moto (reached through ``proxy``)."""
-    sources: SourceServer
-    proxy: FaultProxy
-    logs: AgentLogs
-    pipeline: Pipeline
-    census: Census
-    table: FaultTable
-    rng: random.Random
-    expected: Expected = field(default_factory=Expected)
-    fed: int = 0
-    _batch: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def feed(self, records: int = 20, lines: int = 20, *, without_id: int = 0, refused: int = 0,
-             too_long: int = 0, nul: int = 0) -> None:
-        """New API records and log lines (and bad ones); safe from a feeding thread."""
-        with self._lock:
-            self._batch += 1
-            prefix = f"b{self._batch}"
-            recs = api_records(prefix, records, self.rng)
-            recs += [{"type": "user_query", "note": f"{prefix}: a record without id ({i})"} for i in range(without_id)]
-            nul_ids = [f"{prefix}-nul-{i}" for i in range(refused)]
-            recs += [{"id": i, "type": "system_event", "note": "a NUL \u0000 Postgres cannot hold"} for i in nul_ids]
-            self.sources.add_records(recs)
-            seqs = self.logs.write(lines, too_long=too_long, nul=nul)
-            e = self.expected
-            e.api_ids |= {r["id"] for r in recs if "id" in r}
-            e.api_without_id += without_id
-            e.api_refused |= set(nul_ids)
-            e.log_lines |= set(seqs)
-            e.log_too_long += too_long
-            e.log_refused = set(self.logs.refused)
-            self.fed += len(recs) + len(seqs) + too_long
-
-    @contextlib.contextmanager
-    def feeding(self, every: float = 0.25, records: int = 3, lines: int = 3) -> Iterator[None]:
-        """Feed continuously (a thread) while the block runs: faults happen mid-stream."""
-        stop = threading.Event()
-
-        def run() -> None:
-            while not stop.wait(every):  # the feeding rate, not a wait for a condition
-                self.feed(records, lines)
-
-        thread = threading.Thread(target=run, name="feeder", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=30)
-
-    async def trial(self, kind: str, fault: str, fed_before: int, *, within: float = 240) -> Verdict:
-        """Settle, judge, record a table row; fail the test unless nothing was lost or doubled."""
-        self.pipeline.ensure_running()
-        verdict, seconds = await settle(self.census, self.expected, within=within)
-        exits = self.pipeline.unexpected_exits()
-        if exits:
-            verdict.problems.append(f"task processes exited by themselves: {exits}")
-        self.table.add(kind, fault, self.fed - fed_before, verdict, seconds)
-        print(f"\n{self.table.render()}\n")
-        assert verdict.ok, "\n".join(verdict.problems) + f"\nworker logs: {self.pipeline.tasks[TASKS[0]].logs}"
-        return verdict
-
-    def log_of(self, task: str) -> str:
-        """The current incarnation's log of a task."""
-        return self.pipeline.tasks[task].output(all_runs=False)
-
-    async def noticed(self, task: str, text: str, fault: Callable[[], None]) -> None:
-        """Inject ``fault``, then wait until ``task`` logs ``text`` once more than before it."""
-        before = self.log_of(task).count(text)
-        fault()
-        await wait_for_async(lambda: self.log_of(task).count(text) > before, timeout=60,
-                             message=f"{task} to log {text!r}")
 
 
 @pytest.fixture(scope="module")
 async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """The whole pipeline on private servers, for the module's trials (each test is one trial).
-
-    Its servers are this module's own (not the session's): tests here kill and restart them.
-    """
-    tmp = tmp_path_factory.mktemp("faults")
-    infra = Services(kafka=True, postgres=False, redis=False, s3=True, durable_kafka=True)
-    ends = Services(kafka=False, postgres=True, redis=True, s3=True)
-    sources: SourceServer | None = None
-    pipeline: Pipeline | None = None
-    try:
-        infra.start()
-        ends.start()
-        sources = SourceServer(token="sophia-api-token-for-faults")
-        proxy = FaultProxy(sources.loop, "127.0.0.1", ends.s3.port)
-        logs = AgentLogs(tmp / "agents")
-        env = pipeline_env(ends, sources, logs.directory, kafka=infra.kafka.bootstrap_servers, s3_endpoint=proxy.url)
-        pipeline = Pipeline(sophia_catalog(tmp / "flow.yaml"), env, tmp / "logs")
-        table = FaultTable(tmp_path_factory.getbasetemp() / "fault-table.txt")
-        request.config.pluginmanager.register(TableReport(table), f"localflow-fault-table-{id(table)}")
-        census = Census(infra.kafka.bootstrap_servers, ends.postgres.url, ends.redis.url, ends.s3.endpoint_url)
-        pipeline.start()
-        yield Sophia(infra, ends, sources, proxy, logs, pipeline, census, table, random.Random(SEED))
-    finally:
-        if pipeline is not None:
-            pipeline.stop()
-        if sources is not None:
-            sources.close()
-        ends.stop()
-        infra.stop()
+    """This module's own pipeline (each test is one trial on it)."""
+    async with open_sophia(tmp_path_factory, request) as running:
+        yield running
 
 
 def test_the_judge_counts_a_missing_row_as_lost_and_a_second_copy_as_doubled() -> None:
@@ -198,11 +64,6 @@ def test_the_judge_counts_a_missing_row_as_lost_and_a_second_copy_as_doubled() -
     v = judge(expected, topics, ends, topics)
     assert (v.lost, v.doubled) == (1, 2), v.problems  # redis lost "b"; s3 doubled (0, 1); pg holds refused "b"
     assert judge(expected, topics, ends, topics).ok is False
-
-
-def bad_input(s: Sophia) -> None:
-    """The dead-letter makers of every trial: no id, Postgres-refused values, an over-long line."""
-    s.feed(5, 5, without_id=1, refused=1, too_long=1, nul=1)
 
 
 async def test_without_faults_every_record_lands_once_in_every_endpoint(sophia: Sophia) -> None:
@@ -242,76 +103,6 @@ async def test_sigterm_during_a_busy_batch_flushes_commits_and_exits_0(sophia: S
         assert "all tasks stopped; checkpoints committed" in sophia.log_of(name), name
     sophia.pipeline.start()
     await sophia.trial("SIGTERM", "every task mid-burst (600 records, 1500 lines)", fed)
-
-
-async def test_postgres_killed_and_restarted_mid_stream(sophia: Sophia) -> None:
-    fed = sophia.fed
-    with sophia.feeding():
-        bad_input(sophia)
-        await _wait_rows(sophia, lambda n: n > 0, "Postgres to hold rows")
-        await sophia.noticed(POSTGRES, "retrying in", sophia.ends.postgres.kill)
-        sophia.ends.postgres.start()
-    await sophia.trial("postgres", "kill -9 of the server, start again once the task saw it", fed)
-
-
-async def test_redis_restarted_empty_mid_stream_is_rebuilt_from_the_collections(sophia: Sophia) -> None:
-    fed = sophia.fed
-    with sophia.feeding():
-        bad_input(sophia)
-        await sophia.noticed(REDIS, "retrying with backoff", sophia.ends.redis.kill)
-        sophia.ends.redis.start()  # no persistence: it comes back empty
-    await sophia.trial("redis", "kill -9 of the server; it restarts empty", fed)
-
-
-async def test_s3_server_down_and_back_mid_stream(sophia: Sophia) -> None:
-    fed = sophia.fed
-    with sophia.feeding():
-        bad_input(sophia)
-        await sophia.noticed(S3, "unavailable while", sophia.proxy.down)
-        sophia.proxy.up()
-    await sophia.trial("s3", "server unreachable (refused, open connections reset), then back", fed)
-
-
-async def test_broker_restarted_mid_stream(sophia: Sophia) -> None:
-    fed = sophia.fed
-    with sophia.feeding():
-        bad_input(sophia)
-        await asyncio.sleep(1.0)  # mid-stream: documents are flowing through every stage
-        sophia.infra.kafka.restart()
-    await sophia.trial("broker", "Tansu restarted (topics and group offsets on S3)", fed)
-
-
-async def test_source_that_hangs_delays_but_loses_nothing(sophia: Sophia) -> None:
-    fed = sophia.fed
-    with sophia.feeding():
-        bad_input(sophia)
-        await sophia.noticed(CAPTURES[0], "TimeoutError", lambda: sophia.sources.set_fault("hang"))
-        sophia.sources.set_fault("")
-    await sophia.trial("source", "API and /metrics hang (no answer) past the timeout", fed)
-
-
-async def test_source_that_resets_connections_loses_nothing(sophia: Sophia) -> None:
-    fed = sophia.fed
-    sophia.sources.set_fault("reset")
-    try:
-        with sophia.feeding():
-            bad_input(sophia)
-            await wait_for_async(lambda: sophia.sources.faulted["reset"] >= 10, timeout=60,
-                                 message="ten connections reset")
-        await sophia.trial("source", "2 of 3 connections reset (RST) while feeding", fed)
-    finally:
-        sophia.sources.set_fault("")
-
-
-async def test_source_that_answers_slowly_loses_nothing(sophia: Sophia) -> None:
-    fed = sophia.fed
-    sophia.sources.set_fault("slow")
-    try:
-        sophia.feed(60, 20)
-        bad_input(sophia)
-        await sophia.trial("source", f"every answer trickles in over {sophia.sources.slow_seconds}s", fed)
-    finally:
-        sophia.sources.set_fault("")
 
 
 @pytest.mark.chaos
@@ -363,22 +154,3 @@ async def test_chaos_consumers_killed_together_mid_burst(sophia: Sophia) -> None
     await sophia.trial("chaos", "derivation and all materializations kill -9 mid-burst", fed)
 
 
-async def _rows(s: Sophia) -> int:
-    """Rows of the agent log table now (0 while it does not exist or Postgres is away)."""
-    try:
-        conn = await asyncpg.connect(s.ends.postgres.url, timeout=10)
-    except (OSError, asyncpg.PostgresError):
-        return 0
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM estuary.sophia_agent_logs"))
-    except asyncpg.UndefinedTableError:
-        return 0
-    finally:
-        await conn.close()
-
-
-async def _wait_rows(s: Sophia, condition: Callable[[int], bool], message: str) -> None:
-    async def holds() -> bool:
-        return condition(await _rows(s))
-
-    await wait_for_async(holds, timeout=120, message=message)

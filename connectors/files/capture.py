@@ -46,8 +46,7 @@ class FilesCapture(Capture):
             self.ctx.log.warning("directory %s %s; looking again every %gs", directory, problem, self.spec.interval)
 
     async def run(self, state: dict[str, Any] | None) -> AsyncIterator[Captured]:
-        globs = [b.parsed.globs for b in self.spec.bindings]
-        tailer = Tailer(self.config, globs, state, self.ctx.log, self.ctx.name)
+        tailer = Tailer(self.config, [b.parsed for b in self.spec.bindings], state, self.ctx.log, self.ctx.name)
         interval = max(self.spec.interval, _MIN_INTERVAL)
         watch = _Watch(tailer.root, self.ctx.log) if self.config.advanced.watch else None
         last_full = float("-inf")

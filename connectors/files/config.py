@@ -32,15 +32,20 @@ class FilesAdvanced(Model):
         description="Lines per written batch; after a crash at most one batch is sent again (same keys).")
     fingerprint_bytes: int = Field(
         default=256, ge=16, le=65536,
-        description="Bytes at the head of a file hashed into its fingerprint (cut at the first newline): "
-                    "with the device and inode, it tells a rotated or truncated file from the old one.")
+        description="Bytes at the head of a file hashed into its identity (cut at the first newline): a file "
+                    "is known by its content, so a rename, a copy to another disk or a remount keeps its keys.")
     max_open_files: int = Field(
         default=128, ge=1, le=10_000,
         description="Files kept open between reads; the others are reopened when they grow.")
     forget_after: Duration = Field(
         default=7 * 86400.0,
-        description="A checkpoint entry of a file no longer found is dropped after this long, "
-                    "which keeps the checkpoint small.")
+        description="How long the checkpoint remembers a finished file whose content is found nowhere any more "
+                    "(at most the 100 newest of them), so a file or directory that comes back resumes. Files "
+                    "still found (active, or a rotated copy) are remembered while they are found.")
+    max_checkpoint_bytes: int = Field(
+        default=1_000_000, ge=4096, le=64 * 1024 * 1024,
+        description="A checkpoint larger than this stops the capture with an error naming it (Apache Kafka "
+                    "refuses records over message.max.bytes, about 1 MiB by default).")
     watch: bool = Field(
         default=True,
         description="Wake on file-system events (inotify, through watchfiles); turn off where events do "
@@ -80,11 +85,17 @@ class FilesResource(Model):
         min_length=1, examples=[["**/*.log", "**/*.jsonl"]],
         description="Patterns relative to `directory`: `*` and `?` within a name, `[abc]` classes, "
                     "`**/` any number of directories (`**/*.log` also matches `a.log`).")
+    rotated: list[str] | None = Field(
+        default=None,
+        description="Where the rotated copies of these files live, patterns as `globs`. A rotated copy is "
+                    "never read as a new file: only the rest of a known file whose active name was truncated "
+                    "or replaced is read from it (gzip too). Default: each glob followed by `.[0-9]*` or "
+                    "`-[0-9]*` (logrotate's `name.1`, `name-YYYYMMDD` and their `.gz`); `[]` for none.")
 
-    @field_validator("globs")
+    @field_validator("globs", "rotated")
     @classmethod
-    def _relative(cls, v: list[str]) -> list[str]:
-        for g in v:
+    def _relative(cls, v: list[str] | None) -> list[str] | None:
+        for g in v or []:
             if not g or g.startswith("/") or ".." in g.split("/"):
                 raise ValueError(f"{g!r} is not a pattern relative to `directory` (write e.g. **/*.log)")
         return v

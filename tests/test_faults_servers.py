@@ -1,0 +1,63 @@
+"""Fault trials of the servers under the Sophia pipeline: Postgres, Redis, S3 and the broker go away
+mid-stream and come back; nothing lost, nothing doubled (test_faults.py says how a trial judges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.faults_support import Sophia, _wait_rows, bad_input, open_sophia
+from tests.pipeline_harness import (
+    POSTGRES,
+    REDIS,
+    S3,
+)
+
+
+@pytest.fixture(scope="module")
+async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
+    """This module's own pipeline (each test is one trial on it), its broker durable: one trial restarts it."""
+    async with open_sophia(tmp_path_factory, request, durable_broker=True) as running:
+        yield running
+
+
+async def test_postgres_killed_and_restarted_mid_stream(sophia: Sophia) -> None:
+    fed = sophia.fed
+    with sophia.feeding():
+        bad_input(sophia)
+        await _wait_rows(sophia, lambda n: n > 0, "Postgres to hold rows")
+        await sophia.noticed(POSTGRES, "retrying in", sophia.ends.postgres.kill)
+        sophia.ends.postgres.start()
+    await sophia.trial("postgres", "kill -9 of the server, start again once the task saw it", fed)
+
+
+async def test_redis_restarted_empty_mid_stream_is_rebuilt_from_the_collections(sophia: Sophia) -> None:
+    fed = sophia.fed
+    with sophia.feeding():
+        bad_input(sophia)
+        await sophia.noticed(REDIS, "retrying with backoff", sophia.ends.redis.kill)
+        sophia.ends.redis.start()  # no persistence: it comes back empty
+    await sophia.trial("redis", "kill -9 of the server; it restarts empty", fed)
+
+
+async def test_s3_server_down_and_back_mid_stream(sophia: Sophia) -> None:
+    fed = sophia.fed
+    with sophia.feeding():
+        bad_input(sophia)
+        await sophia.noticed(S3, "unavailable while", sophia.proxy.down)
+        sophia.proxy.up()
+    await sophia.trial("s3", "server unreachable (refused, open connections reset), then back", fed)
+
+
+async def test_broker_restarted_mid_stream(sophia: Sophia) -> None:
+    fed = sophia.fed
+    with sophia.feeding():
+        bad_input(sophia)
+        await asyncio.sleep(1.0)  # mid-stream: documents are flowing through every stage
+        sophia.infra.kafka.restart()
+    await sophia.trial("broker", "Tansu restarted (topics and group offsets on S3)", fed)
+
+
