@@ -1,10 +1,13 @@
 # localflow worker image: one image, one task per container
 #   docker run --env-file .env localflow run examples/sophia/flow.yaml --task sophia/postgres --metrics-port 9100
 # Multi-stage: the build stage has pip's caches and any compiler; the final stage has only the venv.
-FROM python:3.11-slim AS build
+# BASE_IMAGE: any image with Python 3.11+ as `python3` (with venv) and `useradd`; both stages use it,
+# since the venv links to its interpreter. `make test-compose` passes a Debian image it builds itself.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY connectors ./connectors
@@ -12,7 +15,7 @@ COPY transforms ./transforms
 COPY localflow ./localflow
 RUN /opt/venv/bin/pip install . && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 RUN useradd --system --uid 10001 --create-home --home-dir /app localflow \
  && mkdir -p /var/log/sophia/agents && chown localflow /var/log/sophia/agents
 COPY --from=build /opt/venv /opt/venv

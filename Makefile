@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-system lint demo bench chaos clean
+.PHONY: venv test test-system test-compose lint demo bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ test-system: $(STAMP)
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
 	fi
 	$(BIN)/python -m pytest -m system $(PYTEST_ARGS)
+
+# The real docker-compose.yml on a private dockerd (tests/compose/engine.py; as root). Installs the
+# Debian packages it needs when missing; images and the Debian base are cached in LOCALFLOW_CACHE_DIR.
+COMPOSE_PACKAGES := dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap
+test-compose: $(STAMP)
+	@missing=""; for pair in $(COMPOSE_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	$(BIN)/python -m pytest -m compose tests/test_compose.py -s $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,10 +1,11 @@
 """The container deployment: compose file, worker commands, environment, alerts, dashboard.
 
-There is no Docker engine here, so these check everything that can be checked without one:
-the compose file against the Compose Specification's JSON schema (the copy shipped by PyPI's
-docker-compose 1.29 as compose/config/compose_spec.json, in tests/data/), every worker command
-against the real CLI and catalog, every variable against the code that reads it, the alert
-rules with promql-parser (and promtool where installed), and every dashboard metric against what the code exports.
+Fast checks, without a Docker engine (tests/test_compose.py starts the stack for real, with
+`make test-compose`): the compose file against the Compose Specification's JSON schema (the copy
+shipped by PyPI's docker-compose 1.29 as compose/config/compose_spec.json, in tests/data/), every
+image pinned, every worker command against the real CLI and catalog, every variable against the
+code that reads it, the bucket step against a real S3 server, the alert rules with promql-parser
+(and promtool where installed), and every dashboard metric against what the code exports.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from pipeline.catalog import load_catalog
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 CATALOG = ROOT / "examples" / "sophia" / "flow.yaml"
+OVERRIDE = ROOT / "tests" / "compose" / "override.yml"
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +40,56 @@ def compose() -> dict[str, Any]:
 def test_compose_file_matches_the_compose_specification(compose: dict[str, Any]) -> None:
     schema = json.loads((ROOT / "tests" / "data" / "compose_spec.json").read_text())
     validator = jsonschema.Draft201909Validator(schema)
-    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
-    assert errors == []
+    for document in (compose, yaml.safe_load(OVERRIDE.read_text())):
+        errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)]
+        assert errors == []
     broken = {**compose, "services": {**compose["services"], "kafka": {**compose["services"]["kafka"], "imag": "x"}}}
     assert list(validator.iter_errors(broken)), "the schema must reject an unknown service field"
 
 
+def test_every_image_is_pinned_to_a_version_and_none_is_minio(compose: dict[str, Any]) -> None:
+    """`docker compose up` pulls what it names: a moving tag changes under users, MinIO's are gone."""
+    assert "minio" not in COMPOSE.read_text().lower()
+    images = {name: svc["image"] for name, svc in compose["services"].items()}
+    assert set(images) == set(compose["services"]), "every service names its image"
+    for name, image in images.items():
+        tag = image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else ""
+        assert re.search(r"\d+\.\d+", tag), f"{name}: {image} is not pinned to a version"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert {i for n, i in images.items() if "build" in compose["services"][n]} == {f"localflow:{version}"}
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert base and re.search(r":\d+\.\d+\.\d+-", base.group(1)), "the Dockerfile's base is pinned"
+    assert compose["x-worker"]["build"]["args"]["BASE_IMAGE"] == f"${{LOCALFLOW_BASE_IMAGE:-{base.group(1)}}}"
+
+
+def test_the_bucket_step_creates_the_archive_bucket_once(compose: dict[str, Any], s3_endpoint_url: str,
+                                                          unique_name: Any) -> None:
+    """s3-init runs its command against a real S3 server: the bucket exists after; a rerun is fine."""
+    import boto3
+
+    init = compose["services"]["s3-init"]
+    assert init["entrypoint"] == ["python", "-c"] and init["restart"] == "no"
+    script, bucket = init["command"]
+    assert bucket == yaml.safe_load(CATALOG.read_text())["materializations"]["sophia/s3-archive"][
+        "endpoint"]["s3"]["bucket"]
+    assert compose["services"]["materialize-s3-archive"]["depends_on"]["s3-init"] == {
+        "condition": "service_completed_successfully"}
+    mine = unique_name("bucket", sep="-").lower()
+    env = {"PATH": "/usr/bin:/bin", "S3_ENDPOINT_URL": s3_endpoint_url, "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+    # The same bucket twice in one run (one Python start): created, then found.
+    run = subprocess.run([sys.executable, "-c", script, mine, mine], capture_output=True, text=True, env=env)
+    assert (run.returncode, run.stdout) == (0, f"created bucket {mine}\nbucket {mine} exists\n"), run.stderr
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint_url, aws_access_key_id="x", aws_secret_access_key="x",
+                      region_name="us-east-1")
+    assert mine in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
 def _localflow_services(compose: dict[str, Any]) -> dict[str, list[str]]:
+    """Services that run a localflow command (s3-init runs Python from the same image)."""
     out = {}
     for name, svc in compose["services"].items():
-        if svc.get("image", "").startswith("localflow") or "build" in svc:
+        if (svc.get("image", "").startswith("localflow") or "build" in svc) and "entrypoint" not in svc:
             cmd = svc["command"]
             out[name] = cmd if isinstance(cmd, list) else shlex.split(cmd)
     return out
@@ -140,13 +183,18 @@ def test_a_broken_expression_is_caught_by_the_rules_check() -> None:
         promql_parser.parse("sum(rate(localflow_errors_total[5m]) by (task)")
 
 
-def test_alert_rules_pass_promtool_where_it_exists() -> None:
+def _promtool_passes(command: str, path: Path, instead: str) -> None:
+    """`promtool COMMAND rules PATH` exits 0; skipped (saying what covers it) without promtool."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed; test_every_alert_rule_parses_as_promql covers the expressions")
-    result = subprocess.run([promtool, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
-                            capture_output=True, text=True)
+        pytest.skip(f"promtool is not installed; {instead}")
+    result = subprocess.run([promtool, command, "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_pass_promtool_where_it_exists() -> None:
+    _promtool_passes("check", ROOT / "deploy/prometheus/alerts.yml",
+                     "test_every_alert_rule_parses_as_promql covers the expressions")
 
 
 def _exported_metric_names() -> set[str]:
@@ -183,11 +231,25 @@ def test_every_dashboard_and_alert_metric_is_exported_by_the_code() -> None:
         assert any(topic.lower() in t.lower() for t in panels), topic
 
 
-def test_prometheus_scrapes_every_worker(compose: dict[str, Any]) -> None:
+def test_prometheus_finds_every_worker_by_dns_so_scaled_ones_too(compose: dict[str, Any]) -> None:
+    """Static targets would name one container per service; Docker's DNS answers every replica."""
     config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = {t for sc in config["scrape_configs"] for s in sc["static_configs"] for t in s["targets"]}
-    workers = {f"{n}:9100" for n, cmd in _localflow_services(compose).items() if cmd[0] == "run"}
-    assert targets == workers
+    (job,) = config["scrape_configs"]
+    assert "static_configs" not in job
+    (sd,) = job["dns_sd_configs"]
+    workers = {n for n, cmd in _localflow_services(compose).items() if cmd[0] == "run"}
+    assert set(sd["names"]) == workers and sd["type"] == "A" and sd["port"] == 9100
+    assert {"source_labels": ["__meta_dns_name"], "target_label": "service"} in job["relabel_configs"]
+
+
+def test_task_down_watches_the_scrape_too() -> None:
+    """A dead container never reports `localflow_task_up 0`: the rule also fires on `up == 0` and on
+    a service with no target left. tests/compose/alerts_test.yml shows it firing, run by promtool
+    (here where it is installed, and always by `make test-compose`)."""
+    (rule,) = [r for r in _alert_rules() if r["alert"] == "LocalflowTaskDown"]
+    expr = " ".join(rule["expr"].split())
+    assert 'up{job="localflow"} == 0' in expr and "localflow_task_up == 0" in expr and "unless" in expr
+    _promtool_passes("test", ROOT / "tests/compose/alerts_test.yml", "make test-compose runs the rule unit test")
 
 
 def test_dockerfile_is_small_non_root_with_healthcheck() -> None:
