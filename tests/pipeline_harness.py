@@ -53,7 +53,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from pipeline.catalog import KafkaConfig
-from pipeline.collection import read_to_end
+from pipeline.collection import Record, read_to_end
+from pipeline.errors import EndpointError
 from pipeline.services import HOST, Services, free_port
 
 T = TypeVar("T")
@@ -609,13 +610,25 @@ async def read_topics(bootstrap: str, collections: Iterable[str] = COLLECTIONS) 
     return out
 
 
+async def _read_to_end_retried(kafka: KafkaConfig, name: str, from_offsets: dict[int, int]) -> list[Record]:
+    """`read_to_end`, again with a fresh consumer when one stalls: right after a Tansu restart on S3
+    storage a partition's fetch can stay empty below its high watermark for one consumer's life."""
+    for attempt in range(3):
+        try:
+            return await read_to_end(kafka, name, timeout=30, from_offsets=from_offsets)
+        except EndpointError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def _read_new(kafka: KafkaConfig, collection: str, content: TopicContent,
                     nexts: dict[str, dict[int, int]]) -> None:
     """Append to `content` what the collection and its dead letters got past `nexts` (topic ->
     partition -> next offset, advanced here), so a census of a growing topic reads each record once."""
     for name, dead in ((topic(collection), False), (topic(collection) + ".dead", True)):
         seen = nexts.setdefault(name, {})
-        for r in await read_to_end(kafka, name, timeout=60, from_offsets=seen):
+        for r in await _read_to_end_retried(kafka, name, seen):
             seen[r.partition] = r.offset + 1
             if dead:
                 content.dead.append(orjson.loads(r.value))

@@ -45,7 +45,7 @@ def test_doctor_passes_with_kafka_and_endpoints_up_while_estuary_is_only_reporte
 
 def test_doctor_exits_1_naming_kafka_when_the_broker_is_unreachable(
         tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
-    result = localflow("doctor", str(redis_catalog(tmp_path, unique_name())), "--timeout", "2",
+    result = localflow("doctor", str(redis_catalog(tmp_path, unique_name())), "--timeout", "10",
                        env=cli_env(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}"))
     assert result.returncode == 1, result.stdout + result.stderr
     assert line_of(result.stdout, "kafka 127.0.0.1:").startswith("FAIL")
@@ -56,7 +56,7 @@ def test_with_nothing_running_each_check_is_one_clean_line_optional_ones_warn_an
         tmp_path: Path, unique_name: Callable[..., str]) -> None:
     kafka, redis = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     name = unique_name()
-    result = localflow("doctor", str(redis_catalog(tmp_path, name)), "--timeout", "2",
+    result = localflow("doctor", str(redis_catalog(tmp_path, name)), "--timeout", "10",
                        env=cli_env(KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL=f"redis://{redis}/0",
                                    ESTUARY_ACCESS_TOKEN="", ESTUARY_JWT_TOKEN="", ESTUARY_REFRESH_TOKEN=""))
     assert result.returncode == 1
