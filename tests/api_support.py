@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from pipeline.control import effective
 from tests.cli_support import Worker, cli_env, worker
-from tests.helpers import wait_for
+from tests.helpers import serve_on_loopback, wait_for
 
 RAW_SCHEMA = effective.RAW_SCHEMA
 """The raw document schema (the one the API gives a collection made for a short-form capture)."""
@@ -63,12 +62,7 @@ class Source:
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_get("/{path:.*}", self._answer)
-        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-        await self.runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self.runner, sock).start()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.runner, self.url = await serve_on_loopback(app)
 
     async def _answer(self, request: web.Request) -> web.Response:
         path = request.match_info["path"]

@@ -15,7 +15,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from pipeline.catalog import Catalog
 from pipeline.task import TaskContext, kind_of, supervise
@@ -111,3 +111,17 @@ async def running(catalog: Catalog, name: str) -> AsyncIterator[TaskContext]:
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, timeout=30)
+
+
+async def serve_on_loopback(app: Any) -> tuple[Any, str]:
+    """Start an aiohttp `app` on a free 127.0.0.1 port: (its runner, whose cleanup() stops it; its URL)."""
+    import socket
+
+    from aiohttp import web
+
+    runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"

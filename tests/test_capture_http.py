@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,7 +32,7 @@ from pipeline.checkpoint import KafkaCheckpoints, Presence
 from pipeline.collection import read_to_end
 from pipeline.errors import ConfigError
 from tests.cli_support import cli_env, worker
-from tests.helpers import running, wait_for_async
+from tests.helpers import running, serve_on_loopback, wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
 """The SPEC's raw document schema, which every capture writes."""
@@ -60,12 +59,7 @@ class Api:
     async def __aenter__(self) -> Api:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-        await self.runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self.runner, sock).start()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.runner, self.url = await serve_on_loopback(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
