@@ -1,10 +1,9 @@
-"""Fault trials of the servers under the Sophia pipeline: Postgres, Redis, S3 and the broker go away
+"""Fault trials of the servers under the Sophia pipeline: Postgres, Redis and S3 go away
 mid-stream and come back; nothing lost, nothing doubled (test_faults.py says how a trial judges).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -19,8 +18,8 @@ from tests.pipeline_harness import (
 
 @pytest.fixture(scope="module")
 async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """This module's own pipeline (each test is one trial on it), its broker durable: one trial restarts it."""
-    async with open_sophia(tmp_path_factory, request, durable_broker=True) as running:
+    """This module's own pipeline (each test is one trial on it)."""
+    async with open_sophia(tmp_path_factory, request) as running:
         yield running
 
 
@@ -50,14 +49,3 @@ async def test_s3_server_down_and_back_mid_stream(sophia: Sophia) -> None:
         await sophia.noticed(S3, "unavailable while", sophia.proxy.down)
         sophia.proxy.up()
     await sophia.trial("s3", "server unreachable (refused, open connections reset), then back", fed)
-
-
-async def test_broker_restarted_mid_stream(sophia: Sophia) -> None:
-    fed = sophia.fed
-    with sophia.feeding():
-        bad_input(sophia)
-        await asyncio.sleep(1.0)  # mid-stream: documents are flowing through every stage
-        sophia.infra.kafka.restart()
-    await sophia.trial("broker", "Tansu restarted (topics and group offsets on S3)", fed)
-
-
