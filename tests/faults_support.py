@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import pytest
@@ -183,3 +184,14 @@ async def _wait_rows(s: Sophia, condition: Callable[[int], bool], message: str) 
         return condition(await _rows(s))
 
     await wait_for_async(holds, timeout=120, message=message)
+
+
+def pipeline_fixture(*, durable_broker: bool = False) -> Any:
+    """A module's `sophia` fixture: its own pipeline for its trials (`sophia = pipeline_fixture()`)."""
+
+    @pytest.fixture(scope="module")
+    async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
+        async with open_sophia(tmp_path_factory, request, durable_broker=durable_broker) as running:
+            yield running
+
+    return sophia

@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from pipeline.catalog import Catalog, load_catalog
 from pipeline.collection import Collection, CollectionWriter, read_to_end
 from pipeline.task import run_tasks
 from tests.derivation_worker import HOLD
-from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, open_sophia
+from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, pipeline_fixture
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
     AGENT_LOGS,
@@ -64,12 +64,7 @@ from tests.pipeline_harness import (
     judge,
 )
 
-
-@pytest.fixture(scope="module")
-async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """This module's own pipeline (each test is one trial on it)."""
-    async with open_sophia(tmp_path_factory, request) as running:
-        yield running
+sophia = pipeline_fixture()
 
 
 def test_the_judge_counts_a_missing_row_as_lost_and_a_second_copy_as_doubled() -> None:

@@ -9,18 +9,12 @@ much as the pipeline's, which says nothing about localflow and would make the su
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.faults_support import Sophia, bad_input, open_sophia
+from tests.faults_support import Sophia, bad_input, pipeline_fixture
 
-
-@pytest.fixture(scope="module")
-async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """This module's own pipeline, its broker durable (on S3 storage): the trial restarts it."""
-    async with open_sophia(tmp_path_factory, request, durable_broker=True) as running:
-        yield running
+sophia = pipeline_fixture(durable_broker=True)  # the trial restarts the broker: its log on S3 storage
 
 
 @pytest.mark.chaos

@@ -4,23 +4,14 @@ mid-stream and come back; nothing lost, nothing doubled (test_faults.py says how
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
-from tests.faults_support import Sophia, _wait_rows, bad_input, open_sophia
+from tests.faults_support import Sophia, _wait_rows, bad_input, pipeline_fixture
 from tests.pipeline_harness import (
     POSTGRES,
     REDIS,
     S3,
 )
 
-
-@pytest.fixture(scope="module")
-async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """This module's own pipeline (each test is one trial on it)."""
-    async with open_sophia(tmp_path_factory, request) as running:
-        yield running
+sophia = pipeline_fixture()
 
 
 async def test_postgres_killed_and_restarted_mid_stream(sophia: Sophia) -> None:

@@ -4,22 +4,13 @@ answer slowly; nothing lost, nothing doubled (test_faults.py says how a trial ju
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
-from tests.faults_support import Sophia, bad_input, open_sophia
+from tests.faults_support import Sophia, bad_input, pipeline_fixture
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
     CAPTURES,
 )
 
-
-@pytest.fixture(scope="module")
-async def sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> AsyncIterator[Sophia]:
-    """This module's own pipeline (each test is one trial on it)."""
-    async with open_sophia(tmp_path_factory, request) as running:
-        yield running
+sophia = pipeline_fixture()
 
 
 async def test_source_that_hangs_delays_but_loses_nothing(sophia: Sophia) -> None:
