@@ -98,11 +98,17 @@ class Materialization(ABC):
         return {}
 
 
+HOLD_NOTHING_FOR = 45.0
+"""Seconds a replaying worker that was assigned partitions may hold none before it stops waiting:
+longer than a rebalance takes (a session timeout, 10 s by default, plus the join)."""
+
+
 class MaterializationTask(Task):
     """Reads the bindings' collections as a consumer group and applies batches."""
 
     poll_ms = 200
     _ever_assigned = False
+    _empty_since: float | None = None
 
     async def run(self) -> None:
         from connectors import load_connector
@@ -182,11 +188,26 @@ class MaterializationTask(Task):
         return on_assign
 
     async def _reached_end(self, reader: CollectionReader) -> bool:
-        """True once this worker holds no ``stop_at_end`` partition that is not read to its offset."""
+        """True once this worker holds no ``stop_at_end`` partition that is not read to its offset.
+
+        A worker that holds nothing is in a rebalance (its partitions were revoked and come back
+        in the next generation), not done: it waits, and gives up only after ``HOLD_NOTHING_FOR``
+        seconds without a partition (the group's other workers hold them all).
+        """
         if not self._ever_assigned:
             return False
         stop: Offsets = self.ctx.options["stop_at_end"]
-        for tp in reader.assignment():
+        held = reader.assignment()
+        if not held:
+            now = time.monotonic()
+            self._empty_since = self._empty_since or now
+            if now - self._empty_since < HOLD_NOTHING_FOR:
+                return False
+            self.ctx.log.warning("holds no partition for %.0fs after a rebalance: the group's other workers "
+                                 "hold them all", now - self._empty_since)
+            return True
+        self._empty_since = None
+        for tp in held:
             if tp in stop and await reader.position(tp) < stop[tp]:
                 return False
         return True
