@@ -37,7 +37,7 @@ from aiokafka import TopicPartition
 
 from pipeline.runtime.catalog import MaterializationSpec
 from pipeline.runtime.collection import Collection, CollectionReader, ReaderOptions
-from pipeline.runtime.task import Task
+from pipeline.runtime.task import Task, TaskContext
 from pipeline.sdk.errors import EndpointError, Fenced
 from pipeline.sdk.materialization import Batch, Materialization, Offsets
 from pipeline.sdk.records import Record
@@ -55,6 +55,12 @@ class MaterializationTask(Task):
     _ever_assigned = False
     _empty_since: float | None = None
 
+    def __init__(self, ctx: TaskContext) -> None:
+        super().__init__(ctx)
+        self._positioned: set[TopicPartition] = set()
+        """Partitions sought to where the connector resumes (until revoked): only their positions say
+        how far a replay got (another's is the group's committed offset, until its seek)."""
+
     async def run(self) -> None:
         from pipeline.runtime.registry import load_connector
 
@@ -66,7 +72,7 @@ class MaterializationTask(Task):
         await m.open()
         ctx.status.connected = True
         reader = CollectionReader(ctx.kafka, f"localflow.{ctx.name}", collections,
-                                  on_assign=self._assigned(m), on_revoke=m.revoked,
+                                  on_assign=self._assigned(m), on_revoke=self._revoked(m),
                                   options=ReaderOptions(**ctx.options.get("reader", {})), task=ctx.name)
         await reader.start()
         failed = True
@@ -125,12 +131,20 @@ class MaterializationTask(Task):
                                              tp.partition, ends[tp])
             if "progress" in options:
                 options["progress"].update({tp: positions.get(tp) or 0 for tp in partitions})
+            self._positioned |= partitions
             self._ever_assigned = True
             self.ctx.log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{positions.get(tp) or 0}"
                                                         for tp in sorted(partitions)))
             return positions
 
         return on_assign
+
+    def _revoked(self, m: Materialization):  # noqa: ANN202
+        async def on_revoke(partitions: set[TopicPartition]) -> None:
+            self._positioned -= partitions
+            await m.revoked(partitions)
+
+        return on_revoke
 
     async def _reached_end(self, reader: CollectionReader) -> bool:
         """True once this worker holds no ``stop_at_end`` partition that is not read to its offset.
@@ -152,6 +166,8 @@ class MaterializationTask(Task):
                                  "hold them all", now - self._empty_since)
             return True
         self._empty_since = None
+        if held - self._positioned:  # assigned, and the connector not yet asked where they resume
+            return False
         for tp in held:
             if tp in stop and await reader.position(tp) < stop[tp]:
                 return False

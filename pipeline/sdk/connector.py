@@ -1,7 +1,7 @@
 """What a connector tells the runtime about itself.
 
 Each connector package (``connectors/<name>/__init__.py``) exposes ``CONNECTOR``, a
-``Connector``. That module MUST stay light (config models only) because listing the known
+``Connector``, registered by an entry point (``localflow.connectors`` in pyproject.toml). That module MUST stay light (config models only) because listing the known
 connectors imports every one of them; the implementation is imported inside ``build``.
 """
 
@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from pipeline.runtime.catalog import Catalog
-    from pipeline.runtime.task import TaskContext
+    from pipeline.sdk.context import Context
 
 Problems = list[tuple[str, str]]
 
@@ -61,10 +60,11 @@ class Connector:
     kind: Literal["capture", "materialization"]
     config: type[BaseModel]
     resource: type[BaseModel]
-    build: Callable[[TaskContext], Any]
+    build: Callable[[Context], Any]
     """Builds the Capture or Materialization for ``ctx.spec`` (e.g. the class itself)."""
-    check: Callable[[Catalog, Any, str], Problems] | None = None
-    """Catalog-time checks beyond the models (e.g. identifiers Postgres cannot hold)."""
+    check: Callable[[Any, Any, str], Problems] | None = None
+    """Catalog-time checks beyond the models (e.g. identifiers Postgres cannot hold), given the catalog,
+    the task's spec and its place in the catalog."""
     doctor: Callable[[Any], Awaitable[list[Check]]] | None = None
     """Reachability checks of the endpoint for `localflow doctor`, given the validated config."""
 
