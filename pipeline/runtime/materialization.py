@@ -60,6 +60,8 @@ class MaterializationTask(Task):
         self._positioned: set[TopicPartition] = set()
         """Partitions sought to where the connector resumes (until revoked): only their positions say
         how far a replay got (another's is the group's committed offset, until its seek)."""
+        self._gaps: Offsets = {}
+        """Replayed partitions whose stored offset was beyond their end: where each ends."""
 
     async def run(self) -> None:
         from pipeline.runtime.registry import load_connector
@@ -97,6 +99,7 @@ class MaterializationTask(Task):
                     durable = await m.tick()
                 await self._committed(reader, durable)
                 if "stop_at_end" in ctx.options and await self._reached_end(reader):
+                    await self._committed(reader, await self._rewind_gaps(m, reader))
                     ctx.log.info("replay reached its end offsets")
                     break
             failed = False
@@ -126,6 +129,7 @@ class MaterializationTask(Task):
                     if stored <= ends[tp]:
                         stop[tp] = stored  # type: ignore[index]
                     else:
+                        self._gaps[tp] = ends[tp]
                         self.ctx.log.warning("stored offset %d of %s[%d] is beyond the partition's end %d (a gap): "
                                              "the replay ends at the partition's end", stored, tp.topic,
                                              tp.partition, ends[tp])
@@ -153,6 +157,7 @@ class MaterializationTask(Task):
         in the next generation), not done: it waits, and gives up only after ``HOLD_NOTHING_FOR``
         seconds without a partition (the group's other workers hold them all).
         """
+        reader.raise_failure()  # an assignment that failed never seeked: its positions are not progress
         if not self._ever_assigned:
             return False
         stop: Offsets = self.ctx.options["stop_at_end"]
@@ -173,9 +178,28 @@ class MaterializationTask(Task):
                 return False
         return True
 
+    async def _rewind_gaps(self, m: Materialization, reader: CollectionReader) -> Offsets:
+        """At a replay's end: partitions past a gap that no applied batch moved back, rewound to their end."""
+        held = reader.assignment()
+        gaps = {tp: end for tp, end in self._gaps.items() if tp in held}
+        if not gaps:
+            return {}
+        try:
+            durable = await m.rewind(gaps)
+        except NotImplementedError:
+            self.ctx.log.warning("connector %s cannot move a stored offset back past a gap: %s still stored "
+                                 "beyond the end", self.ctx.spec.connector,
+                                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(gaps)))
+            return {}
+        self.ctx.log.info("stored offsets rewound to the partitions' ends past the gap: %s",
+                          ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(durable.items())))
+        return durable
+
     async def _committed(self, reader: CollectionReader, durable: Offsets) -> None:
         if not durable:
             return
+        for tp in durable:
+            self._gaps.pop(tp, None)
         start = self.ctx.options.get("start_offsets")
         if start:
             for tp in durable:

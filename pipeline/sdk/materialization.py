@@ -55,6 +55,16 @@ class Materialization(ABC):
     async def apply(self, batch: Batch) -> Offsets:
         """Write the batch; return next offsets now durable at the endpoint (may be {})."""
 
+    async def rewind(self, offsets: Offsets) -> Offsets:
+        """Set held partitions' stored next offsets back to ``offsets``; return those now durable.
+
+        Only `localflow replay` calls it, for a partition whose stored offset is beyond its end (the
+        topic was recreated) when the replay had nothing of it to apply: without it the endpoint
+        would keep the offset past the gap and its workers would stop on it again. MUST respect
+        the fence like ``apply``. The default says the connector cannot.
+        """
+        raise NotImplementedError
+
     async def tick(self) -> Offsets:
         """Called when a poll brings nothing: time-based flushes of buffering endpoints."""
         return {}
