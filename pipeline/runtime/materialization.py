@@ -57,9 +57,6 @@ class MaterializationTask(Task):
 
     def __init__(self, ctx: TaskContext) -> None:
         super().__init__(ctx)
-        self._positioned: set[TopicPartition] = set()
-        """Partitions sought to where the connector resumes (until revoked): only their positions say
-        how far a replay got (another's is the group's committed offset, until its seek)."""
         self._gaps: Offsets = {}
         """Replayed partitions whose stored offset was beyond their end: where each ends."""
 
@@ -74,7 +71,7 @@ class MaterializationTask(Task):
         await m.open()
         ctx.status.connected = True
         reader = CollectionReader(ctx.kafka, f"localflow.{ctx.name}", collections,
-                                  on_assign=self._assigned(m), on_revoke=self._revoked(m),
+                                  on_assign=self._assigned(m), on_revoke=m.revoked,
                                   options=ReaderOptions(**ctx.options.get("reader", {})), task=ctx.name)
         await reader.start()
         failed = True
@@ -135,20 +132,12 @@ class MaterializationTask(Task):
                                              tp.partition, ends[tp])
             if "progress" in options:
                 options["progress"].update({tp: positions.get(tp) or 0 for tp in partitions})
-            self._positioned |= partitions
             self._ever_assigned = True
             self.ctx.log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{positions.get(tp) or 0}"
                                                         for tp in sorted(partitions)))
             return positions
 
         return on_assign
-
-    def _revoked(self, m: Materialization):  # noqa: ANN202
-        async def on_revoke(partitions: set[TopicPartition]) -> None:
-            self._positioned -= partitions
-            await m.revoked(partitions)
-
-        return on_revoke
 
     async def _reached_end(self, reader: CollectionReader) -> bool:
         """True once this worker holds no ``stop_at_end`` partition that is not read to its offset.
@@ -171,8 +160,6 @@ class MaterializationTask(Task):
                                  "hold them all", now - self._empty_since)
             return True
         self._empty_since = None
-        if held - self._positioned:  # assigned, and the connector not yet asked where they resume
-            return False
         for tp in held:
             if tp in stop and await reader.position(tp) < stop[tp]:
                 return False
