@@ -7,7 +7,7 @@ task is ready to work: a consumer-group task when its partitions are assigned (t
 ``assigned ...``), a capture when it logs ``capture started``. So Tansu's group join (3-6 s,
 which would dominate a 2-second stage) is excluded, and so is connecting; everything after it
 (first fetch, every batch, the final flush) is included. The clock stops when the endpoint has
-everything: a materialization runs with the runtime's ``stop_at_end`` option and returns once it
+everything: a materialization runs with a replay plan's ``stop_at_end`` and returns once it
 read every offset and flushed; a derivation or capture when its task status counts every
 document as written and checkpointed. Each endpoint is then checked to hold all of them.
 """
@@ -34,6 +34,7 @@ from pipeline.embedded.services import Services
 from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog, topic_of
 from pipeline.runtime.collection import Admin
 from pipeline.runtime.task import STATUS, run_tasks
+from pipeline.sdk.materialization import ReplayPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 SOPHIA_CATALOG = ROOT / "examples" / "sophia" / "flow.yaml"
@@ -254,6 +255,7 @@ class Bench:
     # ------------------------------------------------------------------ running tasks
 
     async def run_task(self, catalog: Catalog, task: str, *, options: dict[str, Any] | None = None,
+                       replay: ReplayPlan | None = None,
                        done: Callable[[], bool] | None = None, deadline_s: float = 300.0) -> Timed:
         """Run one task through the runtime until it returns by itself or ``done()`` holds.
 
@@ -265,7 +267,7 @@ class Bench:
         logger.setLevel(logging.INFO)
         logger.addHandler(marks)
         stopping = asyncio.Event()
-        runner = asyncio.create_task(run_tasks(catalog, [task], stopping, options))
+        runner = asyncio.create_task(run_tasks(catalog, [task], stopping, options, replay=replay))
         deadline = time.monotonic() + deadline_s
         finished = None
         try:

@@ -26,6 +26,7 @@ from bench.common import RAW_KEY, RAW_SCHEMA, Meter, Row, Sample, chunks, ratio_
 from bench.harness import PG_SCHEMA, Bench, BenchError, Source, documents_done, pg_ident, pg_table
 from pipeline.runtime.catalog import topic_of
 from pipeline.runtime.collection import Collection, CollectionReader, CollectionWriter, ReaderOptions
+from pipeline.sdk.materialization import ReplayPlan
 
 WRITE_BATCH = 2_000
 """Documents per write call: what a capture hands the writer at once (the files capture's batch_lines)."""
@@ -232,7 +233,7 @@ async def postgres(b: Bench) -> Row:
                 "bindings": [{"source": src.collection, "resource": {"table": table}}],
             }},
         })
-        timed = await b.run_task(cat, task, options={"stop_at_end": src.ends()})
+        timed = await b.run_task(cat, task, replay=ReplayPlan(stop_at_end=src.ends()))
         await _expect_rows(conn, table, n)
         made.append(table)
         return timed.sample(n)
@@ -303,7 +304,7 @@ async def redis(b: Bench) -> Row:
                 "bindings": [{"source": src.collection, "resource": {"key": prefix + ":{/metadata/id}"}}],
             }},
         })
-        timed = await b.run_task(cat, task, options={"stop_at_end": src.ends()})
+        timed = await b.run_task(cat, task, replay=ReplayPlan(stop_at_end=src.ends()))
         await _expect_keys(client, prefix, n, also=f"localflow:pos:{prefix}:")
         return timed.sample(n)
 
@@ -367,7 +368,7 @@ async def s3(b: Bench) -> Row:
                     "prefix": prefix, "compression": "none", "max_documents": max_documents}}],
             }},
         })
-        timed = await b.run_task(cat, task, options={"stop_at_end": src.ends()})
+        timed = await b.run_task(cat, task, replay=ReplayPlan(stop_at_end=src.ends()))
         await _expect_objects(s3c, bucket, prefix + src.collection + "/", size)
         return timed.sample(size / MB)
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from pipeline.runtime.catalog import Catalog
 from pipeline.runtime.task import TaskContext, kind_of, supervise
+from pipeline.sdk.retry import Backoff
 
 __all__ = ["running", "wait_for", "wait_for_async"]
 
@@ -102,10 +103,14 @@ async def wait_for_async(
 
 
 @asynccontextmanager
-async def running(catalog: Catalog, name: str) -> AsyncIterator[TaskContext]:
-    """The task, supervised in the background as in production; stopped (and awaited) on exit."""
+async def running(catalog: Catalog, name: str, *, restart_after: float | None = None,
+                  restart_failed: bool = False) -> AsyncIterator[TaskContext]:
+    """The task, supervised in the background as in production; stopped (and awaited) on exit.
+
+    ``restart_after``: a short, fixed backoff between restarts (a test need not wait out the real one)."""
     ctx = TaskContext(catalog, name, kind_of(catalog, name))
-    task = asyncio.create_task(supervise(ctx))
+    backoff = Backoff(initial=restart_after, maximum=restart_after) if restart_after is not None else None
+    task = asyncio.create_task(supervise(ctx, backoff, restart_failed=restart_failed))
     try:
         yield ctx
     finally:

@@ -24,7 +24,7 @@ NAMES = {
     "localflow_archive_bytes": "counter", "localflow_task_restarts": "counter",
     "localflow_consumer_lag_documents": "gauge", "localflow_capture_lag_seconds": "gauge",
     "localflow_last_checkpoint_timestamp_seconds": "gauge", "localflow_task_info": "gauge",
-    "localflow_task_up": "gauge", "localflow_batch_documents": "histogram",
+    "localflow_task_up": "gauge", "localflow_task_failed": "gauge", "localflow_batch_documents": "histogram",
     "localflow_batch_duration_seconds": "histogram", "localflow_end_to_end_latency_seconds": "histogram",
 }
 

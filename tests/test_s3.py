@@ -297,7 +297,7 @@ async def test_batches_are_cut_at_max_documents(env: Env, unique_name: Callable[
     m = await started(cat)
     await m.assigned(tps(coll))
 
-    durable = await m.apply(Batch(await read_to_end(cat.kafka, coll), {coll: 0}))
+    durable = (await m.apply(Batch(await read_to_end(cat.kafka, coll), {coll: 0}))).offsets
 
     assert durable == {TopicPartition(coll, 0): 200}
     assert sorted(o.span for o in await archived(env.s3, env.bucket)) == [(0, 0, 99), (0, 100, 199)]
@@ -323,8 +323,8 @@ async def test_open_batch_is_uploaded_once_max_age_passes(env: Env, unique_name:
     m = await started(cat)
     await m.assigned(tps(coll))
 
-    assert await m.apply(Batch(await read_to_end(cat.kafka, coll), {coll: 0})) == {}
-    durable = await wait_for_async(m.tick, timeout=10, message="tick() uploading the aged batch")
+    assert (await m.apply(Batch(await read_to_end(cat.kafka, coll), {coll: 0}))).offsets == {}
+    durable = (await wait_for_async(m.tick, timeout=10, message="tick() uploading the aged batch")).offsets
 
     assert durable == {TopicPartition(coll, 0): 10}
     assert [o.span for o in await archived(env.s3, env.bucket)] == [(0, 0, 9)]
@@ -345,7 +345,7 @@ async def test_close_uploads_open_batches_unless_the_task_failed(env: Env, uniqu
     m = await started(cat)
     await m.assigned(tps(coll))
     await m.apply(Batch(records, {coll: 0}))
-    assert await m.close(failed=False) == {TopicPartition(coll, 0): 30}
+    assert (await m.close(failed=False)).offsets == {TopicPartition(coll, 0): 30}
     assert [o.span for o in await archived(env.s3, env.bucket)] == [(0, 0, 29)]
 
 

@@ -20,10 +20,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.runtime.catalog import Catalog, pydantic_problems
 from pipeline.sdk.config import Model
+from pipeline.sdk.connector import Catalog
 from pipeline.sdk.engine import Document, Engine, Transformed
 from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.problems import pydantic_problems
 
 Problems = list[tuple[str, str]]
 Function = Callable[[Document], Any]

@@ -46,10 +46,11 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field, ValidationError
 
-from pipeline.runtime.catalog import Catalog, pydantic_problems
 from pipeline.sdk.config import Model
+from pipeline.sdk.connector import Catalog
 from pipeline.sdk.engine import Document, Engine, Transformed
 from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.problems import pydantic_problems
 
 Problems = list[tuple[str, str]]
 Shape = Callable[[Any], Any]

@@ -38,24 +38,28 @@ from connectors.http.config import HttpConfig, HttpResource, binding_key
 from pipeline.sdk import httpclient
 from pipeline.sdk.capture import Captured
 from pipeline.sdk.connector import Check
-from pipeline.sdk.errors import CheckpointError, ConfigError, describe
+from pipeline.sdk.errors import CheckpointError, ConfigError, SourceError, describe
 from pipeline.sdk.pointers import MISSING, pointer_tokens, resolve
-from pipeline.telemetry import metrics
 
 if TYPE_CHECKING:
-    from pipeline.runtime.catalog import CaptureBinding
+    from pipeline.sdk.connector import Binding
 
 STATE_VERSION = 1
 
 
-class PollFailed(Exception):
-    """A request failed for good in this poll; ``kind`` labels localflow_errors."""
+class PollFailed(SourceError):
+    """A request failed for good in this poll (reported, and the capture goes on)."""
 
-    def __init__(self, message: str, kind: str = "source", refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False) -> None:
         super().__init__(message)
-        self.kind = kind
         self.refused = refused
         """The API answered a 4xx other than 429: repeating the same request will not help."""
+
+
+class AuthRefused(PollFailed):
+    """The API answered 401 or 403: our token is missing, wrong or lacks a permission."""
+
+    kind = "auth"
 
 
 class Unreadable(ValueError):
@@ -82,7 +86,7 @@ class HttpCapture(httpclient.PollingCapture):
             if not await self.ctx.sleep(max(0.0, self.spec.interval - (time.monotonic() - started))):
                 return
 
-    async def _poll(self, index: int, binding: CaptureBinding,
+    async def _poll(self, index: int, binding: Binding,
                     states: dict[str, dict[str, Any]]) -> AsyncIterator[Captured]:
         """One poll of one binding: a chain of at most ``max_pages`` pages."""
         res: HttpResource = binding.parsed
@@ -166,8 +170,9 @@ class HttpCapture(httpclient.PollingCapture):
                     return response, body
                 if status != 429 and status < 500:
                     snippet = body[:200].decode("utf-8", "replace")
-                    raise PollFailed(f"{method} {url} answered HTTP {status} {response.reason_phrase}: {snippet}",
-                                     kind="auth" if status in (401, 403) else "source", refused=True)
+                    refused = AuthRefused if status in (401, 403) else PollFailed
+                    raise refused(f"{method} {url} answered HTTP {status} {response.reason_phrase}: {snippet}",
+                                  refused=True)
                 why = f"HTTP {status} {response.reason_phrase}"
                 retry_after = _retry_after(response.headers.get("retry-after"))
             if attempt >= adv.max_retries:
@@ -197,8 +202,7 @@ class HttpCapture(httpclient.PollingCapture):
 
     def _failed(self, e: PollFailed) -> None:
         self.ctx.log.error("%s", e)
-        metrics.ERRORS.labels(self.ctx.name, e.kind).inc()
-        self.ctx.status.last_error, self.ctx.status.last_error_at = str(e), time.time()
+        self.ctx.report(e)
 
 
 def _client(config: HttpConfig) -> httpx.AsyncClient:

@@ -29,8 +29,7 @@ from pydantic import AfterValidator, Field, SecretStr
 from pipeline.sdk.config import Duration, Model
 
 if TYPE_CHECKING:
-    from pipeline.runtime.catalog import CaptureSpec, Catalog
-    from pipeline.sdk.connector import Problems
+    from pipeline.sdk.connector import Catalog, Problems, TaskSpec
 
 
 def _pointer(value: str) -> str:
@@ -192,7 +191,7 @@ def binding_key(target: str, resource: HttpResource) -> str:
     return f"{target}|{resource.path}"
 
 
-def check(catalog: Catalog, task: CaptureSpec, place: str) -> Problems:
+def check(catalog: Catalog, task: TaskSpec, place: str) -> Problems:
     """Each binding must read a distinct (collection, path): their cursors are stored under it."""
     problems: Problems = []
     seen: set[str] = set()

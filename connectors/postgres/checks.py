@@ -11,11 +11,10 @@ from . import sql
 from .config import PostgresConfig, TableResource
 
 if TYPE_CHECKING:
-    from pipeline.runtime.catalog import Catalog, MaterializationSpec
-    from pipeline.sdk.connector import Problems
+    from pipeline.sdk.connector import Catalog, Problems, TaskSpec
 
 
-def check(catalog: Catalog, task: MaterializationSpec, place: str) -> Problems:
+def check(catalog: Catalog, task: TaskSpec, place: str) -> Problems:
     """Names Postgres cannot hold, clashing tables and columns, impossible partitions and indexes."""
     config: PostgresConfig = task.config
     problems: Problems = []

@@ -39,9 +39,8 @@ import asyncpg
 
 from pipeline.sdk.context import Context
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
-from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.records import Record, TopicPartition
-from pipeline.telemetry import metrics
 
 from . import sql
 from .config import PostgresConfig
@@ -107,14 +106,14 @@ class PostgresMaterialization(Materialization):
         self._partitions = await self._retry("create the schema and tables", self._prepare)
         self.ctx.log.info("tables ready in %s: %s", cfg.where(), ", ".join(t.qualified for t in self._tables))
 
-    async def close(self, failed: bool) -> Offsets:
+    async def close(self, failed: bool) -> Applied:
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), timeout=10)
             except TimeoutError:
                 pool.terminate()
-        return {}
+        return Applied()
 
     @staticmethod
     async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -175,7 +174,7 @@ class PostgresMaterialization(Materialization):
 
     # ------------------------------------------------------------------ batches
 
-    async def apply(self, batch: Batch) -> Offsets:
+    async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
             tps = {r.tp for r in batch.records}
             if tps & self._revoked:
@@ -189,7 +188,7 @@ class PostgresMaterialization(Materialization):
                                     "without a fence for them (fencing failed at assignment); the task restarts "
                                     "and fences again")
             if not batch.records:
-                return {}
+                return Applied()
             fences = {tp: self._fences[tp] for tp in tps}
             await self._ensure_partitions(batch)
             return await self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences))
@@ -211,7 +210,7 @@ class PostgresMaterialization(Materialization):
 
             return await self._retry("rewind stored offsets past a gap", commit)
 
-    async def _apply(self, conn: asyncpg.Connection, batch: Batch, fences: dict[TopicPartition, int]) -> Offsets:
+    async def _apply(self, conn: asyncpg.Connection, batch: Batch, fences: dict[TopicPartition, int]) -> Applied:
         name, schema = self.ctx.name, self.config.schema_
         tps = sorted(fences)
         topics, parts = [tp.topic for tp in tps], [tp.partition for tp in tps]
@@ -225,7 +224,7 @@ class PostgresMaterialization(Materialization):
                                  f"{current}, this worker holds {fences[tp]}); its batch for it was not applied")
             # Skip what a previous attempt already committed (its commit reply may have been lost),
             # except where `localflow replay` asks to re-apply from an earlier offset on purpose.
-            replaying = self.ctx.options.get("start_offsets", {})
+            replaying = self.ctx.replay.start_offsets if self.ctx.replay is not None else {}
             todo = [r for r in batch.records if r.offset >= stored[r.tp][0] or r.tp in replaying]
             dead = [(r, r.error) for r in todo if r.error is not None]
             items = self._newest([(seq, r) for seq, r in enumerate(todo) if r.error is None], batch.bindings)
@@ -245,10 +244,8 @@ class PostgresMaterialization(Materialization):
                 await self._dead_letter(batch, record, error or "")
         applied = Counter(batch.bindings[r.topic] for _, r in items)
         applied.subtract(batch.bindings[r.topic] for r, _ in dead if r.error is None)
-        for binding, count in applied.items():
-            metrics.DOCS_OUT.labels(name, self.spec.bindings[binding].source).inc(count)
-        self.ctx.status.connected = True
-        return ends
+        self.ctx.report(connected=True)
+        return Applied(ends, documents=dict(applied), dead=len(dead))
 
     def _newest(self, items: list[tuple[int, Record]], bindings: dict[str, int]) -> list[tuple[int, Record]]:
         """Per key of an upsert table, the document the upsert's rule keeps when applied in order.
@@ -363,7 +360,7 @@ class PostgresMaterialization(Materialization):
                     error = EndpointError(f"Postgres at {cfg.where()}: cannot {what}: {message}")
                     # Server-reported errors are safe to chain; client-side ones may quote the DSN.
                     raise error from (e if isinstance(e, asyncpg.PostgresError) else None)
-                self.ctx.status.connected = False
+                self.ctx.report(connected=False)
                 self.ctx.log.warning("Postgres at %s: cannot %s (%s); retrying in %.1fs",
                                      cfg.where(), what, message, delay)
                 if not await self.ctx.sleep(delay):

@@ -29,8 +29,7 @@ from connectors.prometheus.parse import (
 from pipeline.sdk import httpclient
 from pipeline.sdk.capture import Captured
 from pipeline.sdk.connector import Check
-from pipeline.sdk.errors import describe
-from pipeline.telemetry import metrics
+from pipeline.sdk.errors import SourceError, describe
 
 STATE_VERSION = 1
 _ACCEPT_OPENMETRICS = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
@@ -87,7 +86,7 @@ class PrometheusCapture(httpclient.PollingCapture):
             fmt, samples, out.size = await read(self.client, target, self.config)
         except ScrapeFailed as e:
             self.ctx.log.warning("scrape of %s failed: %s", target, e)
-            metrics.ERRORS.labels(self.ctx.name, "source").inc()
+            self.ctx.report(SourceError(f"scrape of {target} failed: {e}"))
             out.size = e.size
             if e.body is not None:
                 out.dead.append((0, str(e), e.body))

@@ -23,8 +23,7 @@ from pydantic import Field, SecretStr, field_validator
 from pipeline.sdk.config import Duration, Model
 
 if TYPE_CHECKING:
-    from pipeline.runtime.catalog import CaptureSpec, Catalog
-    from pipeline.sdk.connector import Problems
+    from pipeline.sdk.connector import Catalog, Problems, TaskSpec
 
 
 class PrometheusAdvanced(Model):
@@ -100,7 +99,7 @@ class PrometheusResource(Model):
     """Nothing to set: every sample of every target goes to the binding's collection."""
 
 
-def check(catalog: Catalog, task: CaptureSpec, place: str) -> Problems:
+def check(catalog: Catalog, task: TaskSpec, place: str) -> Problems:
     """One binding (the samples' collection), and a scrape that ends before the next one starts."""
     problems: Problems = []
     if len(task.bindings) != 1:

@@ -23,8 +23,7 @@ from pipeline.sdk.config import Duration, Model
 from pipeline.sdk.pointers import pointer_tokens
 
 if TYPE_CHECKING:
-    from pipeline.runtime.catalog import Catalog, MaterializationSpec
-    from pipeline.sdk.connector import Problems
+    from pipeline.sdk.connector import Catalog, Problems, TaskSpec
 
 # ---------------------------------------------------------------------------- key templates
 
@@ -165,7 +164,7 @@ class RedisBinding(Model):
 # ---------------------------------------------------------------------------- catalog checks
 
 
-def check(catalog: Catalog, task: MaterializationSpec, place: str) -> Problems:
+def check(catalog: Catalog, task: TaskSpec, place: str) -> Problems:
     """Template pointers must be able to exist in the collection's documents; keys must not clash."""
     problems: Problems = []
     seen: dict[str, int] = {}

@@ -47,11 +47,10 @@ from connectors.redis import scripts
 from connectors.redis.config import RedisBinding, RedisConfig, Template, default_template, parse_template
 from pipeline.sdk.connector import Check
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
-from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.pointers import MISSING, resolve
 from pipeline.sdk.records import Record, TopicPartition
 from pipeline.sdk.retry import Backoff
-from pipeline.telemetry import metrics
 
 T = TypeVar("T")
 
@@ -90,8 +89,8 @@ class _Chunk:
     clocks: dict[str, int] = field(default_factory=dict)
     """Source clock (``<topic>:<partition>``) -> its 1-based index in the script's clock table."""
     args: list[Any] = field(default_factory=list)
-    docs: dict[str, int] = field(default_factory=dict)
-    """Documents per collection, for metrics."""
+    docs: dict[int, int] = field(default_factory=dict)
+    """Documents per binding index (what ``apply`` says it wrote)."""
     size: int = 0
     bytes: int = 0
 
@@ -114,6 +113,8 @@ class RedisMaterialization(Materialization):
     """Keeps Redis keys (and streams) in step with the bindings' collections."""
 
     config: RedisConfig
+    _dead_letters = 0
+    """Records sent to the dead-letter topic so far."""
 
     async def open(self) -> None:
         self._where = self.config.where()
@@ -189,9 +190,11 @@ class RedisMaterialization(Materialization):
                 self._tokens.pop(tp, None)
                 self._expected.pop(tp, None)
 
-    async def apply(self, batch: Batch) -> Offsets:
+    async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
+            dead_before = self._dead_letters
             chunks = await self._chunks(batch)
+            written: dict[int, int] = {}
             pending = chunks
             while pending:
                 replies = await self._retrying("apply a batch", self._execute, pending)
@@ -199,14 +202,14 @@ class RedisMaterialization(Materialization):
                 for chunk, reply in zip(pending, replies, strict=True):
                     if isinstance(reply, NoScriptError):
                         break  # Redis restarted or its script cache was flushed
-                    self._settle(chunk, reply)
+                    self._settle(chunk, reply, written)
                     settled += 1
                 pending = pending[settled:]
                 if pending:
                     await self._retrying("load the apply script", self._load_script)
-            return batch.next_offsets()
+            return Applied(batch.next_offsets(), documents=written, dead=self._dead_letters - dead_before)
 
-    async def tick(self) -> Offsets:
+    async def tick(self) -> Applied:
         """While no documents come, notice a Redis that lost its data (or a takeover) anyway."""
         now = time.monotonic()
         if self._tokens and now >= self._next_verify:
@@ -218,7 +221,7 @@ class RedisMaterialization(Materialization):
                 for tp, h in zip(tps, held, strict=True):
                     if h is None or int(h) != self._tokens[tp]:
                         raise self._fence_error(tp, h)
-        return {}
+        return Applied()
 
     def _fence_error(self, tp: TopicPartition, held: bytes | None) -> EndpointError | Fenced:
         """What it means that Redis holds ``held`` as the fence of ``tp``, not this worker's token."""
@@ -229,11 +232,11 @@ class RedisMaterialization(Materialization):
         return Fenced(f"{_field(tp)} was taken over by another worker (its fence is {int(held)}, this worker "
                       f"holds {self._tokens[tp]}); this worker's batch is dropped and nothing of it was written")
 
-    async def close(self, failed: bool) -> Offsets:
+    async def close(self, failed: bool) -> Applied:
         redis = getattr(self, "_redis", None)
         if redis is not None:
             await redis.aclose()
-        return {}
+        return Applied()
 
     # ------------------------------------------------------------------ encoding
 
@@ -270,7 +273,7 @@ class RedisMaterialization(Materialization):
                 args += fields
             if binding.stream and binding.mode == "h":
                 args.append(r.value)  # the stream entry's `doc` (a JSON value is its own)
-            chunk.docs[binding.collection] = chunk.docs.get(binding.collection, 0) + 1
+            chunk.docs[b] = chunk.docs.get(b, 0) + 1
             chunk.size += 1
             chunk.bytes += len(r.value) + len(key)
             if chunk.size >= size or chunk.bytes >= CHUNK_BYTES:
@@ -281,6 +284,7 @@ class RedisMaterialization(Materialization):
         return out
 
     async def _dead(self, binding: _Binding, r: Record, error: str) -> None:
+        self._dead_letters += 1
         await self.ctx.dead_letter(binding.collection, f"redis: {error}", r.value,
                                    partition=r.partition, offset=r.offset)
 
@@ -310,7 +314,7 @@ class RedisMaterialization(Materialization):
                 raise reply  # a failover in progress: retry the chunks not yet settled
         return replies
 
-    def _settle(self, chunk: _Chunk, reply: Any) -> None:
+    def _settle(self, chunk: _Chunk, reply: Any, written: dict[int, int]) -> None:
         """Account for one chunk's reply, or raise what it means."""
         if isinstance(reply, OutOfMemoryError):
             raise EndpointError(f"Redis at {self._where} is out of memory (maxmemory reached): storage quota "
@@ -322,8 +326,8 @@ class RedisMaterialization(Materialization):
             for tp, after in chunk.parts.items():
                 self._expected[tp] = after
             if code == scripts.APPLIED:
-                for collection, n in chunk.docs.items():
-                    metrics.DOCS_OUT.labels(self.ctx.name, collection).inc(n)
+                for binding, n in chunk.docs.items():
+                    written[binding] = written.get(binding, 0) + n
             return
         where = reply[1].decode(errors="replace")
         seen = reply[2].decode(errors="replace")
@@ -352,7 +356,7 @@ class RedisMaterialization(Materialization):
             except (AuthenticationError, AuthorizationError) as e:
                 raise self._auth_error(e) from e
             except TRANSIENT as e:
-                metrics.ERRORS.labels(self.ctx.name, "endpoint").inc()
+                self.ctx.report(EndpointError(f"Redis at {self._where}: cannot {what}: {self._scrub(e)}"))
                 delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     raise EndpointError(f"Redis at {self._where}: cannot {what} for "

@@ -34,10 +34,9 @@ from connectors.s3.client import client, close_quietly, code_of, status_of, tran
 from connectors.s3.config import S3Config, S3Resource
 from connectors.s3.naming import CONTENT_ENCODINGS, Layout, hour_of
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, LocalflowError
-from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.records import Record, TopicPartition
 from pipeline.sdk.retry import Backoff
-from pipeline.telemetry import metrics
 
 MAX_GAPS = 64
 """An object's offsets without a line are listed in its metadata (2 KiB in all): cut batches there."""
@@ -48,6 +47,8 @@ class _Binding:
     collection: str
     layout: Layout
     resource: S3Resource
+    index: int = 0
+    """Of the binding in the materialization spec."""
 
 
 @dataclass
@@ -97,9 +98,13 @@ class S3Materialization(Materialization):
         self._parts: dict[TopicPartition, _Partition] = {}
         self._error: BaseException | None = None
         self._bindings: dict[str, _Binding] = {}
-        for b in self.spec.bindings:
+        self._written: dict[int, int] = {}
+        self._stored: dict[int, int] = {}
+        """Documents and bytes uploaded per binding since ``apply``, ``tick`` or ``close`` last said."""
+        self._dead_letters = 0
+        for i, b in enumerate(self.spec.bindings):
             layout = Layout.of_binding(cfg, b.source, b.parsed)
-            self._bindings[self.ctx.collection(b.source).topic] = _Binding(b.source, layout, b.parsed)
+            self._bindings[self.ctx.collection(b.source).topic] = _Binding(b.source, layout, b.parsed, i)
         self._stack = contextlib.AsyncExitStack()
         try:
             s3 = await self._stack.enter_async_context(client(cfg))
@@ -172,7 +177,7 @@ class S3Materialization(Materialization):
 
     # ------------------------------------------------------------------ batches
 
-    async def apply(self, batch: Batch) -> Offsets:
+    async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
             self._raise_kept_error()
             dead: list[tuple[_Partition, Record]] = []
@@ -188,16 +193,23 @@ class S3Materialization(Materialization):
             for part, r in dead:
                 await self.ctx.dead_letter(part.binding.collection, r.error or "not JSON", r.value,
                                            partition=r.partition, offset=r.offset, reason="invalid")
+            self._dead_letters += len(dead)
             self._seal_aged()
-            return await self._flush(list(self._parts.values()), final=False)
+            return self._applied(await self._flush(list(self._parts.values()), final=False))
 
-    async def tick(self) -> Offsets:
+    async def tick(self) -> Applied:
         async with self._lock:
             self._raise_kept_error()
             self._seal_aged()
-            return await self._flush(list(self._parts.values()), final=False)
+            return self._applied(await self._flush(list(self._parts.values()), final=False))
 
-    async def close(self, failed: bool) -> Offsets:
+    def _applied(self, durable: Offsets) -> Applied:
+        """What was uploaded since last said (revoked partitions' uploads included), with ``durable``."""
+        out = Applied(durable, documents=self._written, dead=self._dead_letters, stored_bytes=self._stored)
+        self._written, self._stored, self._dead_letters = {}, {}, 0
+        return out
+
+    async def close(self, failed: bool) -> Applied:
         """Upload open batches unless the task failed (at most ``shutdown_timeout``), then disconnect."""
         durable: Offsets = {}
         try:
@@ -212,7 +224,7 @@ class S3Materialization(Materialization):
         finally:
             self._parts = {}
             await close_quietly(self._stack)
-        return durable
+        return self._applied(durable)
 
     def _add(self, part: _Partition, r: Record, dead: list[tuple[_Partition, Record]]) -> None:
         b = part.open
@@ -315,8 +327,8 @@ class S3Materialization(Materialization):
                 if not uploaded:
                     await self.archive.put(b.key, body, CONTENT_ENCODINGS[compression], metadata)
                     uploaded = True
-                    metrics.ARCHIVE_BYTES.labels(self.ctx.name, binding.collection).inc(len(body))
-                    metrics.DOCS_OUT.labels(self.ctx.name, binding.collection).inc(len(b.lines))
+                    self._stored[binding.index] = self._stored.get(binding.index, 0) + len(body)
+                    self._written[binding.index] = self._written.get(binding.index, 0) + len(b.lines)
                 marker = Marker(next_offset=b.last + 1, key=key, owner=part.owner)
                 await self.archive.write_marker(layout, part.tp.partition, marker, etag=etag,
                                                 conditional=cfg.advanced.conditional_writes)
@@ -362,7 +374,7 @@ class S3Materialization(Materialization):
         return Backoff(initial=0.2, maximum=self.config.advanced.retry_backoff_max)
 
     def _failed_attempt(self, what: str, e: BaseException) -> None:
-        metrics.ERRORS.labels(self.ctx.name, "endpoint").inc()
+        self.ctx.report(self._endpoint_error(what, e))
         self.ctx.log.warning("S3 at %s unavailable while %s, retrying: %s", where(self.config), what, _describe(e))
 
     def _endpoint_error(self, what: str, e: BaseException) -> EndpointError:

@@ -29,10 +29,10 @@ from pipeline.runtime.catalog import (
     TestStep,
     TransformSpec,
     VerifyStep,
-    model_anchor,
 )
 from pipeline.sdk.config import parse_duration
 from pipeline.sdk.connector import Connector
+from pipeline.sdk.problems import model_anchor
 
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

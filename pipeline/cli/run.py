@@ -54,6 +54,10 @@ def run(
         help="Address the API binds; beyond loopback LOCALFLOW_API_TOKEN must be set (bearer token)."),
     watch: bool = typer.Option(
         False, "--watch", help="Apply edits of the catalog file without a restart (an invalid edit is refused)."),
+    restart_failed: bool = typer.Option(
+        False, "--restart-failed",
+        help="Restart tasks with backoff even after errors a restart would not fix (configuration, checkpoint, "
+             "implementation, offset gap), instead of leaving them FAILED."),
     config_topic: str = CONFIG_TOPIC,
     log_format: LogFormat = RUN_LOG_FORMAT,
     log_level: str = RUN_LOG_LEVEL,
@@ -61,7 +65,10 @@ def run(
     """Run the catalog's tasks until SIGTERM or Ctrl-C: all of them, or those named by --task.
 
     A task that fails is restarted with backoff (its error logged and counted in
-    localflow_errors_total); the others keep running. On SIGTERM or SIGINT every task stops
+    localflow_errors_total); the others keep running. After an error a restart would not fix
+    (a configuration, checkpoint or implementation error, an offset gap) it stops FAILED, seen in
+    `localflow status`, /readyz and localflow_task_failed, until it is restarted through the API,
+    or the worker is: with --restart-failed such tasks are restarted with backoff too. On SIGTERM or SIGINT every task stops
     reading, flushes its open batch and commits its checkpoint, and the process exits 0; a
     second signal exits at once. With --metrics-port the process serves Prometheus metrics,
     /healthz, /readyz and /status (read by `localflow status --worker`).
@@ -101,7 +108,8 @@ def run(
     gc.freeze()  # the catalog, schemas and imports live as long as the worker: keep them out of GC scans
     api = (api_host, api_port) if api_port is not None else None
     code = asyncio.run(_run(cat, kinds, metrics_host, metrics_port, shutdown_timeout,
-                            catalog_path=catalog, selected=task, api=api, watch=watch, config_topic=config_topic))
+                            catalog_path=catalog, selected=task, api=api, watch=watch, config_topic=config_topic,
+                            restart_failed=restart_failed))
     raise typer.Exit(code)
 
 
@@ -122,7 +130,7 @@ def _with_api_tasks(cat: Catalog, config_topic: str) -> Catalog:
 
 async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: int | None, shutdown_timeout: float,
                *, catalog_path: Path, selected: list[str] | None, api: tuple[str, int] | None, watch: bool,
-               config_topic: str) -> int:
+               config_topic: str, restart_failed: bool = False) -> int:
     from pipeline.control.api import ApiServer
     from pipeline.control.runner import Controller
     from pipeline.control.store import ConfigStore
@@ -143,7 +151,8 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     store = ConfigStore(catalog.kafka, config_topic) if config_topic else None
-    controller = Controller(catalog_path, catalog, stopping, store=store, selected=selected, watch=watch)
+    controller = Controller(catalog_path, catalog, stopping, store=store, selected=selected, watch=watch,
+                            restart_failed=restart_failed)
     controller.kinds.update(kinds)  # the same dict object: /status follows tasks added and removed
     telemetry = server = None
     await controller.open()  # the API answers from the config topic once it is read

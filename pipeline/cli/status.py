@@ -84,6 +84,8 @@ class TaskReport:
     checkpoint_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    failed: str | None = None
+    """Why a worker stopped the task FAILED (it is not restarted until an operator acts)."""
     partitions: list[PartitionLag] = field(default_factory=list)
     missing_topics: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
@@ -106,6 +108,7 @@ class StatusReport:
         return {"at": self.at, "workers": self.workers, "discovered": self.discovered,
                 "problems": [redact(p) for p in self.problems],
                 "tasks": [{"name": t.name, "kind": t.kind, "running": t.running, "workers": t.workers,
+                           "failed": redact(t.failed) if t.failed else None,
                            "docs_per_second": t.docs_per_second, "checkpoint_at": t.checkpoint_at,
                            "last_error": redact(t.last_error) if t.last_error else None,
                            "last_error_at": t.last_error_at, "targets": t.targets,
@@ -196,6 +199,8 @@ async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
             report = reports.get(name)
             if report is None:
                 continue
+            if t.get("failed"):
+                report.failed = t["failed"]
             if t.get("running"):
                 report.running = True
                 report.workers += 1
@@ -278,6 +283,8 @@ def render(report: StatusReport) -> Group:
             running = "running: unknown"
         elif t.running:
             running = f"[green]running[/] on {t.workers} worker{'s' if t.workers != 1 else ''}"
+        elif t.failed:
+            running = "[bold red]FAILED[/] (not restarted: fix the cause, then `localflow run --restart-failed` or restart it)"
         else:
             running = "[red]not running[/]"
         rate = f"{t.docs_per_second:,.1f} docs/s" if t.docs_per_second is not None else "- docs/s"
@@ -298,8 +305,11 @@ def render(report: StatusReport) -> Group:
             for topic in t.missing_topics:
                 table.add_row(topic, "-", "-", "-", "no topic yet")
             parts.append(Padding(table, (0, 0, 0, 2), expand=False))
-        parts.append(f"  last error {ago(t.last_error_at, report.at)}: {escape(redact(t.last_error))}"
-                     if t.last_error else "  no error")
+        if t.failed and not t.running:
+            parts.append(f"  [red]failed:[/] {escape(redact(t.failed))}")
+        else:
+            parts.append(f"  last error {ago(t.last_error_at, report.at)}: {escape(redact(t.last_error))}"
+                         if t.last_error else "  no error")
     return Group(*parts)
 
 

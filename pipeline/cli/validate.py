@@ -10,8 +10,9 @@ import orjson
 import typer
 from rich.table import Table
 
-from pipeline.runtime.catalog import Catalog, Problem, load_catalog, topic_of
+from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
 from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.problems import Problem
 
 if TYPE_CHECKING:
     pass

@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline import __version__
 from pipeline.control.effective import capture_entries
 from pipeline.control.runner import Conflict, Controller, NotFound, Unavailable, problem_lines
-from pipeline.runtime.catalog import Catalog, Problem, pydantic_problems, topic_of
+from pipeline.runtime.catalog import Catalog, topic_of
 from pipeline.runtime.task import STATUS, kind_of
 from pipeline.sdk.errors import ConfigError, EndpointError
+from pipeline.sdk.problems import Problem, pydantic_problems
 from pipeline.telemetry.logs import redact
 
 log = logging.getLogger("localflow.api")

@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.runtime.catalog import Catalog, Positions, Problem, load_catalog, pydantic_problems, read_yaml
+from pipeline.runtime.catalog import Catalog, Positions, load_catalog, read_yaml
 from pipeline.sdk.config import Model
 from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.problems import Problem, pydantic_problems
 
 TASK_SECTIONS = ("collections", "captures", "materializations")
 

@@ -20,9 +20,10 @@ from typing import Any
 
 from pipeline.control.effective import TASK_SECTIONS, Overlay, build, read_file
 from pipeline.control.store import ConfigStore
-from pipeline.runtime.catalog import Catalog, Problem
+from pipeline.runtime.catalog import Catalog
 from pipeline.runtime.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
 from pipeline.sdk.errors import ConfigError, LocalflowError
+from pipeline.sdk.problems import Problem
 
 log = logging.getLogger("localflow.control")
 
@@ -78,10 +79,12 @@ class Controller:
     """Runs the tasks of the effective catalog (or those named by ``selected``) until ``stopping``."""
 
     def __init__(self, path: Path, catalog: Catalog, stopping: asyncio.Event, *, store: ConfigStore | None = None,
-                 selected: list[str] | None = None, watch: bool = False) -> None:
+                 selected: list[str] | None = None, watch: bool = False, restart_failed: bool = False) -> None:
         self.path, self.base, self.catalog = path, catalog, catalog
         self.stopping, self.store, self.watch = stopping, store, watch
         self.selected = set(selected) if selected else None
+        self.restart_failed = restart_failed
+        """Restart tasks after errors a restart would not fix too (`run --restart-failed`)."""
         self.file = read_file(path)
         self.running: dict[str, Running] = {}
         self.kinds: dict[str, TaskKind] = {}
@@ -124,6 +127,8 @@ class Controller:
             return "UNASSIGNED", None
         if status.running:
             return "RUNNING", None
+        if status.failed:
+            return "FAILED", status.failed
         if status.last_error:
             return "FAILED", status.last_error
         return ("FAILED", "stopped") if running.task.done() else ("RUNNING", None)
@@ -310,7 +315,8 @@ class Controller:
         if self.stopping.is_set():
             ctx.stopping.set()
         self.kinds[name] = kind
-        self.running[name] = Running(ctx, asyncio.create_task(supervise(ctx), name=TASK_PREFIX + name), fp)
+        self.running[name] = Running(ctx, asyncio.create_task(supervise(ctx, restart_failed=self.restart_failed),
+                                                          name=TASK_PREFIX + name), fp)
         log.info("%s %s %s", verb, kind, name)
 
     async def _stop(self, reasons: dict[str, str]) -> None:

@@ -24,7 +24,7 @@ from pipeline.runtime.checkpoint import KafkaCheckpoints, Presence
 from pipeline.runtime.collection import CollectionWriter
 from pipeline.runtime.task import Task
 from pipeline.sdk.capture import Capture, Captured
-from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.errors import ConfigError, ImplementationError
 from pipeline.sdk.pointers import MISSING, pointer_tokens, resolve
 from pipeline.telemetry import metrics
 
@@ -82,6 +82,11 @@ class CaptureTask(Task):
             try:
                 while (item := await self._next(stream)) is not None:
                     presence.check()  # another instance holds the capture: write nothing more
+                    if item.documents and item.state is None:
+                        raise ImplementationError(
+                            f"capture {ctx.name} ({spec.connector}) yielded {len(item.documents)} documents without "
+                            "a state: an item that carries documents MUST carry the state that covers them "
+                            "(pipeline/sdk/capture.py); nothing of it was written")
                     await self._emit(item, collections, maskers, writer)
                     if item.state is not None:
                         await store.save(writer, ctx.name, item.state)

@@ -14,21 +14,15 @@ A misspelled name gets a "did you mean" from the model's own fields, and the lis
 
 from __future__ import annotations
 
-import difflib
-import enum
 import hashlib
 import os
 import re
-import reprlib
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import (
-    BaseModel,
     Field,
     PrivateAttr,
     SecretStr,
@@ -39,6 +33,7 @@ from pydantic import (
 from pipeline.sdk.config import Duration, Model
 from pipeline.sdk.errors import ConfigError
 from pipeline.sdk.pointers import resolve_pointer
+from pipeline.sdk.problems import Problem, closest, join, jsonable, pydantic_problems
 
 # ---------------------------------------------------------------------------- interpolation
 
@@ -48,7 +43,7 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 def interpolate(node: Any, env: dict[str, str], place: str, problems: list[tuple[str, str]]) -> Any:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
     if isinstance(node, dict):
-        return {k: interpolate(v, env, _join(place, str(k)), problems) for k, v in node.items()}
+        return {k: interpolate(v, env, join(place, str(k)), problems) for k, v in node.items()}
     if isinstance(node, list):
         return [interpolate(v, env, f"{place}[{i}]", problems) for i, v in enumerate(node)]
     if not isinstance(node, str) or "$" not in node:
@@ -68,9 +63,6 @@ def interpolate(node: Any, env: dict[str, str], place: str, problems: list[tuple
 
     return _VAR.sub(repl, node)
 
-
-def _join(place: str, part: str) -> str:
-    return f"{place}.{part}" if place else part
 
 
 # ---------------------------------------------------------------------------- models
@@ -335,69 +327,6 @@ def schema_fingerprint(schema: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-REFERENCE = "docs/reference.md"
-"""The connector and catalog reference generated from these models (`localflow schema --reference`)."""
-
-
-class Problem(tuple[str, str]):
-    """One problem of a catalog: a ``(place, message)`` pair, as ConfigError holds them, that also
-    knows where it is in the file, the offending value and, for a misspelled name, a suggestion and
-    the names that are valid there."""
-
-    file: str
-    line: int
-    column: int
-
-    def __new__(cls, place: str, message: str, *, value: Any = None, has_value: bool = False,
-                did_you_mean: str | None = None, valid: Sequence[str] = (), at_key: bool = False,
-                reference: str | None = None) -> Problem:
-        text = message
-        if did_you_mean is not None:
-            text += f" (did you mean {did_you_mean!r}?)"
-        if valid:
-            text += f"; valid: {', '.join(valid)}"
-        if reference:
-            text += f"; see {REFERENCE}#{reference}"
-        self = super().__new__(cls, (place, text))
-        self.base, self.value, self.has_value = message, value, has_value
-        self.did_you_mean, self.valid, self.at_key, self.reference = did_you_mean, list(valid), at_key, reference
-        self.file, self.line, self.column = "", 0, 0
-        return self
-
-    @classmethod
-    def of(cls, pair: tuple[str, str]) -> Problem:
-        return pair if isinstance(pair, Problem) else cls(pair[0], pair[1])
-
-    @property
-    def place(self) -> str:
-        return self[0]
-
-    @property
-    def message(self) -> str:
-        return self[1]
-
-    @property
-    def where(self) -> str:
-        """``file:line:column`` (or just the file when the place has no position)."""
-        return f"{self.file}:{self.line}:{self.column}" if self.line else self.file
-
-    def __str__(self) -> str:
-        text = f"{self.place}: {self.message}" if self.place else self.message
-        return f"{self.where}: {text}" if self.where else text
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"file": self.file or None, "line": self.line or None, "column": self.column or None,
-                               "path": self.place, "message": self.base}
-        if self.has_value:
-            out["value"] = self.value
-        if self.did_you_mean is not None:
-            out["did_you_mean"] = self.did_you_mean
-        if self.valid:
-            out["valid"] = self.valid
-        if self.reference:
-            out["reference"] = f"{REFERENCE}#{self.reference}"
-        return out
-
 
 class CatalogError(ConfigError):
     """A catalog with problems: ``problems`` are :class:`Problem` pairs, each with its position."""
@@ -489,7 +418,7 @@ def read_yaml(text: str, file: str, place: str = "", positions: Positions | None
                 problems.append(bad)
                 continue
             key = scalar(key_node)
-            child = _join(at, str(key))
+            child = join(at, str(key))
             if key in seen:
                 dup = Problem(child, f"duplicate key {str(key)!r} (first at line {seen[key].start_mark.line + 1}); "
                               "YAML allows each key once: remove one", at_key=True)
@@ -629,169 +558,6 @@ def _resolve_schema_files(raw: dict[str, Any], base: Path, positions: Positions,
     return failed
 
 
-def pydantic_problems(error: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> list[Problem]:
-    """pydantic's errors as problems under ``prefix``: each with the offending value, and for an
-    unknown field or a wrong choice the closest valid name and all of them. ``model`` (the model
-    that was validated; else found by the error's title) gives the valid field names."""
-    model = model or _model_named(error.title)
-    out: list[Problem] = []
-    for err in error.errors(include_url=False):
-        loc = _without_union_tags(model, list(err["loc"]))
-        place = prefix
-        for part in loc:
-            place = f"{place}[{part}]" if isinstance(part, int) else _join(place, str(part))
-        msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            owner = _model_at(model, loc[:-1]) if model else None
-            valid = _field_names(owner) if owner else []
-            out.append(Problem(place, f"unknown field {str(loc[-1])!r}", did_you_mean=_closest(str(loc[-1]), valid),
-                               valid=valid, at_key=True, reference=_anchor(owner)))
-        elif kind == "missing":
-            owner = _model_at(model, loc[:-1]) if model else None
-            out.append(Problem(place, "required field is missing", reference=_anchor(owner), at_key=True))
-        elif kind in ("literal_error", "enum"):
-            expected = [str(x) for x in _literal_choices(model, loc)] if model else []
-            out.append(Problem(place, f"{_show(value)} is not one of the choices", value=value, has_value=True,
-                               did_you_mean=_closest(str(value), expected), valid=expected))
-        elif out and out[-1].place == place and out[-1].has_value and out[-1].value == _jsonable(value):
-            # one value refused by each alternative of a union: one problem, the alternatives joined
-            out[-1] = Problem(place, f"{out[-1].base} or {msg.removeprefix('Input should be ')}",
-                              value=out[-1].value, has_value=True)
-        else:
-            out.append(Problem(place, msg, value=_jsonable(value), has_value=True))
-    return [_with_value(p) for p in out]
-
-
-def _with_value(p: Problem) -> Problem:
-    """``...; got 0`` after a message that does not show the offending value already."""
-    shown = _show(p.value)
-    if not p.has_value or p.at_key or p.did_you_mean or p.valid or shown in p.base or isinstance(p.value, dict):
-        return p
-    out = Problem(p.place, f"{p.base}; got {shown}", value=p.value, has_value=True)
-    out.file, out.line, out.column = p.file, p.line, p.column
-    return out
-
-
-_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
-
-
-def _without_union_tags(model: type[BaseModel] | None, loc: list[Any]) -> list[Any]:
-    """``loc`` without the names pydantic gives the union alternatives it tried (``dict[str,any]``,
-    ``str``): they are not places in the file."""
-    out: list[Any] = []
-    annotation: Any = model
-    for part in loc:
-        alternatives = [m for m in _members(annotation) if m is not type(None)]
-        if len(alternatives) > 1 and isinstance(part, str) and _UNION_TAG.match(part):
-            continue
-        step = _step(annotation, part) if annotation is not None else None
-        out.append(part)
-        annotation = step
-    return out
-
-
-def _show(value: Any) -> str:
-    return reprlib.repr(value)
-
-
-def _jsonable(value: Any) -> Any:
-    """The value for JSON output: itself when JSON can hold it, else its repr."""
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        return repr(value)
-    return value
-
-
-def _closest(name: str, valid: Sequence[str]) -> str | None:
-    found = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    if not found:
-        found = [v for v in valid if v.lower() == name.lower() or v.startswith(name) or name.startswith(v)][:1]
-    return found[0] if found else None
-
-
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return [f.alias or n for n, f in model.model_fields.items()]
-
-
-def model_anchor(model: type[BaseModel]) -> str:
-    """The anchor of ``model``'s section in docs/reference.md: ``collectionspec``, ``http-httpconfig``."""
-    parts = model.__module__.split(".")
-    prefix = f"{parts[1]}-" if parts[0] == "connectors" and len(parts) > 2 else ""
-    return f"{prefix}{model.__name__}".lower()
-
-
-def _anchor(model: type[BaseModel] | None) -> str | None:
-    return None if model is None else model_anchor(model)
-
-
-def _model_named(title: str) -> type[BaseModel] | None:
-    """The one Model subclass named ``title`` (None when there is none or several)."""
-    found: list[type[BaseModel]] = []
-    todo = list(Model.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__name__ == title and cls not in found:
-            found.append(cls)
-    return found[0] if len(found) == 1 else None
-
-
-def _members(annotation: Any) -> list[Any]:
-    """The alternatives of an annotation: ``A | None`` -> [A, None]; ``Annotated[A, ...]`` -> [A]."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _members(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return [m for a in typing.get_args(annotation) for m in _members(a)]
-    return [annotation]
-
-
-def _step(annotation: Any, part: Any) -> Any:
-    """The annotation of ``part`` (a field, a dict key or a list index) inside ``annotation``."""
-    for member in _members(annotation):
-        origin = typing.get_origin(member)
-        if isinstance(member, type) and issubclass(member, BaseModel):
-            for name, f in member.model_fields.items():
-                if part in (name, f.alias):
-                    return f.annotation
-            if part == member.__name__:  # pydantic names the union member it tried
-                return member
-        elif origin is dict and not isinstance(part, int):
-            return typing.get_args(member)[1]
-        elif origin is list and isinstance(part, int):
-            return typing.get_args(member)[0]
-    return None
-
-
-def _model_at(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
-    """The model that holds the fields at ``loc`` below ``model`` (None: not a model there)."""
-    annotation: Any = model
-    for part in loc:
-        annotation = _step(annotation, part)
-        if annotation is None:
-            return None
-    models = [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
-    return models[0] if models else None
-
-
-def _literal_choices(model: type[BaseModel], loc: Sequence[Any]) -> list[Any]:
-    annotation: Any = model
-    for part in loc:
-        annotation = _step(annotation, part)
-        if annotation is None:
-            return []
-    out: list[Any] = []
-    for member in _members(annotation):
-        if typing.get_origin(member) is Literal:
-            out += typing.get_args(member)
-        elif isinstance(member, type) and issubclass(member, enum.Enum):
-            out += [m.value for m in member]
-    return out
-
-
 def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
     """Cross-checks that pydantic cannot express; appends to ``problems``. A reference to a collection
     that is declared but was set aside as invalid is not reported again (its own problems are)."""
@@ -803,7 +569,7 @@ def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
         if name not in declared:
             names = sorted(declared)
             problems.append(Problem(place, f"{name!r} is not a declared collection", value=name, has_value=True,
-                                    did_you_mean=_closest(name, names), valid=names))
+                                    did_you_mean=closest(name, names), valid=names))
 
     for name, coll in catalog.collections.items():
         place = f"collections.{name}"
@@ -831,7 +597,7 @@ def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
             except KeyError:
                 known = known_connectors(kind[:-1])
                 problems.append(Problem(f"{place}.endpoint.{connector_name}", f"unknown connector {connector_name!r}",
-                                        did_you_mean=_closest(connector_name, known), valid=known, at_key=True,
+                                        did_you_mean=closest(connector_name, known), valid=known, at_key=True,
                                         reference=f"{kind[:-1]}-connectors"))
                 continue
             if connector.kind != kind[:-1]:
@@ -900,12 +666,12 @@ def schema_problems(schema: dict[str, Any], place: str) -> list[Problem]:
     for e in _meta_validator(meta).iter_errors(schema):
         where = place
         for part in e.instance_path:
-            where = f"{where}[{part}]" if isinstance(part, int) else _join(where, str(part))
+            where = f"{where}[{part}]" if isinstance(part, int) else join(where, str(part))
         if e.instance_path and e.instance_path[-1] == "type" and isinstance(e.instance, str):
             out.append(Problem(where, f"{e.instance!r} is not a JSON Schema type", value=e.instance, has_value=True,
-                               did_you_mean=_closest(e.instance, _JSON_TYPES), valid=_JSON_TYPES))
+                               did_you_mean=closest(e.instance, _JSON_TYPES), valid=_JSON_TYPES))
         else:
-            out.append(Problem(where, f"not a valid JSON Schema: {e.message}", value=_jsonable(e.instance),
+            out.append(Problem(where, f"not a valid JSON Schema: {e.message}", value=jsonable(e.instance),
                                has_value=True))
     if not out:
         from pipeline.runtime.collection import compile_schema
@@ -915,10 +681,10 @@ def schema_problems(schema: dict[str, Any], place: str) -> list[Problem]:
         except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError) as e:
             where = place
             for part in getattr(e, "instance_path", []) or []:
-                where = f"{where}[{part}]" if isinstance(part, int) else _join(where, str(part))
+                where = f"{where}[{part}]" if isinstance(part, int) else join(where, str(part))
             message = getattr(e, "message", None) or str(e).splitlines()[0]
             out.append(Problem(where, f"not a valid JSON Schema: {message}",
-                               value=_jsonable(getattr(e, "instance", None)), has_value=hasattr(e, "instance")))
+                               value=jsonable(getattr(e, "instance", None)), has_value=hasattr(e, "instance")))
     return out
 
 

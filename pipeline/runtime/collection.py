@@ -757,6 +757,15 @@ class CollectionReader:
     def assignment(self) -> set[TopicPartition]:
         return set(self.consumer.assignment())
 
+    def pause(self, partitions: set[TopicPartition]) -> None:
+        """Fetch nothing more of these partitions (those still assigned) until ``resume``."""
+        owned = self.consumer.assignment()
+        self.consumer.pause(*(tp for tp in map(TopicPartition._make, partitions) if tp in owned))
+
+    def resume(self, partitions: set[TopicPartition]) -> None:
+        owned = self.consumer.assignment()
+        self.consumer.resume(*(tp for tp in map(TopicPartition._make, partitions) if tp in owned))
+
     def highwater(self, tp: TopicPartition) -> int | None:
         """The fetch high watermark (right on every broker, unlike ListOffsets latest)."""
         return self.consumer.highwater(TopicPartition(*tp))

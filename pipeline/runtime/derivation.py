@@ -45,6 +45,7 @@ from pipeline.runtime.collection import (
 from pipeline.runtime.registry import engine_module
 from pipeline.runtime.task import Task, TaskContext
 from pipeline.sdk.engine import Engine
+from pipeline.sdk.errors import ImplementationError, describe
 from pipeline.sdk.records import Record, next_offsets
 from pipeline.telemetry import metrics
 
@@ -164,7 +165,13 @@ class DerivationTask(Task):
         docs = [r.doc for r in inputs]
         positions = [_position(r) for r in inputs]
         for index, name in route.transforms:
-            out = await self._off_loop(engine.apply, index, docs)
+            try:
+                out = await self._off_loop(engine.apply, index, docs)
+            except Exception as e:
+                raise ImplementationError(
+                    f"engine {self.ctx.spec.derive.engine} of {self.ctx.name} raised {describe(e)} in transform "
+                    f"{name!r} on a batch of {len(docs)} documents: an engine MUST NOT raise for a bad input, it "
+                    "lists it in `failed` (pipeline/sdk/engine.py)") from e
             pending.append(asyncio.ensure_future(writer.write(
                 derived, out.documents, positions=[positions[i] for i in out.sources],
                 transform=name, reason="invalid")))

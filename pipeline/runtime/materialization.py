@@ -7,7 +7,13 @@ consumer group (``localflow.<task>``); on assignment the runtime asks the connec
 partition resumes, and seeks there. Kafka's committed group offsets are advisory only (for
 lag in `localflow status`), never the source of truth.
 
-Runtime options (``TaskContext.options``) that `localflow replay` sets to backfill an endpoint:
+The runtime counts what the connector says it applied (``Applied``), checks the offsets it says
+are durable (never behind what it resumed from or made durable before, never beyond what it was
+given: else an ImplementationError stops the task) and, when ``apply`` raises ``Backpressure``,
+pauses the batch's partitions and applies the same batch again later, without a restart.
+
+The replay plan (``TaskContext.replay``, a ``ReplayPlan``) that `localflow replay` sets to backfill
+an endpoint:
 
 * ``start_offsets`` (``{TopicPartition: offset}``): where a partition starts when it is assigned,
   instead of the stored offset ``assigned()`` returns. ``assigned()`` is still called, so the
@@ -38,9 +44,10 @@ from aiokafka import TopicPartition
 from pipeline.runtime.catalog import MaterializationSpec
 from pipeline.runtime.collection import Collection, CollectionReader, ReaderOptions
 from pipeline.runtime.task import Task, TaskContext
-from pipeline.sdk.errors import EndpointError, Fenced
-from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.errors import Backpressure, EndpointError, Fenced, ImplementationError
+from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.records import Record
+from pipeline.sdk.retry import Backoff
 from pipeline.telemetry import metrics
 
 HOLD_NOTHING_FOR = 45.0
@@ -59,6 +66,11 @@ class MaterializationTask(Task):
         super().__init__(ctx)
         self._gaps: Offsets = {}
         """Replayed partitions whose stored offset was beyond their end: where each ends."""
+        self._floor: Offsets = {}
+        """Per partition, the lowest offset the connector may say is durable: where it resumed, then
+        the last offset it made durable (never backwards)."""
+        self._read: Offsets = {}
+        """Per partition, the offset after the last record given to the connector (never beyond)."""
 
     async def run(self) -> None:
         from pipeline.runtime.registry import load_connector
@@ -75,45 +87,75 @@ class MaterializationTask(Task):
                                   options=ReaderOptions(**ctx.options.get("reader", {})), task=ctx.name)
         await reader.start()
         failed = True
+        replay = ctx.replay
         try:
             while not ctx.stopping.is_set():
                 records = await reader.batch(timeout_ms=self.poll_ms)
                 if records:
                     started = time.perf_counter()
                     batch = Batch(records, bindings)
+                    self._read.update(batch.next_offsets())
                     try:
-                        durable = await m.apply(batch)
+                        applied = await self._apply(m, reader, batch)
                     except Fenced as e:
                         ctx.log.warning("replaced by another worker, batch of %d dropped: %s", len(records), e)
                         raise
+                    if applied is None:  # stopping while the endpoint pushed back: nothing of it is durable
+                        break
                     metrics.BATCH_SIZE.labels(ctx.name).observe(len(records))
                     metrics.BATCH_SECONDS.labels(ctx.name).observe(time.perf_counter() - started)
                     self._latency(records, collections)
                     ctx.status.progressed(len(records))
-                    if "progress" in ctx.options:
-                        ctx.options["progress"].update(batch.next_offsets())
+                    if replay is not None and replay.progress is not None:
+                        replay.progress.update(batch.next_offsets())
                 else:
-                    durable = await m.tick()
-                await self._committed(reader, durable)
-                if "stop_at_end" in ctx.options and await self._reached_end(reader):
-                    await self._committed(reader, await self._rewind_gaps(m, reader))
+                    applied = await m.tick()
+                await self._committed(reader, applied, collections)
+                if replay is not None and replay.stop_at_end is not None and await self._reached_end(reader):
+                    await self._committed(reader, Applied(await self._rewind_gaps(m, reader)), collections,
+                                          rewound=True)
                     ctx.log.info("replay reached its end offsets")
                     break
             failed = False
         finally:
             try:
-                durable = await m.close(failed)
+                applied = await m.close(failed)
                 if not failed:
-                    await self._committed(reader, durable)
+                    await self._committed(reader, applied, collections)
             finally:
                 await reader.stop()
 
+    async def _apply(self, m: Materialization, reader: CollectionReader, batch: Batch) -> Applied | None:
+        """``m.apply(batch)``; after ``Backpressure``, the same batch again later (its partitions paused
+        meanwhile, so nothing more is fetched for them). None when the task stops while waiting."""
+        backoff: Backoff | None = None
+        paused: set[TopicPartition] = set()
+        try:
+            while True:
+                try:
+                    return await m.apply(batch)
+                except Backpressure as e:
+                    backoff = backoff or Backoff(initial=0.2, maximum=10.0)
+                    delay = e.retry_after if e.retry_after is not None else backoff.next()
+                    if not paused:
+                        paused = {TopicPartition(r.topic, r.partition) for r in batch.records}
+                        reader.pause(paused)
+                    self.ctx.report(e)
+                    self.ctx.log.info("the endpoint pushed back (%s): the batch of %d is applied again in %.1fs",
+                                      e, len(batch.records), delay)
+                    if not await self.ctx.sleep(delay):
+                        return None
+        finally:
+            if paused:
+                reader.resume(paused)
+
     def _assigned(self, m: Materialization):  # noqa: ANN202
-        options = self.ctx.options
+        replay = self.ctx.replay
 
         async def on_assign(partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
             positions = await m.assigned(partitions)
-            start, stop = options.get("start_offsets", {}), options.get("stop_at_end")
+            start = replay.start_offsets if replay is not None else {}
+            stop = replay.stop_at_end if replay is not None else None
             ahead: dict[TopicPartition, int] = {}
             for tp in partitions & start.keys():
                 stored = positions.get(tp)
@@ -130,8 +172,14 @@ class MaterializationTask(Task):
                         self.ctx.log.warning("stored offset %d of %s[%d] is beyond the partition's end %d (a gap): "
                                              "the replay ends at the partition's end", stored, tp.topic,
                                              tp.partition, ends[tp])
-            if "progress" in options:
-                options["progress"].update({tp: positions.get(tp) or 0 for tp in partitions})
+            if replay is not None and replay.progress is not None:
+                replay.progress.update({tp: positions.get(tp) or 0 for tp in partitions})
+            for tp in partitions:  # what the connector may say is durable starts over from here
+                at = positions.get(tp)
+                self._floor.pop(tp, None)
+                self._read.pop(tp, None)
+                if at is not None:
+                    self._floor[tp] = self._read[tp] = at
             self._ever_assigned = True
             self.ctx.log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{positions.get(tp) or 0}"
                                                         for tp in sorted(partitions)))
@@ -149,7 +197,7 @@ class MaterializationTask(Task):
         reader.raise_failure()  # an assignment that failed never seeked: its positions are not progress
         if not self._ever_assigned or reader.settling:
             return False
-        stop: Offsets = self.ctx.options["stop_at_end"]
+        stop: Offsets = self.ctx.replay.stop_at_end  # type: ignore[union-attr, assignment]
         held = reader.assignment()
         if not held:
             now = time.monotonic()
@@ -182,12 +230,28 @@ class MaterializationTask(Task):
                           ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(durable.items())))
         return durable
 
-    async def _committed(self, reader: CollectionReader, durable: Offsets) -> None:
+    async def _committed(self, reader: CollectionReader, applied: Applied, collections: list[Collection], *,
+                         rewound: bool = False) -> None:
+        """Count what the connector applied, check the offsets it says are durable, commit them."""
+        if not isinstance(applied, Applied):
+            raise ImplementationError(f"{self.ctx.spec.connector} returned {type(applied).__name__} from apply, "
+                                      "tick or close: return an Applied (pipeline/sdk/materialization.py)")
+        for binding, count in applied.documents.items():
+            if count:
+                metrics.DOCS_OUT.labels(self.ctx.name, collections[binding].name).inc(count)
+        for binding, size in applied.stored_bytes.items():
+            if size:
+                metrics.ARCHIVE_BYTES.labels(self.ctx.name, collections[binding].name).inc(size)
+        durable = applied.offsets
         if not durable:
             return
+        if rewound:  # moved back past a gap on purpose: the new floor
+            self._floor.update(durable)
+        else:
+            self._check(durable)
         for tp in durable:
             self._gaps.pop(tp, None)
-        start = self.ctx.options.get("start_offsets")
+        start = self.ctx.replay.start_offsets if self.ctx.replay is not None else None
         if start:
             for tp in durable:
                 start.pop(tp, None)
@@ -196,6 +260,21 @@ class MaterializationTask(Task):
             await reader.commit(durable)
         except EndpointError as e:  # advisory only (the endpoint holds the checkpoint): never fail for it
             self.ctx.log.debug("advisory offset commit skipped: %s", e)
+
+    def _check(self, durable: Offsets) -> None:
+        """Offsets a connector says are durable lie between where it resumed (or what it made durable
+        before) and what it was given; else its checkpoint is wrong, and committing it would skip or
+        repeat records."""
+        for tp, offset in durable.items():
+            floor, read = self._floor.get(tp), self._read.get(tp)
+            where = f"{self.ctx.spec.connector} ({self.ctx.name}) says offset {offset} of {tp.topic}[{tp.partition}]"
+            if floor is not None and offset < floor:
+                raise ImplementationError(f"{where} is durable, which went back from {floor}: durable offsets "
+                                          "never go backwards (pipeline/sdk/materialization.py)")
+            if read is None or offset > read:
+                raise ImplementationError(f"{where} is durable, beyond the batch: it was given records up to "
+                                          f"offset {'nothing' if read is None else read - 1} of that partition")
+            self._floor[tp] = offset
 
     def _latency(self, records: list[Record], collections: list[Collection]) -> None:
         """Document timestamp (else Kafka record time) to now, sampled on each batch's last record."""

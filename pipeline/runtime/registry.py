@@ -71,3 +71,10 @@ def check_derivation(catalog: Catalog, collection: str, place: str) -> list[tupl
     assert derive is not None
     check = getattr(engine_module(derive.engine), "check", None)
     return check(catalog, collection, place) if check else []
+
+
+def clear() -> None:
+    """Forget what was found, so that packages installed since (a new entry point) are found."""
+    _entries.cache_clear()
+    load_connector.cache_clear()
+    engine_module.cache_clear()

@@ -50,6 +50,7 @@ from pipeline.runtime.offsets import (
 )
 from pipeline.runtime.task import TaskContext, build_task
 from pipeline.sdk.errors import ConfigError, LocalflowError
+from pipeline.sdk.materialization import ReplayPlan
 
 log = logging.getLogger("localflow.replay")
 
@@ -170,8 +171,8 @@ async def run_replay(catalog: Catalog, materialization: str, plans: list[Partiti
     stopping = stopping or asyncio.Event()
     progress: dict[TopicPartition, int] = {}
     stop_at = {p.tp: p.end for p in plans}
-    options = {"start_offsets": {p.tp: p.start for p in plans}, "stop_at_end": stop_at, "progress": progress}
-    ctx = TaskContext(catalog, materialization, "materialization", stopping, options)
+    plan = ReplayPlan(start_offsets={p.tp: p.start for p in plans}, stop_at_end=stop_at, progress=progress)
+    ctx = TaskContext(catalog, materialization, "materialization", stopping, replay=plan)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _interrupt, stopping, sig)

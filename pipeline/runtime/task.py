@@ -1,8 +1,9 @@
 """The task lifecycle: build -> run until stopped -> close; supervision with restart and backoff.
 
 A task is a capture, a derivation or a materialization of the catalog. ``run_tasks`` runs
-any set of them in one process; each is supervised on its own, so a failing task is
-restarted (with exponential backoff, its error logged and counted) while the others go on.
+any set of them in one process; each is supervised on its own, and its errors decide what
+happens (pipeline/sdk/errors.py): after a retriable one it is restarted with exponential backoff
+(the error logged and counted), after a non-retriable one it stops FAILED; the others go on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 from pipeline.runtime.catalog import Catalog
 from pipeline.runtime.collection import Collection, CollectionWriter
-from pipeline.sdk.errors import AlreadyRunning, ConfigError, Fenced, LocalflowError, OffsetGap, Unrecoverable
+from pipeline.sdk.errors import ConfigError, LocalflowError, describe
+from pipeline.sdk.materialization import ReplayPlan
 from pipeline.sdk.retry import Backoff
 from pipeline.telemetry import metrics
 from pipeline.telemetry.logs import current_task
@@ -40,11 +42,21 @@ class TaskStatus:
     last_progress_at: float | None = None
     documents: int = 0
     stopped_by: BaseException | None = None
-    """The unrecoverable error that stopped the task for good (it is not restarted)."""
+    """The non-retriable error that stopped the task for good (it is not restarted)."""
+
+    @property
+    def failed(self) -> str | None:
+        """Why the task stopped FAILED (``Type: message``), or None while it may still run."""
+        return describe(self.stopped_by) if self.stopped_by is not None else None
 
     def progressed(self, documents: int = 0) -> None:
         self.last_progress_at = time.time()
         self.documents += documents
+
+    def error(self, e: BaseException) -> None:
+        """Note an error of the task (counted by kind, shown as its last error)."""
+        metrics.ERRORS.labels(self.name, error_kind(e)).inc()
+        self.last_error, self.last_error_at = describe(e), time.time()
 
 
 STATUS: dict[str, TaskStatus] = {}
@@ -60,7 +72,10 @@ class TaskContext:
     kind: TaskKind
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     options: dict[str, Any] = field(default_factory=dict)
-    """Runtime options from the command line (e.g. replay's start positions)."""
+    """Runtime tuning from tests and benchmarks (``reader``: ReaderOptions, a derivation's
+    ``slice_records`` and ``batch_seconds``)."""
+    replay: ReplayPlan | None = None
+    """What `localflow replay` asks of a materialization; None otherwise."""
 
     def __post_init__(self) -> None:
         self.log = logging.LoggerAdapter(logging.getLogger(f"localflow.{self.kind}"), {"task": self.name})
@@ -97,6 +112,13 @@ class TaskContext:
         except TimeoutError:
             return True
         return False
+
+    def report(self, error: BaseException | None = None, *, connected: bool | None = None) -> None:
+        """A connector's news while it goes on: an error it handled, or whether its endpoint answers."""
+        if error is not None:
+            self.status.error(error)
+        if connected is not None:
+            self.status.connected = connected
 
     async def dead_letter(self, collection: str, error: str, original: bytes, **context: Any) -> None:
         """Send raw input that failed in this task to ``<topic>.dead`` (never drop it silently)."""
@@ -151,28 +173,34 @@ def kind_of(catalog: Catalog, name: str) -> TaskKind:
     raise ConfigError(f"{name!r} is not a task of the catalog; tasks: {', '.join(catalog.task_names())}", "--task")
 
 
-async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
-    """Run a task until ``ctx.stopping``; restart it with backoff after any failure."""
+async def supervise(ctx: TaskContext, backoff: Backoff | None = None, *, restart_failed: bool = False) -> None:
+    """Run a task until ``ctx.stopping``; what an error does depends on its class.
+
+    Retriable (and errors that are not a LocalflowError: a bug may be a race): restart with
+    backoff. Not retriable (ConfigError, CheckpointError, ImplementationError, OffsetGap...):
+    the task stops FAILED, with its reason in ``status.failed``, ``/readyz`` and
+    ``localflow_task_failed``, until the process stops; ``restart_failed`` restarts those too.
+    """
     backoff = backoff or Backoff()
     status = ctx.status
     current_task.set(ctx.name)  # library log lines from this coroutine name the task
     metrics.TASK_INFO.labels(ctx.name, ctx.kind).set(1)
     while not ctx.stopping.is_set():
         started = time.monotonic()
-        status.running = True
+        status.running, status.stopped_by = True, None
         metrics.TASK_UP.labels(ctx.name).set(1)
+        metrics.TASK_FAILED.labels(ctx.name).set(0)
         try:
             await build_task(ctx).run()
             return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the supervisor is the place that catches everything
-            kind = _error_kind(e)
-            status.stopped_by = e if isinstance(e, Unrecoverable) else None
-            metrics.ERRORS.labels(ctx.name, kind).inc()
-            status.last_error, status.last_error_at = f"{type(e).__name__}: {e}", time.time()
-            if isinstance(e, Unrecoverable):
-                ctx.log.critical("task stopped (%s), not restarted: %s", kind, e)
+            kind = error_kind(e)
+            status.error(e)
+            if isinstance(e, LocalflowError) and not e.retriable and not restart_failed:
+                status.stopped_by = e
+                ctx.log.critical("task stopped FAILED (%s), not restarted: %s", kind, e)
             elif isinstance(e, LocalflowError):
                 ctx.log.error("task failed (%s): %s", kind, e, exc_info=e.__cause__ is not None)
             else:
@@ -182,8 +210,9 @@ async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
             status.connected = False
             metrics.TASK_UP.labels(ctx.name).set(0)
             await ctx.aclose()
-        if isinstance(status.stopped_by, Unrecoverable):
-            await ctx.stopping.wait()  # the process goes on (other tasks, /readyz says why this one stopped)
+        if status.stopped_by is not None:
+            metrics.TASK_FAILED.labels(ctx.name).set(1)
+            await ctx.stopping.wait()  # the process goes on (other tasks; /readyz says why this one stopped)
             return
         if time.monotonic() - started > backoff.healthy_after:
             backoff.attempt = 0
@@ -195,31 +224,21 @@ async def supervise(ctx: TaskContext, backoff: Backoff | None = None) -> None:
         metrics.TASK_RESTARTS.labels(ctx.name).inc()
 
 
-def _error_kind(e: BaseException) -> str:
-    from pipeline.sdk.errors import ConfigError as _Config
-    from pipeline.sdk.errors import EndpointError, SourceError
-
-    if isinstance(e, Fenced):
-        return "fenced"
-    if isinstance(e, OffsetGap):
-        return "gap"
-    if isinstance(e, AlreadyRunning):
-        return "duplicate"
-    if isinstance(e, _Config):
-        return "config"
-    if isinstance(e, SourceError):
-        return "auth" if getattr(e, "auth", False) else "source"
-    if isinstance(e, EndpointError):
-        return "endpoint"
-    return "internal"
+def error_kind(e: BaseException) -> str:
+    """The ``kind`` label of an error in ``localflow_errors_total`` (a class attribute of our errors)."""
+    return e.kind if isinstance(e, LocalflowError) else "internal"
 
 
 async def run_tasks(catalog: Catalog, names: Sequence[str] | None, stopping: asyncio.Event,
-                    options: dict[str, Any] | None = None) -> None:
+                    options: dict[str, Any] | None = None, *, restart_failed: bool = False,
+                    replay: ReplayPlan | None = None) -> None:
     """Run the named tasks (all when None) until ``stopping`` is set; each is supervised alone."""
     names = list(names) if names else catalog.task_names()
-    contexts = [TaskContext(catalog, n, kind_of(catalog, n), stopping, dict(options or {})) for n in names]
-    await asyncio.gather(*(asyncio.create_task(supervise(c), name=TASK_PREFIX + c.name) for c in contexts))
+    contexts = [TaskContext(catalog, n, kind, stopping, dict(options or {}),
+                            replay=replay if kind == "materialization" else None)
+                for n in names for kind in [kind_of(catalog, n)]]
+    await asyncio.gather(*(asyncio.create_task(supervise(c, restart_failed=restart_failed), name=TASK_PREFIX + c.name)
+                           for c in contexts))
 
 
 TASK_PREFIX = "localflow:"

@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 
 Problems = list[tuple[str, str]]
 
+# What a connector's ``check`` and ``build`` are handed, typed loosely so that a connector never imports
+# the runtime (pipeline/runtime/catalog.py defines them): the catalog, a task's spec (``config``,
+# ``bindings``, ``interval``...) and one of its bindings (``parsed``: the validated resource).
+Catalog = Any
+TaskSpec = Any
+Binding = Any
+
 
 @dataclass(frozen=True)
 class Check:

@@ -17,9 +17,8 @@ class Context(Protocol):
     stopping: asyncio.Event
     """Set when the task must stop: return soon, flushing what is open."""
     log: logging.LoggerAdapter[logging.Logger]
-    options: Any
-    """Runtime options from the command line (e.g. replay's start positions)."""
-    status: Any
+    replay: Any
+    """A materialization's ``ReplayPlan`` during `localflow replay`, else None."""
 
     @property
     def spec(self) -> Any:
@@ -30,6 +29,13 @@ class Context(Protocol):
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; False when the task should stop instead of going on."""
+
+    def report(self, error: BaseException | None = None, *, connected: bool | None = None) -> None:
+        """Tell the runtime about an error the connector handled and goes on after (counted by its
+        ``kind``, shown as the task's last error), or whether its endpoint is reachable now."""
+
+    def collection(self, name: str) -> Any:
+        """A collection of the catalog, compiled (``key``, ``topic``, ``schema``)."""
 
     async def dead_letter(self, collection: str, error: str, original: bytes, **context: Any) -> None:
         """Send raw input that failed to ``<collection's topic>.dead`` (never drop it silently)."""

@@ -1,8 +1,11 @@
 """Errors classified by type, never by message text.
 
-Every localflow error carries ``retriable``: the task supervisor restarts a task after a
-retriable error (with backoff) and reports a non-retriable one as a configuration or
-implementation problem that a restart would not fix.
+Every localflow error carries two class attributes. ``retriable``: the supervisor restarts a
+task after a retriable error (with backoff); after a non-retriable one the task stops FAILED
+(``localflow status``, ``/readyz``, ``localflow_task_failed``) until an operator acts (``localflow
+run --restart-failed``, or the control plane's restart), since a restart would repeat the failure.
+``kind`` labels ``localflow_errors_total``. An exception that is not a LocalflowError is a bug of
+unknown kind (``internal``): the task is restarted, as for a retriable error.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LocalflowError(Exception):
     """Base of every error localflow raises on purpose."""
 
     retriable: ClassVar[bool] = False
+    kind: ClassVar[str] = "internal"
 
 
 class ConfigError(LocalflowError):
@@ -43,6 +47,8 @@ class ConfigError(LocalflowError):
     ``problems`` holds ``(place, message)`` pairs such as
     ``("captures.sophia/metrics.interval", "'30x' is not a duration")``.
     """
+
+    kind = "config"
 
     def __init__(self, problems: list[tuple[str, str]] | str, place: str = "") -> None:
         if isinstance(problems, str):
@@ -55,42 +61,62 @@ class EndpointError(LocalflowError):
     """An endpoint (broker, database, cache, bucket, source) failed; usually transient."""
 
     retriable = True
+    kind = "endpoint"
 
 
 class SourceError(EndpointError):
     """A capture's source answered badly (connection error, 5xx, timeout)."""
+
+    kind = "source"
+
+
+class AuthError(SourceError):
+    """A capture's source refused our credentials (HTTP 401/403)."""
+
+    kind = "auth"
 
 
 class Fenced(LocalflowError):
     """Another worker took over a partition this worker was writing; its batch must be dropped."""
 
     retriable = True
+    kind = "fenced"
 
 
 class Backpressure(LocalflowError):
-    """The endpoint asks us to slow down; retry the same batch later."""
+    """The endpoint asks us to slow down: the runtime pauses the batch's partitions and applies the same
+    batch again after ``retry_after`` seconds (None: its own backoff), without restarting the task."""
 
     retriable = True
+    kind = "backpressure"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ValidationFailed(LocalflowError):
     """A document does not match its collection's schema (becomes a dead letter)."""
 
+    kind = "validation"
+
 
 class CheckpointError(LocalflowError):
     """A stored checkpoint is unreadable or from an unknown version; never silently reset."""
 
+    kind = "checkpoint"
+
 
 class ImplementationError(LocalflowError):
-    """A connector broke its contract (e.g. a cursor that went backwards)."""
+    """A connector or engine broke its contract (pipeline/sdk): found by the runtime's checks."""
+
+    kind = "implementation"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Implementation error: {message}")
 
 
-class Unrecoverable(LocalflowError):
-    """A restart would repeat the failure or make it worse: the supervisor stops the task instead
-    (reported in ``/readyz``, ``localflow status`` and ``localflow_task_up``) until an operator acts."""
-
-
-class OffsetGap(Unrecoverable):
+class OffsetGap(LocalflowError):
     """A stored offset the broker no longer has: below the partition's log start (retention deleted
     records) or beyond its end (the topic was deleted and recreated).
 
@@ -98,6 +124,8 @@ class OffsetGap(Unrecoverable):
     the task stops. ``localflow replay`` re-reads what the collection still holds into the endpoint
     and moves its stored offsets back into the partition's range.
     """
+
+    kind = "gap"
 
     def __init__(self, task: str, topic: str, partition: int, offset: int, begin: int | None, end: int | None) -> None:
         self.topic, self.partition, self.offset, self.begin, self.end = topic, partition, offset, begin, end
@@ -117,3 +145,4 @@ class AlreadyRunning(LocalflowError):
     starts once the other has left."""
 
     retriable = True
+    kind = "duplicate"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from pipeline.runtime.capture import Capture
+from pipeline.sdk.capture import Capture
 from pipeline.sdk.errors import SourceError
 
 

@@ -3,13 +3,48 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.sdk.context import Context
 from pipeline.sdk.records import Record, TopicPartition, next_offsets
 
 Offsets = dict[TopicPartition, int]
+
+
+@dataclass
+class Applied:
+    """What ``apply``, ``tick`` or ``close`` made durable: the runtime counts it, emits the metrics and
+    commits the offsets (a connector touches no metric)."""
+
+    offsets: Offsets = field(default_factory=dict)
+    """Per partition, the next offset now durable at the endpoint (partitions without news: absent)."""
+    documents: dict[int, int] = field(default_factory=dict)
+    """Documents written, per binding index (``localflow_output_documents``)."""
+    dead: int = 0
+    """Documents of the batch sent to a dead-letter topic instead (``ctx.dead_letter``)."""
+    stored_bytes: dict[int, int] = field(default_factory=dict)
+    """Bytes of objects the endpoint now stores, per binding (an archive; ``localflow_archive_bytes``)."""
+
+    def __bool__(self) -> bool:
+        """Whether anything happened."""
+        return bool(self.offsets or self.documents or self.dead or self.stored_bytes)
+
+
+@dataclass
+class ReplayPlan:
+    """What `localflow replay` asks of a materialization (``ctx.replay``; None in a normal run).
+
+    The runtime applies it (pipeline/runtime/materialization.py); a connector only needs
+    ``start_offsets``: records below its stored offset of those partitions are to be applied again.
+    """
+
+    start_offsets: Offsets = field(default_factory=dict)
+    """Where each partition starts when assigned, instead of the stored offset (dropped once durable)."""
+    stop_at_end: Offsets | None = None
+    """The task returns once the partitions it holds are read up to these offsets."""
+    progress: Offsets | None = None
+    """Filled in by the runtime: the next offset to read of each partition (for progress bars)."""
 
 
 @dataclass

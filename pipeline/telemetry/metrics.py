@@ -43,6 +43,8 @@ TASK_RESTARTS = Counter("localflow_task_restarts", "Times a task was restarted a
 TASK_INFO = Gauge("localflow_task_info", "1 for each task this process runs; `type` is capture, derivation or "
                   "materialization (alerts join on it).", ["task", "type"])
 TASK_UP = Gauge("localflow_task_up", "1 while a task is running, 0 after it failed or stopped.", ["task"])
+TASK_FAILED = Gauge("localflow_task_failed", "1 while a task is stopped FAILED by an error a restart would not fix "
+                    "(configuration, checkpoint, implementation, offset gap), until an operator restarts it.", ["task"])
 LAST_CHECKPOINT = Gauge("localflow_last_checkpoint_timestamp_seconds",
                         "When the task last committed a checkpoint (Unix time; its age is time() minus this).",
                         ["task"])

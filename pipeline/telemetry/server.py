@@ -73,6 +73,7 @@ class Telemetry:
         for name, kind in tasks.items():  # series exist (at 0) before the first event
             metrics.TASK_RESTARTS.labels(name)
             metrics.TASK_UP.labels(name)
+            metrics.TASK_FAILED.labels(name)
             metrics.TASK_INFO.labels(name, kind)
             for error_kind in ("auth", "source", "endpoint", "config", "fenced", "internal"):
                 metrics.ERRORS.labels(name, error_kind)
@@ -185,7 +186,9 @@ class Telemetry:
         out = {}
         for name in self.tasks:
             s = STATUS.get(name)
-            if s is None or not s.running:
+            if s is not None and s.failed:
+                reason = f"FAILED: {redact(s.failed)}"
+            elif s is None or not s.running:
                 reason = "not running" + (f" (last error: {redact(s.last_error)})" if s and s.last_error else "")
             elif not s.connected:
                 reason = "starting: not connected to its endpoints yet"
@@ -203,6 +206,8 @@ class Telemetry:
             s = STATUS.get(name)
             tasks[name] = {
                 "kind": kind,
+                "state": "FAILED" if s and s.failed else "RUNNING" if s and s.running else "STOPPED",
+                "failed": redact(s.failed) if s and s.failed else None,
                 "running": bool(s and s.running),
                 "connected": bool(s and s.connected),
                 "documents": s.documents if s else 0,
