@@ -447,8 +447,8 @@ def sophia_catalog(path: Path, *, s3_max_age: str = "2s", metrics_interval: str 
     captures = doc["captures"]
     api = captures[API_TASK]
     api["interval"] = "1s"
-    api["endpoint"]["http"].update(timeout="3s", advanced={"initial_backoff": "200ms", "max_backoff": "1s",
-                                                           "max_retries": 3})
+    api["endpoint"]["http"].update(timeout="3s", advanced={"retry": {"initial_backoff": "200ms", "max_backoff": "1s",
+                                                                     "max_retries": 3}})
     captures[LOGS_TASK]["interval"] = "1s"
     captures[METRICS_TASK]["interval"] = metrics_interval
     captures[METRICS_TASK]["endpoint"]["prometheus"]["timeout"] = metrics_interval

@@ -270,7 +270,7 @@ async def test_a_failing_task_is_failed_with_its_reason_and_health_is_degraded(
         async with LocalflowClient(url) as client:
             made = await client.create_materialization(name, {
                 "endpoint": {"redis": {"url": f"redis://127.0.0.1:{free_port()}/0",
-                                       "advanced": {"connect_timeout": "1s", "retry_for": "1s"}}},
+                                       "advanced": {"connect_timeout": "1s", "retry": {"give_up_after": "1s"}}}},
                 "bindings": [{"source": f"{prefix}/raw", "resource": {"key": "k:{/metadata/id}"}}]})
             assert made["success"], made
             failed = await wait_for_async(lambda: _failed(client, name), timeout=60, message="the task to fail")

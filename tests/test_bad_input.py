@@ -181,8 +181,9 @@ def corpus_catalog(path: Path, metrics_url: str) -> Path:
     small enough to test (1 MiB bodies, 5 pages a poll, short retries) and the SQL-name binding."""
     def edit(doc: dict[str, Any]) -> None:
         http = doc["captures"][API_TASK]
-        http["endpoint"]["http"]["advanced"] = {"initial_backoff": "100ms", "max_backoff": "500ms", "max_retries": 2,
-                                                "max_pages": 5, "max_body_bytes": MAX_BODY}
+        http["endpoint"]["http"]["advanced"] = {
+            "retry": {"initial_backoff": "100ms", "max_backoff": "500ms", "max_retries": 2},
+            "max_pages": 5, "max_body_bytes": MAX_BODY}
         for case in LIVE:
             if case["kind"] == "api":
                 http["bindings"].append({"target": RAW, "resource": {

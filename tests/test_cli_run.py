@@ -117,7 +117,7 @@ def test_readyz_is_503_and_says_why_while_a_task_cannot_reach_its_endpoint(
         "collections": {f"{name}/docs": {"schema": DOC_SCHEMA, "key": ["/id"]}},
         "materializations": {f"{name}/cache": {
             "endpoint": {"redis": {"url": f"redis://127.0.0.1:{free_port()}/0",
-                                   "advanced": {"connect_timeout": "1s", "retry_for": "1s"}}},
+                                   "advanced": {"connect_timeout": "1s", "retry": {"give_up_after": "1s"}}}},
             "bindings": [{"source": f"{name}/docs", "resource": {"key": "k:{/id}"}}]}},
     })
     with worker(catalog, "--metrics-port", "0", log=tmp_path / "run.log") as w:

@@ -523,7 +523,7 @@ class DurableRedis(RedisServer):
 
 async def crash_while_streaming(tmp_path: Path, kafka: str, server: RedisServer, prefix: str) -> TaskContext:
     """Materialize a wave, kill Redis, write a second wave while it is down, start it again; check Redis."""
-    flow = streamed(tmp_path, kafka, server.url, prefix, partitions=3, retry_for="2m")
+    flow = streamed(tmp_path, kafka, server.url, prefix, partitions=3, retry={"give_up_after": "2m"})
     waves = [[doc(f"k{i % 500}", w * 10_000 + i) for i in range(3_000)] for w in (0, 1)]
     async with Redis.from_url(server.url, socket_timeout=60) as client, running(flow.catalog, flow.task) as ctx:
         await ingest(flow.catalog, flow.coll, waves[0])

@@ -599,7 +599,7 @@ async def test_stopping_uploads_open_batches(env: Env, unique_name: Callable[...
 def outage_catalog(env: Env, coll: str, task: str) -> Catalog:
     return env.catalog({coll: 2}, {"max_documents": 200, "max_age": "300ms"}, task=task, endpoint={
         "create_bucket": True,
-        "advanced": {"connect_timeout": "1s", "request_timeout": "2s", "retry_backoff_max": "1s"}})
+        "advanced": {"connect_timeout": "1s", "request_timeout": "2s", "retry": {"max_backoff": "1s"}}})
 
 
 OUTAGES = [pytest.param(4.0, id="4s"), pytest.param(30.0, id="30s", marks=pytest.mark.chaos)]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -156,7 +155,7 @@ class HttpCapture(httpclient.PollingCapture):
         """
         adv = self.config.advanced
         method = self.config.method
-        attempt = 0
+        attempts = adv.retry.attempts(self.ctx.sleep)
         while True:
             retry_after: float | None = None
             try:
@@ -175,14 +174,13 @@ class HttpCapture(httpclient.PollingCapture):
                                   refused=True)
                 why = f"HTTP {status} {response.reason_phrase}"
                 retry_after = _retry_after(response.headers.get("retry-after"))
-            if attempt >= adv.max_retries:
-                raise PollFailed(f"{method} {url} failed {attempt + 1} times (last: {why}); giving up until "
-                                 f"the next poll")
-            delay = retry_after if retry_after is not None else _backoff(adv.initial_backoff, attempt)
-            delay = min(delay, adv.max_backoff)
-            attempt += 1
-            self.ctx.log.warning("%s %s: %s; retry %d/%d in %.1fs", method, url, why, attempt, adv.max_retries, delay)
-            if not await self.ctx.sleep(delay):
+            delay = attempts.delay(retry_after)
+            if delay is None:
+                raise PollFailed(f"{method} {url} failed {attempts.retries + 1} times (last: {why}); giving up "
+                                 f"until the next poll")
+            self.ctx.log.warning("%s %s: %s; retry %d/%s in %.1fs", method, url, why, attempts.retries,
+                                 adv.retry.max_retries if adv.retry.max_retries is not None else "-", delay)
+            if not await attempts.sleep(delay):
                 return None
 
     def _unreadable(self, key: str, states: dict[str, dict[str, Any]], committed: Any) -> dict[str, Any]:
@@ -381,11 +379,6 @@ def _retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - time.time())
-
-
-def _backoff(initial: float, attempt: int) -> float:
-    delay = initial * 2 ** min(attempt, 30)
-    return random.uniform(delay / 2, delay)
 
 
 async def doctor(config: HttpConfig) -> list[Check]:

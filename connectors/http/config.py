@@ -27,6 +27,7 @@ import httpx
 from pydantic import AfterValidator, Field, SecretStr
 
 from pipeline.sdk.config import Duration, Model
+from pipeline.sdk.retry import Retry
 
 if TYPE_CHECKING:
     from pipeline.sdk.connector import Catalog, Problems, TaskSpec
@@ -58,12 +59,11 @@ def check_url(value: str) -> str:
 class HttpAdvanced(Model):
     """Rarely changed retry settings and the limits that keep a misbehaving API from hurting the worker."""
 
-    max_retries: int = Field(
-        default=5, ge=0, le=100,
-        description="Retries of one request after connection errors, timeouts, 5xx and 429; "
-                    "then the poll gives up (logged, counted) until the next interval.")
-    initial_backoff: Duration = Field(default=1.0, description="First retry delay; doubles each retry, with jitter.")
-    max_backoff: Duration = Field(default=300.0, description="Longest wait before a retry, Retry-After included.")
+    retry: Retry = Field(
+        default_factory=lambda: Retry(initial_backoff=1.0, max_backoff=300.0, max_retries=5),
+        description="Retries of one request after connection errors, timeouts, 5xx and 429 (default here: "
+                    "from 1s up to 300s, 5 retries); then the poll gives up (logged, counted) until the next "
+                    "interval.")
     max_pages: int = Field(
         default=100, ge=1,
         description="Pages fetched per poll and binding; a longer chain goes on at the next poll.")

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from pipeline.sdk.config import Duration, Model
+from pipeline.sdk.retry import Retry
 
 
 class PostgresAdvanced(Model):
@@ -36,9 +37,9 @@ class PostgresAdvanced(Model):
         "Postgres ends a session of this task that stays idle inside a transaction this long (a worker "
         "paused or cut off mid-batch), releasing its locks so the worker that took over is not blocked. "
         "The ended batch is rolled back and re-applied from the checkpoint."))
-    retry_max_backoff: Duration = Field(default=10.0, gt=0, description=(
-        "Longest wait between retries while Postgres is unreachable or restarting; the task retries "
-        "until it is stopped, and nothing is lost meanwhile."))
+    retry: Retry = Field(default_factory=lambda: Retry(initial_backoff=0.2, max_backoff=10.0), description=(
+        "Retries while Postgres is unreachable or restarting (default here: from 200ms up to 10s, until the "
+        "task is stopped); nothing is lost meanwhile."))
     work_mem: str = Field(default="64MB", pattern=r"^[1-9][0-9]*(kB|MB|GB)$", description=(
         "Postgres work_mem of this task's sessions: the batch is sorted by key in memory instead of "
         "spilling to disk (10,000 documents of 500 bytes need about 8MB)."))

@@ -347,7 +347,7 @@ class PostgresMaterialization(Materialization):
         """
         assert self._pool is not None, "open() first"
         cfg = self.config
-        delay = 0.2
+        attempts = cfg.advanced.retry.attempts(self.ctx.sleep)
         while True:
             try:
                 async with self._pool.acquire() as conn:
@@ -361,13 +361,16 @@ class PostgresMaterialization(Materialization):
                     # Server-reported errors are safe to chain; client-side ones may quote the DSN.
                     raise error from (e if isinstance(e, asyncpg.PostgresError) else None)
                 self.ctx.report(connected=False)
+                delay = attempts.delay()
+                if delay is None:
+                    raise EndpointError(f"Postgres at {cfg.where()}: cannot {what} after {attempts.retries + 1} "
+                                        f"attempts: {message}; nothing was applied") from None
                 self.ctx.log.warning("Postgres at %s: cannot %s (%s); retrying in %.1fs",
                                      cfg.where(), what, message, delay)
-                if not await self.ctx.sleep(delay):
+                if not await attempts.sleep(delay):
                     raise EndpointError(f"Postgres at {cfg.where()}: cannot {what} and the task is stopping: "
                                         f"{message}; nothing was applied, the next run resumes from the "
                                         "checkpoint") from None
-                delay = min(delay * 2, cfg.advanced.retry_max_backoff)
 
 
 async def _existing(conn: asyncpg.Connection, table: sql.Table) -> sql.Existing | None:

@@ -21,6 +21,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from pipeline.sdk.config import Duration, Model
 from pipeline.sdk.pointers import pointer_tokens
+from pipeline.sdk.retry import Retry
 
 if TYPE_CHECKING:
     from pipeline.sdk.connector import Catalog, Problems, TaskSpec
@@ -88,9 +89,10 @@ class RedisAdvanced(Model):
         "per partition) and <prefix>pos:<key> (the Kafka position each key came from)."))
     connect_timeout: Duration = Field(default=5.0, gt=0, description="Timeout to open a connection.")
     socket_timeout: Duration = Field(default=30.0, gt=0, description="Timeout of one reply (a batch call).")
-    retry_for: Duration = Field(default=300.0, gt=0, description=(
-        "How long a batch is retried while Redis is unreachable before the task fails and is "
-        "restarted by its supervisor (nothing is lost either way)."))
+    retry: Retry = Field(
+        default_factory=lambda: Retry(initial_backoff=0.1, max_backoff=5.0, give_up_after=300.0), description=(
+            "Retries of a batch while Redis is unreachable (default here: from 100ms up to 5s, for 300s); then "
+            "the task fails and is restarted by its supervisor (nothing is lost either way)."))
 
 
 class RedisConfig(Model):

@@ -50,7 +50,6 @@ from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
 from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.pointers import MISSING, resolve
 from pipeline.sdk.records import Record, TopicPartition
-from pipeline.sdk.retry import Backoff
 
 T = TypeVar("T")
 
@@ -347,9 +346,8 @@ class RedisMaterialization(Materialization):
                                 f"expected {scripts.APPLY_SHA}: not a compatible Redis server")
 
     async def _retrying(self, what: str, op: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """``op(*args)``, retried with backoff while Redis is unreachable, up to ``retry_for``."""
-        backoff = Backoff(initial=0.1, maximum=5.0)
-        deadline = time.monotonic() + self.config.advanced.retry_for
+        """``op(*args)``, retried with backoff while Redis is unreachable (``advanced.retry``)."""
+        attempts = self.config.advanced.retry.attempts(self.ctx.sleep)
         while True:
             try:
                 return await op(*args)
@@ -357,14 +355,14 @@ class RedisMaterialization(Materialization):
                 raise self._auth_error(e) from e
             except TRANSIENT as e:
                 self.ctx.report(EndpointError(f"Redis at {self._where}: cannot {what}: {self._scrub(e)}"))
-                delay = backoff.next()
-                if time.monotonic() + delay > deadline:
-                    raise EndpointError(f"Redis at {self._where}: cannot {what} for "
-                                        f"{self.config.advanced.retry_for:.0f}s: {self._scrub(e)}") from e
-                if backoff.attempt == 1:
+                delay = attempts.delay()
+                if delay is None:
+                    raise EndpointError(f"Redis at {self._where}: cannot {what} after retrying for "
+                                        f"{time.monotonic() - attempts.started:.0f}s: {self._scrub(e)}") from e
+                if attempts.retries == 1:
                     self.ctx.log.warning("Redis at %s: cannot %s (%s); retrying with backoff", self._where,
                                          what, self._scrub(e))
-                if not await self.ctx.sleep(delay):
+                if not await attempts.sleep(delay):
                     raise EndpointError(f"Redis at {self._where}: stopped while unable to {what}; "
                                         "nothing of the batch is checkpointed, it is re-read") from e
 

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from pipeline.sdk.config import Duration, Model
+from pipeline.sdk.retry import Retry
 
 MiB = 1024 * 1024
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -42,8 +43,9 @@ class Advanced(Model):
     part_size: int = Field(default=8 * MiB, ge=5 * MiB, description="Bytes per multipart part (S3's minimum is 5 MiB).")
     connect_timeout: Duration = Field(default=10.0, gt=0, description="Timeout to open a connection to S3.")
     request_timeout: Duration = Field(default=60.0, gt=0, description="Read timeout of one S3 request.")
-    retry_backoff_max: Duration = Field(default=10.0, gt=0,
-                                        description="Longest wait between two attempts while S3 is unavailable.")
+    retry: Retry = Field(default_factory=lambda: Retry(initial_backoff=0.2, max_backoff=10.0), description=(
+        "Retries while S3 is unavailable (default here: from 200ms up to 10s, until the task stops; a "
+        "stopping task keeps trying to flush for shutdown_timeout)."))
     shutdown_timeout: Duration = Field(default=30.0, ge=0,
                                        description="How long a stopping task keeps trying to flush open batches.")
     conditional_writes: bool = Field(

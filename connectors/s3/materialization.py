@@ -154,7 +154,8 @@ class S3Materialization(Materialization):
                 if not transient(e) or self.ctx.stopping.is_set():
                     raise self._endpoint_error(f"claiming {tp.topic}[{tp.partition}]", e) from e
                 self._failed_attempt(f"claiming {tp.topic}[{tp.partition}]", e)
-                await asyncio.sleep(backoff.next())
+                if not await self.ctx.sleep(backoff.next()):
+                    raise self._endpoint_error(f"claiming {tp.topic}[{tp.partition}] (stopping)", e) from e
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Upload what is buffered for the partitions (for at most ``shutdown_timeout``), then forget them."""
@@ -365,13 +366,14 @@ class S3Materialization(Materialization):
             if now >= part.deadline:
                 return False
             delay = min(delay, part.deadline - now)
-        await asyncio.sleep(delay)  # backoff between attempts while S3 is unavailable
+        await asyncio.sleep(delay)  # not ctx.sleep: a stopping task still flushes, up to its deadline
         return True
 
     # ------------------------------------------------------------------ errors
 
     def _backoff(self) -> Backoff:
-        return Backoff(initial=0.2, maximum=self.config.advanced.retry_backoff_max)
+        retry = self.config.advanced.retry
+        return Backoff(initial=retry.initial_backoff, maximum=retry.max_backoff)
 
     def _failed_attempt(self, what: str, e: BaseException) -> None:
         self.ctx.report(self._endpoint_error(what, e))

@@ -68,7 +68,10 @@ class Materialization(ABC):
     return the stored next offset of each (None: from the beginning); raise ``Fenced`` from
     ``apply`` when a partition was taken over, writing nothing of that batch for it.
     MUST NOT: let a replayed (older) document overwrite a newer one where the endpoint has
-    state per key.
+    state per key, touch a metric or the task's status (return ``Applied``; ``ctx.report`` an
+    error it handles). The runtime checks that durable offsets never go back from where a
+    partition resumed or was last made durable, nor beyond the records given (else an
+    ImplementationError stops the task).
     """
 
     def __init__(self, ctx: Context) -> None:
@@ -87,8 +90,10 @@ class Materialization(ABC):
         """Partitions leave this worker: flush or drop what is buffered for them."""
 
     @abstractmethod
-    async def apply(self, batch: Batch) -> Offsets:
-        """Write the batch; return next offsets now durable at the endpoint (may be {})."""
+    async def apply(self, batch: Batch) -> Applied:
+        """Write the batch; return what is now durable at the endpoint (its offsets may be {}).
+
+        Raise ``Backpressure`` to have the same batch applied again later (its partitions paused)."""
 
     async def rewind(self, offsets: Offsets) -> Offsets:
         """Set held partitions' stored next offsets back to ``offsets``; return those now durable.
@@ -100,10 +105,10 @@ class Materialization(ABC):
         """
         raise NotImplementedError
 
-    async def tick(self) -> Offsets:
+    async def tick(self) -> Applied:
         """Called when a poll brings nothing: time-based flushes of buffering endpoints."""
-        return {}
+        return Applied()
 
-    async def close(self, failed: bool) -> Offsets:
-        """Flush (unless ``failed``) and disconnect; return offsets made durable by the flush."""
-        return {}
+    async def close(self, failed: bool) -> Applied:
+        """Flush (unless ``failed``) and disconnect; return what the flush made durable."""
+        return Applied()
