@@ -245,7 +245,7 @@ async def test_server_errors_and_timeouts_are_retried_with_backoff(tmp_path: Pat
         return since_filter(records(1, 2, 3), request)
 
     async with Api(respond) as api:
-        endpoint = {"url": f"{api.url}/api", "timeout": "300ms", "advanced": {"initial_backoff": "50ms"}}
+        endpoint = {"url": f"{api.url}/api", "timeout": "300ms", "advanced": {"retry": {"initial_backoff": "50ms"}}}
         catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, endpoint, INCREMENTAL)
         async with running(catalog, capture) as ctx:
             await wait_for_ids(catalog, collection, {"r1", "r2", "r3"})
@@ -288,7 +288,7 @@ async def test_bearer_token_comes_from_the_environment_and_is_never_logged(
         return since_filter(records(1), request)
 
     async with Api(respond) as api:
-        endpoint = {"url": f"{api.url}/api", "token": "${SOPHIA_API_TOKEN}", "advanced": {"initial_backoff": "50ms"}}
+        endpoint = {"url": f"{api.url}/api", "token": "${SOPHIA_API_TOKEN}", "advanced": {"retry": {"initial_backoff": "50ms"}}}
         catalog = make_catalog(tmp_path, kafka_bootstrap, collection, capture, endpoint, INCREMENTAL,
                                env={"SOPHIA_API_TOKEN": secret})
         async with running(catalog, capture):

@@ -41,7 +41,7 @@ from pipeline.runtime.collection import Collection, CollectionWriter, read_to_en
 from pipeline.runtime.registry import load_connector
 from pipeline.runtime.task import STATUS, TaskContext, run_tasks
 from pipeline.sdk.errors import ConfigError, Fenced
-from pipeline.sdk.materialization import Batch
+from pipeline.sdk.materialization import Applied, Batch
 from pipeline.sdk.records import Record
 from tests.helpers import wait_for_async
 from tests.materialization_worker import READER
@@ -122,12 +122,14 @@ async def started(catalog: Catalog, task: str = TASK) -> Any:
 
 
 async def archive(catalog: Catalog, coll: str, records: list[Record], *, partitions: int = 1,
-                  failed: bool = False) -> dict[TopicPartition, int | None]:
-    """One worker's whole life: open, assigned, one batch, close. Returns where it resumed."""
+                  failed: bool = False, applied: list[Applied] | None = None) -> dict[TopicPartition, int | None]:
+    """One worker's whole life: open, assigned, one batch, close. Returns where it resumed; what the
+    connector says it applied goes to ``applied``."""
     m = await started(catalog)
     resumed = await m.assigned(tps(coll, partitions))
-    await m.apply(Batch(records, {coll: 0}))
-    await m.close(failed=failed)
+    said = [await m.apply(Batch(records, {coll: 0})), await m.close(failed=failed)]
+    if applied is not None:
+        applied += said
     return resumed
 
 
@@ -269,7 +271,8 @@ async def test_objects_are_named_compressed_and_described_by_their_metadata(
     cat = env.catalog({coll: 2}, {"compression": compression, "max_documents": 40})
     await produce(cat, coll, docs("d", 100))
     records = await read_to_end(cat.kafka, coll)
-    await archive(cat, coll, records, partitions=2)
+    applied: list[Applied] = []
+    await archive(cat, coll, records, partitions=2, applied=applied)
 
     objects = await archived(env.s3, env.bucket)
     by_offset = {(r.partition, r.offset): r for r in records}
@@ -287,7 +290,8 @@ async def test_objects_are_named_compressed_and_described_by_their_metadata(
         assert o.metadata["sha256"] == hashlib.sha256(o.raw).hexdigest()
         assert [orjson.loads(line) for line in o.lines] == [
             orjson.loads(by_offset[(p, off)].value) for off in range(first, last + 1)]
-    assert counter("localflow_archive_bytes_total", {"task": TASK, "collection": coll}) == sum(o.size for o in objects)
+    assert sum(a.stored_bytes.get(0, 0) for a in applied) == sum(o.size for o in objects), "for localflow_archive_bytes"
+    assert sum(a.documents.get(0, 0) for a in applied) == 100
 
 
 async def test_batches_are_cut_at_max_documents(env: Env, unique_name: Callable[..., str]) -> None:
@@ -339,7 +343,7 @@ async def test_close_uploads_open_batches_unless_the_task_failed(env: Env, uniqu
     failed = await started(cat)
     await failed.assigned(tps(coll))
     await failed.apply(Batch(records, {coll: 0}))
-    assert await failed.close(failed=True) == {}
+    assert (await failed.close(failed=True)).offsets == {}
     assert await archived(env.s3, env.bucket) == []
 
     m = await started(cat)

@@ -17,4 +17,5 @@ CONNECTOR = Connector(
     build="connectors.postgres.materialization:PostgresMaterialization",
     check="connectors.postgres.checks:check",
     doctor="connectors.postgres.checks:doctor",
+    describe="connectors.postgres.describe:describe",
 )

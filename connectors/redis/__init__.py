@@ -13,6 +13,7 @@ from pipeline.sdk.connector import Connector
 CONNECTOR = Connector(
     name="redis",
     kind="materialization",
+    describe="connectors.redis.describe:describe",
     config=RedisConfig,
     resource=RedisBinding,
     build="connectors.redis.materialization:RedisMaterialization",

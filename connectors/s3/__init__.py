@@ -12,6 +12,7 @@ from pipeline.sdk.connector import Connector
 CONNECTOR = Connector(
     name="s3",
     kind="materialization",
+    describe="connectors.s3.describe:describe",
     config=S3Config,
     resource=S3Resource,
     build="connectors.s3.materialization:S3Materialization",

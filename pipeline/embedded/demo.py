@@ -89,26 +89,23 @@ class Target:
     connector: str
     label: str
     count: Callable[[], Awaitable[int | None]]
+    """Current count; None when there is nothing to count yet (e.g. the table does not exist)."""
     collection: str = ""
     """The collection the binding reads (a row of the live view)."""
-    """Current count; None when there is nothing to count yet (e.g. the table does not exist)."""
+    unit: str = "docs"
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 class Endpoints:
     """Counts rows, keys and objects the catalog's materializations wrote (never writes anything).
 
-    Knows the three endpoint kinds of the Sophia catalog (postgres, redis, s3); a binding of any
-    other connector is counted by the documents its task applied. Connections come from the
-    demo's services, which are the ones the catalog was pointed at.
+    Each connector says how (its ``describe``: postgres counts rows, redis keys, s3 objects); a
+    binding of a connector that does not is counted by the documents its task applied.
     """
 
     def __init__(self, catalog: Catalog, services: Services) -> None:
         self.services = services
         self.targets: list[Target] = []
-        self._pg: Any = None
-        self._redis: dict[int, Any] = {}
-        self._s3: Any = None
-        self._s3_cm: Any = None
         self._failed: set[str] = set()
         for name, spec in catalog.materializations.items():
             for binding in spec.bindings:
@@ -117,22 +114,13 @@ class Endpoints:
                 self.targets.append(target)
 
     def _target(self, name: str, connector: str, config: Any, binding: Any) -> Target:
-        resource, collection = binding.parsed, binding.source
-        if connector == "postgres" and getattr(resource, "table", None):
-            schema = getattr(config, "schema_", "public")
-            return Target(name, connector, f"{schema}.{resource.table}",
-                          lambda: self._rows(schema, resource.table))
-        if connector == "redis":
-            db = getattr(config, "db", 0)
-            pattern = _key_pattern(getattr(resource, "key", None) or collection + ":")
-            stream = getattr(resource, "stream", None)
-            return Target(name, connector, pattern, lambda: self._keys(db, pattern, stream))
-        if connector == "s3" and getattr(config, "bucket", None):
-            prefix = getattr(resource, "prefix", None)
-            prefix = (config.prefix if prefix is None else prefix) + collection + "/"
-            return Target(name, connector, f"s3://{config.bucket}/{prefix}",
-                          lambda: self._objects(config.bucket, prefix))
-        return Target(name, connector, f"{collection} (documents applied)", lambda: _applied(name))
+        from pipeline.runtime.registry import load_connector
+
+        describe = load_connector(connector).describe
+        described = describe(config, binding.parsed, binding.source) if describe is not None else None
+        if described is None:
+            return Target(name, connector, f"{binding.source} (documents applied)", lambda: _applied(name))
+        return Target(name, connector, described.label, described.count, unit=described.unit, close=described.close)
 
     async def counts(self) -> dict[tuple[str, str], int | None]:
         """Every target's count (None where it cannot be counted now); one at a time, as they share connections."""
@@ -148,76 +136,11 @@ class Endpoints:
             await self.close()  # a connection cut mid-request is unusable: reconnect on the next count
             return None
 
-    async def _rows(self, schema: str, table: str) -> int | None:
-        import asyncpg
-
-        if self._pg is None:
-            self._pg = await asyncpg.connect(self.services.postgres.url, timeout=PROBE_TIMEOUT_S)
-        try:
-            return int(await self._pg.fetchval(f"SELECT count(*) FROM {_ident(schema)}.{_ident(table)}"))
-        except asyncpg.UndefinedTableError:
-            return None
-
-    async def _keys(self, db: int, pattern: str, stream: str | None) -> int:
-        client = self._redis.get(db)
-        if client is None:
-            import redis.asyncio as aioredis
-
-            url = urlsplit(self.services.redis.url)._replace(path=f"/{db}").geturl()
-            client = self._redis[db] = aioredis.from_url(url, socket_timeout=PROBE_TIMEOUT_S)
-        n = 0
-        async for key in client.scan_iter(match=pattern, count=1000):
-            n += key != (stream or "").encode()
-        return n
-
-    async def _objects(self, bucket: str, prefix: str) -> int | None:
-        if self._s3 is None:
-            import aioboto3
-
-            env = self.services.env()
-            self._s3_cm = aioboto3.Session().client(
-                "s3", endpoint_url=self.services.s3.endpoint_url, region_name=env.get("AWS_DEFAULT_REGION"),
-                aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
-            self._s3 = await self._s3_cm.__aenter__()
-        n = 0
-        try:
-            async for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                n += page.get("KeyCount", 0)
-        except self._s3.exceptions.NoSuchBucket:
-            return None  # created by the archive's first upload
-        return n
-
     async def close(self) -> None:
-        pg, redis_clients, s3 = self._pg, list(self._redis.values()), self._s3_cm
-        self._pg, self._redis, self._s3, self._s3_cm = None, {}, None, None
-        with contextlib.suppress(Exception):
-            if pg is not None:
-                await pg.close(timeout=PROBE_TIMEOUT_S)
-        for client in redis_clients:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-        with contextlib.suppress(Exception):
-            if s3 is not None:
-                await s3.__aexit__(None, None, None)
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _key_pattern(head: str) -> str:
-    """A SCAN pattern for the keys of a Redis key template (`sophia:processed:{/id}`): its literal head, then `*`."""
-    literal, i = [], 0
-    while i < len(head):
-        if head[i] in "{}" and head[i + 1:i + 2] == head[i]:
-            literal.append(head[i])
-            i += 2
-        elif head[i] == "{":
-            break
-        else:
-            literal.append(head[i])
-            i += 1
-    return "".join("[" + c + "]" if c in "*?[]\\" else c for c in literal) + "*"
+        for target in self.targets:
+            if target.close is not None:
+                with contextlib.suppress(Exception):
+                    await target.close()
 
 
 def unfed(catalog: Catalog) -> list[str]:
@@ -297,7 +220,6 @@ def _rate(now: Snapshot, before: Snapshot, value: Callable[[Snapshot], float]) -
     return f"{max(0.0, value(now) - value(before)) / (now.at - before.at):.1f}/s"
 
 
-UNITS = {"postgres": "rows", "redis": "keys", "s3": "objects"}
 """What a materialization's count is, by connector (else documents applied)."""
 MAX_ERROR_LINES = 3
 
@@ -317,7 +239,7 @@ def render(catalog: Catalog, snap: Snapshot, before: Snapshot, title: str, targe
     def short(name: str) -> str:
         return name.removeprefix(ns)
 
-    units = {t.materialization: UNITS.get(t.connector, "docs") for t in targets or []}
+    units = {t.materialization: t.unit for t in targets or []}
     where = {(t.materialization, t.label): t.collection for t in targets or []}
     grid = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
     grid.add_column("collection", overflow="ellipsis", no_wrap=True, max_width=28)

@@ -28,6 +28,18 @@ Binding = Any
 
 
 @dataclass(frozen=True)
+class Described:
+    """One binding's output as a person counts it (the demo's live view): ``label`` names it (a table,
+    a key pattern, an object prefix), ``unit`` says what ``count`` counts (None: nothing to count
+    yet); ``close`` releases the connection ``count`` opened."""
+
+    label: str
+    unit: str
+    count: Callable[[], Awaitable[int | None]]
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
 class Check:
     """One line of `localflow doctor`: what was checked, whether it passed, and why not."""
 
@@ -74,9 +86,12 @@ class Connector:
     the task's spec and its place in the catalog."""
     doctor: Callable[[Any], Awaitable[list[Check]]] | None = None
     """Reachability checks of the endpoint for `localflow doctor`, given the validated config."""
+    describe: Callable[[Any, Any, str], Described] | None = None
+    """A materialization's binding as the demo shows it, given the config, the binding's resource and
+    its collection (None: the demo counts the documents the task applied)."""
 
     def __post_init__(self) -> None:
-        for field_name in ("build", "check", "doctor"):
+        for field_name in ("build", "check", "doctor", "describe"):
             value = getattr(self, field_name)
             if isinstance(value, str):
                 object.__setattr__(self, field_name, lazy(value))
