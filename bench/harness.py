@@ -101,8 +101,9 @@ class Timed:
     def seconds(self) -> float:
         return self.finished - self.started
 
-    def sample(self, work: float) -> Sample:
-        return Sample(work, self.seconds, self.cpu)
+    def sample(self, work: float, docs: int | None = None) -> Sample:
+        """``docs`` defaults to ``work`` (a stage counted in documents)."""
+        return Sample(work, self.seconds, self.cpu, int(work) if docs is None else docs)
 
 
 class _Marks(logging.Handler):

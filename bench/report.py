@@ -25,13 +25,15 @@ def _figure(value: float | None) -> str:
 def table(rows: list[Row]) -> Table:
     t = Table(title="localflow benchmarks (medians)", title_justify="left")
     for name, justify in (("stage", "left"), ("unit", "left"), ("localflow", "right"), ("ceiling", "right"),
-                          ("ratio", "right"), ("target", "left"), ("met", "center"), ("CPU ratio", "right")):
+                          ("ratio", "right"), ("target", "left"), ("met", "center"),
+                          ("CPU-s/100k", "right"), ("ceiling CPU-s/100k", "right"), ("CPU ratio", "right")):
         t.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         ratio = r.ratio
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[r.met]
         t.add_row(r.stage, r.unit, _figure(r.localflow), _figure(r.ceiling),
                   "" if ratio is None else f"{ratio:.2f}", r.target, met,
+                  _figure(r.cpu_100k), _figure(r.ceiling_cpu_100k),
                   "" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}")
     return t
 
