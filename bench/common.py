@@ -170,6 +170,8 @@ class Row:
     cpu_100k: float | None = None
     """localflow's CPU-seconds per 100,000 documents (median, whole process tree)."""
     ceiling_cpu_100k: float | None = None
+    figures: dict[str, float] = field(default_factory=dict)
+    """Further figures of the row (the peers': wall, first row, steady CPU), by name."""
 
     @property
     def ratio(self) -> float | None:
@@ -181,6 +183,7 @@ class Row:
         for name in ("cpu_ratio", "cpu_100k", "ceiling_cpu_100k"):
             if out[name] is not None:
                 out[name] = round(out[name], 3)
+        out["figures"] = {k: round(v, 3) for k, v in self.figures.items()}
         return out
 
 
