@@ -1,7 +1,7 @@
 """Quix Streams: a Kafka topic of Sophia raw documents -> PostgreSQL (upsert), Redis or S3.
 
 Run by the peers benchmark in Quix's own venv: ``python quix_app.py '<json settings>'``. The
-document becomes the row ``id, event_time, source, data, metadata``, plus Quix's own ``__key``
+document becomes the row ``doc_id, event_time, source, data, metadata``, plus Quix's own ``__key``
 and ``timestamp`` (the Kafka time); the consumer's session timeout is the benchmark's.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 
 def row(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"id": doc["metadata"]["id"], "event_time": doc["timestamp"], "source": doc["source"],
+    return {"doc_id": doc["metadata"]["id"], "event_time": doc["timestamp"], "source": doc["source"],
             "data": doc["data"], "metadata": doc["metadata"]}
 
 
@@ -25,7 +25,7 @@ def sink(cfg: dict[str, Any]) -> Any:
         pg = cfg["postgres"]
         return PostgreSQLSink(host=pg["host"], port=pg["port"], dbname=pg["dbname"], user=pg["user"],
                               password=pg["password"], table_name=cfg["table"], schema_auto_update=True,
-                              upsert_on_primary_key=True, primary_key_columns=["id"])
+                              upsert_on_primary_key=True, primary_key_columns=["doc_id"])
     if kind == "redis":
         from quixstreams.sinks.community.redis import RedisSink
 
