@@ -21,9 +21,10 @@ from collections.abc import Iterator
 import asyncpg
 import orjson
 
-from bench.common import Row, Sample, chunks, sophia_docs, tree_cpu
+from bench.common import RAW_KEY, RAW_SCHEMA, Row, Sample, chunks, sophia_docs, tree_cpu
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, pg_ident, pg_table
 from pipeline.catalog import Catalog, topic_of
+from pipeline.collection import Collection
 
 MiB = 1024 * 1024
 
@@ -142,8 +143,9 @@ async def fill(b: Bench, collection: str, partitions: int, n: int) -> None:
         ids = [f"rec-{i:08d}" for i in part]
         for d, id_ in zip(docs, ids, strict=True):
             d["metadata"]["id"] = id_
+        headers = Collection(collection, RAW_SCHEMA, RAW_KEY, partitions).headers("bench/capture")
         await b.produce(topic_of(collection), partitions, [orjson.dumps([i]) for i in ids],
-                        [orjson.dumps(d) for d in docs])
+                        [orjson.dumps(d) for d in docs], headers)
 
 
 async def expect_rows(conn: asyncpg.Connection, table: str, n: int) -> None:
