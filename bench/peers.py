@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from bench.common import PER_DOCS, Row, tree_cpu
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, Source, pg_ident, pg_table
 from bench.stages import _expect_keys
-from pipeline.catalog import Catalog
+from pipeline.runtime.catalog import Catalog
 
 VENVS = ROOT / "bench" / ".venvs"
 APPS = ROOT / "bench" / "peer_apps"

@@ -23,8 +23,8 @@ import orjson
 
 from bench.common import RAW_KEY, RAW_SCHEMA, Row, Sample, chunks, sophia_docs, tree_cpu
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, pg_ident, pg_table
-from pipeline.catalog import Catalog, topic_of
-from pipeline.collection import Collection
+from pipeline.runtime.catalog import Catalog, topic_of
+from pipeline.runtime.collection import Collection
 
 MiB = 1024 * 1024
 

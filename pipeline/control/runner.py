@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import Catalog, Problem
 from pipeline.control.effective import TASK_SECTIONS, Overlay, build, read_file
 from pipeline.control.store import ConfigStore
-from pipeline.errors import ConfigError, LocalflowError
-from pipeline.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
+from pipeline.runtime.catalog import Catalog, Problem
+from pipeline.runtime.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
+from pipeline.sdk.errors import ConfigError, LocalflowError
 
 log = logging.getLogger("localflow.control")
 
