@@ -51,7 +51,7 @@ demo: $(STAMP)
 # The peers `make bench` compares localflow with, each in a venv of its own under bench/.venvs (their
 # dependencies never touch ours); one that cannot install leaves its log there and its rows say why.
 PEER_VENVS := bench/.venvs
-PEER_PACKAGES := quixstreams:quixstreams[postgresql,redis,aws]>=3.28 pathway:pathway>=0.33
+PEER_PACKAGES := 'quixstreams:quixstreams[postgresql,redis,aws]>=3.28' 'pathway:pathway>=0.33'
 peers:
 	@mkdir -p $(PEER_VENVS); for pair in $(PEER_PACKAGES); do name=$${pair%%:*}; spec=$${pair#*:}; \
 	  dir=$(PEER_VENVS)/$$name; test -e $$dir/.installed && continue; echo "installing $$spec into $$dir"; \
