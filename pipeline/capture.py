@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline import metrics
 from pipeline.catalog import MISSING, CaptureSpec, pointer_tokens, resolve
-from pipeline.checkpoint import KafkaCheckpoints, Presence
+from pipeline.checkpoint import KafkaCheckpoints, Presence, describe_epoch, next_epoch
 from pipeline.collection import CollectionWriter
 from pipeline.errors import ConfigError
 from pipeline.task import Task, TaskContext
@@ -105,25 +105,33 @@ class CaptureTask(Task):
         maskers = self._maskers(spec)
         store = KafkaCheckpoints(ctx.kafka, replication_factor=max(c.replication_factor for c in collections))
         capture: Capture = load_connector(spec.connector).build(ctx)
-        presence = Presence(store, ctx.name, store.replication_factor)
+        lease = ctx.lease  # in a cluster the lease makes this the only instance; outside, presence does
+        presence = Presence(store, ctx.name, store.replication_factor) if lease is None else None
+        guard = lease if lease is not None else presence
         writer = CollectionWriter(ctx.kafka, ctx.name)
         try:
             await writer.start()
-            await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
+            if presence is not None:
+                await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
+            else:
+                lease.check()
             if ctx.stopping.is_set():
                 return
             await writer.ensure(collections)
-            state = await store.load(ctx.name)
+            state, highest = await store.resume(ctx.name)
+            epoch = next_epoch(highest, lease.generation if lease is not None else 0)
             await capture.open()
             ctx.status.connected = True
-            ctx.log.info("capture started from %s", "its checkpoint" if state else "the beginning")
+            ctx.log.info("capture started from %s (checkpoint epoch: %s)",
+                         "its checkpoint" if state else "the beginning", describe_epoch(epoch))
             stream = capture.run(state)
             try:
                 while (item := await self._next(stream)) is not None:
-                    presence.check()  # another instance holds the capture: write nothing more
+                    guard.check()  # another instance holds the capture: write nothing more
                     await self._emit(item, collections, maskers, writer)
                     if item.state is not None:
-                        await store.save(writer, ctx.name, item.state)
+                        guard.check()
+                        await store.save(writer, ctx.name, item.state, epoch=epoch)
                         metrics.checkpointed(ctx.name)
                     ctx.status.progressed(len(item.documents))
                     if ctx.stopping.is_set():
@@ -135,7 +143,8 @@ class CaptureTask(Task):
                 await capture.close()
             finally:
                 try:
-                    await presence.leave()
+                    if presence is not None:
+                        await presence.leave()
                 finally:
                     await writer.stop()
 

@@ -570,6 +570,12 @@ class _Listener(ConsumerRebalanceListener):
                 self.reader.failure = e
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.reader.task:  # for /status: which worker holds which partitions (cluster view)
+            from pipeline.task import STATUS
+
+            status = STATUS.get(self.reader.task)
+            if status is not None:
+                status.partitions = sorted((tp.topic, tp.partition) for tp in assigned)
         try:
             await self._assigned(assigned)
         except Exception as e:  # noqa: BLE001 - aiokafka would log and drop it: keep it for batch()

@@ -80,6 +80,8 @@ class Controller:
     def __init__(self, path: Path, catalog: Catalog, stopping: asyncio.Event, *, store: ConfigStore | None = None,
                  selected: list[str] | None = None, watch: bool = False) -> None:
         self.path, self.base, self.catalog = path, catalog, catalog
+        self.cluster: Any = None
+        """In cluster mode (``pipeline.cluster.Cluster``): captures run only while it holds their lease."""
         self.stopping, self.store, self.watch = stopping, store, watch
         self.selected = set(selected) if selected else None
         self.file = read_file(path)
@@ -287,11 +289,12 @@ class Controller:
 
     async def _apply(self, catalog: Catalog) -> None:
         paused = self.paused()
-        names = [n for n in catalog.task_names() if self.selected is None or n in self.selected]
+        names = [n for n in catalog.task_names() if (self.selected is None or n in self.selected)
+                 and (self.cluster is None or n not in catalog.captures or self.cluster.holds(n))]
         wanted = {n: fingerprint(catalog, n) for n in names if n not in paused}
         restarts, self._restarts = self._restarts, set()
         gone = [n for n in self.running if n not in names]
-        stop = {n: "removed" for n in gone}
+        stop = {n: "lease released" if n in catalog.captures else "removed" for n in gone}
         stop.update({n: "paused" for n in self.running if n in paused and n not in stop})
         stop.update({n: "changed" for n, r in self.running.items()
                      if n in wanted and n not in stop and r.fingerprint != wanted[n]})
@@ -307,6 +310,8 @@ class Controller:
     def _start(self, catalog: Catalog, name: str, fp: Any, verb: str) -> None:
         kind = kind_of(catalog, name)
         ctx = TaskContext(catalog, name, kind, asyncio.Event())
+        if self.cluster is not None and kind == "capture":
+            ctx.lease = self.cluster.lease(name)
         if self.stopping.is_set():
             ctx.stopping.set()
         self.kinds[name] = kind
