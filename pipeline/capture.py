@@ -119,7 +119,7 @@ class CaptureTask(Task):
                 return
             await writer.ensure(collections)
             state, highest = await store.resume(ctx.name)
-            epoch = next_epoch(highest, lease.generation if lease is not None else 0)
+            epoch = next_epoch(highest, lease.fencing_generation if lease is not None else 0)
             await capture.open()
             ctx.status.connected = True
             ctx.log.info("capture started from %s (checkpoint epoch: %s)",

@@ -57,7 +57,7 @@ def next_epoch(highest: int, generation: int) -> int:
     Same era while the generation grows past the tail's; a new era otherwise (see the module docstring).
     """
     era, seen = highest >> ERA_SHIFT, highest & ((1 << ERA_SHIFT) - 1)
-    if generation <= 0 or generation <= seen:
+    if generation <= seen:  # also every start outside a cluster (generation 0)
         era += 1
     return era << ERA_SHIFT | max(generation, 0)
 

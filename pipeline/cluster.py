@@ -83,6 +83,12 @@ class Lease:
     generation: int
     cluster: Cluster
 
+    @property
+    def fencing_generation(self) -> int:
+        """The generation part of the capture's checkpoint epoch: ``generation + 1``, as 0 means "no
+        cluster" there and group generations start at 0 on some brokers."""
+        return self.generation + 1
+
     def check(self) -> None:
         """Raise LeaseLost unless this worker still holds the lease at the same generation."""
         if not self.cluster.still_holds(self):
@@ -143,13 +149,15 @@ class Cluster:
 
     def still_holds(self, lease: Lease) -> bool:
         order = self.order()
-        return (self.generation() == lease.generation and self.held.get(lease.partition) == lease.generation
+        return (lease.generation >= 0 and self.generation() == lease.generation
+                and self.held.get(lease.partition) == lease.generation
                 and lease.task in order and order.index(lease.task) == lease.partition)
 
     def generation(self) -> int:
-        """The group generation this member is in now (-1 while it is not in the group)."""
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        return int(getattr(coordinator, "generation", -1) or -1)
+        """The group generation this member is in now (-1 while it is not in the group; Tansu counts from 0,
+        Apache Kafka from 1)."""
+        generation = getattr(getattr(self._consumer, "_coordinator", None), "generation", None)
+        return -1 if generation is None else int(generation)
 
     def member_id(self) -> str:
         coordinator = getattr(self._consumer, "_coordinator", None)
