@@ -105,16 +105,16 @@ class CaptureTask(Task):
         maskers = self._maskers(spec)
         store = KafkaCheckpoints(ctx.kafka, replication_factor=max(c.replication_factor for c in collections))
         capture: Capture = load_connector(spec.connector).build(ctx)
-        lease = ctx.lease  # in a cluster the lease makes this the only instance; outside, presence does
-        presence = Presence(store, ctx.name, store.replication_factor) if lease is None else None
-        guard = lease if lease is not None else presence
+        # In a cluster the lease picks the one worker that runs the capture; presence stays on too, so a
+        # capture started outside the cluster (a per-task container of the same catalog) is refused.
+        lease = ctx.lease
+        presence = Presence(store, ctx.name, store.replication_factor)
         writer = CollectionWriter(ctx.kafka, ctx.name)
         try:
             await writer.start()
-            if presence is not None:
-                await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
-            else:
+            if lease is not None:
                 lease.check()
+            await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
             if ctx.stopping.is_set():
                 return
             await writer.ensure(collections)
@@ -127,10 +127,10 @@ class CaptureTask(Task):
             stream = capture.run(state)
             try:
                 while (item := await self._next(stream)) is not None:
-                    guard.check()  # another instance holds the capture: write nothing more
+                    self._check(lease, presence)  # another instance holds the capture: write nothing more
                     await self._emit(item, collections, maskers, writer)
                     if item.state is not None:
-                        guard.check()
+                        self._check(lease, presence)
                         await store.save(writer, ctx.name, item.state, epoch=epoch)
                         metrics.checkpointed(ctx.name)
                     ctx.status.progressed(len(item.documents))
@@ -143,10 +143,16 @@ class CaptureTask(Task):
                 await capture.close()
             finally:
                 try:
-                    if presence is not None:
-                        await presence.leave()
+                    await presence.leave()
                 finally:
                     await writer.stop()
+
+    @staticmethod
+    def _check(lease: Any, presence: Presence) -> None:
+        """Raise (LeaseLost, AlreadyRunning) once another instance holds the capture."""
+        if lease is not None:
+            lease.check()
+        presence.check()
 
     async def _next(self, stream: AsyncIterator[Captured]) -> Captured | None:
         """The capture's next item; None when it ended, or when stopping and it is not ready.

@@ -21,7 +21,8 @@ checkpoint, so each running instance announces itself (``Presence``) in the capt
 topic (``localflow.checkpoints.<task>.presence``, beside its checkpoints), and an instance that
 finds another one live refuses to start (``AlreadyRunning``). Until captures hold a lease, that
 is the rule outside a cluster: run one container per capture. In a cluster (``localflow run
---cluster``) a lease held through Kafka's group protocol replaces it (``pipeline.cluster``).
+--cluster``) a lease held through Kafka's group protocol picks the worker (``pipeline.cluster``);
+presence stays on there too, so an instance started outside the cluster is still refused.
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ the fencing, as Kafka Connect's distributed mode does.
   still send in between carry the same keys as its successor's (captures' keys are derived
   from the source records), so endpoints hold each key once.
 
+The presence check of a capture (``pipeline.checkpoint.Presence``) stays on in a cluster: the
+lease decides which worker runs it, presence refuses a second instance started outside the
+cluster (a per-task container of the same catalog). It costs nothing at a takeover: a dead
+holder's presence expires (10 s) by the time its session does.
+
 Adding a capture (through the API or the file) grows the lease topic, which makes the group
 rebalance: leases are reassigned under the new order. Removing one leaves a partition more
 than captures; the mapping is over the current names, and a holder whose capture moved to

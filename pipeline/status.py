@@ -194,7 +194,6 @@ async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
             report.checkpoint_at = _latest(report.checkpoint_at, t.get("checkpoint_at"))
             if t.get("last_error") and (t.get("last_error_at") or 0) >= (report.last_error_at or 0):
                 report.last_error, report.last_error_at = t["last_error"], t.get("last_error_at")
-    holders, clusters = cluster_view(answers, reports)
     if not kafka_down:
         try:
             await _lags(catalog, reports)
@@ -202,16 +201,13 @@ async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
         except (EndpointError, KafkaError) as e:
             problems.append(f"lag unknown: {describe(e)}")
             kafka_down = no_broker(e) is not None
-    for report in reports.values():
-        for p in report.partitions:
-            p.worker = holders.get((report.name, topic_of(p.collection), p.partition))
+    clusters = cluster_view(answers, reports)
     return StatusReport(list(reports.values()), problems, time.time(), workers, discovered, kafka_down, clusters)
 
 
-def cluster_view(answers: list[dict[str, Any]], reports: dict[str, TaskReport],
-                 ) -> tuple[dict[tuple[str, str, int], str], dict[str, list[str]]]:
-    """From the workers' /status: fill each capture's lease holders; return who holds which input
-    partition (``(task, topic, partition) -> worker``) and the workers of each cluster."""
+def cluster_view(answers: list[dict[str, Any]], reports: dict[str, TaskReport]) -> dict[str, list[str]]:
+    """From the workers' /status: fill each capture's lease holders and each input partition's worker
+    (after the partitions were read); return the workers of each cluster."""
     holders: dict[tuple[str, str, int], str] = {}
     clusters: dict[str, list[str]] = {}
     for answer in answers:
@@ -226,7 +222,21 @@ def cluster_view(answers: list[dict[str, Any]], reports: dict[str, TaskReport],
         for name, t in (answer.get("tasks") or {}).items():
             for topic, partition in t.get("partitions") or ():
                 holders[(name, str(topic), int(partition))] = worker
-    return holders, clusters
+    for report in reports.values():
+        for p in report.partitions:
+            p.worker = holders.get((report.name, topic_of(p.collection), p.partition))
+    return clusters
+
+
+async def with_cluster(catalog: Catalog, reports: list[TaskReport]) -> None:
+    """Fill lease holders and partition workers into reports gathered without asking the workers
+    (the API's /v1/tasks), from the registry's live workers; best effort."""
+    try:
+        urls = await discover(catalog)
+    except (EndpointError, KafkaError):
+        return
+    answers, _ = await worker_status(urls) if urls else ([], [])
+    cluster_view(answers, {r.name: r for r in reports})
 
 
 async def _lags(catalog: Catalog, reports: dict[str, TaskReport]) -> None:

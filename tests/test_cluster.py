@@ -58,7 +58,7 @@ def cluster_of(count: int) -> Callable[[Path, dict[str, str], Path], Pipeline]:
         pipeline = Pipeline(catalog, env, logs, tasks=())
         for i in range(1, count + 1):
             worker = TaskProcess(f"worker-{i}", catalog, env, logs)
-            worker.args = ["--cluster", CLUSTER, "--metrics-port", "0"]
+            worker.args = ["--cluster", CLUSTER, "--metrics-port", "0", "--api-port", "0"]
             pipeline.tasks[worker.name] = worker
         return pipeline
 
@@ -209,6 +209,13 @@ async def test_status_shows_the_whole_cluster(sophia: Sophia) -> None:
         cwd=ROOT, env=s.pipeline.env, capture_output=True, timeout=120)
     assert f"cluster {CLUSTER}: {WORKERS} worker(s)" in text.stdout.decode()
     assert text.stdout.decode().count("lease held by") == len(CAPTURES)
+    api = re.findall(r"API on (http://\S+)", s.pipeline.tasks["worker-1"].output(all_runs=False))[-1]
+    async with httpx.AsyncClient(timeout=60) as client:
+        listed = {t["name"]: t for t in (await client.get(api + "/v1/tasks")).json()["tasks"]}
+    for capture in CAPTURES:
+        assert len(listed[capture]["leases"]) == 1, listed[capture]
+    for task in CONSUMERS:
+        assert all(p["worker"] for p in listed[task]["partitions"]), listed[task]
 
 
 async def kill_holder(s: Sophia, capture: str) -> float:
@@ -278,6 +285,8 @@ async def test_a_worker_stopped_past_the_session_timeout_cannot_move_the_checkpo
             return "generation" in text and "holds the leases of" in text
 
         await wait_for_async(noticed, timeout=60, message=f"{victim} to rejoin the cluster after SIGCONT")
+        woken = s.pipeline.tasks[victim].output(all_runs=False)[stopped_at:]
+        assert f"stopping {API_TASK} (lease released)" in woken, "the woken worker's capture did not stop"
         await held_by_one(s, API_TASK)
     records = await checkpoints_of(kafka, API_TASK)
     cursors, stale = winners(records)

@@ -11,6 +11,7 @@ validate is refused with the messages of `localflow validate`; the running set s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import metrics
 from pipeline.catalog import Catalog, Problem
 from pipeline.control.effective import TASK_SECTIONS, Overlay, build, read_file
 from pipeline.control.store import ConfigStore
@@ -25,6 +27,7 @@ from pipeline.errors import ConfigError, LocalflowError
 from pipeline.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
 
 log = logging.getLogger("localflow.control")
+TASK_KINDS = ("capture", "derivation", "materialization")
 
 STARTUP_WAIT = 5.0
 """Seconds the worker waits for the config topic before starting the file's tasks without it."""
@@ -67,6 +70,14 @@ def fingerprint(catalog: Catalog, name: str) -> Any:
         touched = [t.source for t in spec.derive.transforms]
     return (catalog.kafka.model_dump(), spec.model_dump(),
             [catalog.collections[c].model_dump() for c in touched if c in catalog.collections])
+
+
+def forget_series(name: str) -> None:
+    """Drop a task's up/info series once this worker no longer runs it (removed, or its lease moved to
+    another worker): a 0 left behind would read as a failed task (LocalflowTaskDown)."""
+    for gauge, labels in ((metrics.TASK_UP, (name,)), *((metrics.TASK_INFO, (name, k)) for k in TASK_KINDS)):
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
 
 
 def problem_lines(e: ConfigError) -> list[str]:
@@ -302,6 +313,7 @@ class Controller:
         await self._stop(stop)
         for name in gone:
             STATUS.pop(name, None)
+            forget_series(name)
         self.catalog = catalog
         for name, fp in wanted.items():
             if name not in self.running:
