@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import aioboto3
 import asyncpg
 import orjson
+import psutil
 import yaml
 import zstandard
 from aiohttp import web
@@ -211,6 +212,9 @@ class SourceServer:
         self.slow_seconds = 1.5
         self.requests: Counter[str] = Counter()
         self.faulted: Counter[str] = Counter()
+        self.pollers: list[int | None] = []
+        """With ``watch_pollers``: the process (PID) behind each API request, in order."""
+        self._candidates: Callable[[], Iterable[int]] | None = None
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
         self.loop.call(self._start())
@@ -230,6 +234,8 @@ class SourceServer:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         assert self._release is not None
         self.requests[request.path] += 1
+        if self._candidates is not None and request.path == API_PATH:
+            self.pollers.append(_client_pid(request, self._candidates()))
         fault = self.fault
         if fault == "reset" and sum(self.requests.values()) % 3:
             self.faulted["reset"] += 1
@@ -269,6 +275,13 @@ class SourceServer:
 
         return self.loop.call(add())
 
+    def watch_pollers(self, candidates: Callable[[], Iterable[int]] | None) -> None:
+        """From now on, note which of ``candidates`` (PIDs) sent each API request in ``pollers``
+        (None: stop noting, keep what was noted)."""
+        if candidates is not None:
+            self.pollers.clear()
+        self._candidates = candidates
+
     def set_fault(self, fault: str) -> None:
         async def apply() -> None:
             assert self._release is not None
@@ -285,6 +298,20 @@ class SourceServer:
         if self._runner is not None:
             self.loop.call(self._runner.cleanup())
         self.loop.close()
+
+
+def _client_pid(request: web.Request, candidates: Iterable[int]) -> int | None:
+    """The candidate process that owns the request's client socket (None: none of them)."""
+    transport = request.transport
+    peer, local = (transport.get_extra_info("peername"), transport.get_extra_info("sockname")) if transport else ((), ())
+    if not peer or not local:
+        return None
+    for pid in candidates:
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr and c.laddr.port == peer[1] and c.raddr and c.raddr.port == local[1]
+                   for c in psutil.Process(pid).net_connections("tcp")):
+                return pid
+    return None
 
 
 class AgentLogs:

@@ -59,6 +59,7 @@ from tests.pipeline_harness import (
     TASKS,
     Endpoints,
     Expected,
+    TaskProcess,
     TopicContent,
     Verdict,
     judge,
@@ -322,6 +323,58 @@ async def test_a_2_mib_api_record_becomes_a_dead_letter_and_the_capture_goes_on(
     assert len(letters) == 1, f"no too_large dead letter of {huge}"
     assert letters[0]["original_size"] > 2 * 1024 * 1024 and letters[0]["original_truncated"] is True
     assert "task failed" not in sophia.log_of(API_TASK), "the capture failed on the 2 MiB record"
+    assert verdict.ok
+
+
+async def test_a_second_live_instance_of_a_capture_is_refused_and_polls_only_once_the_first_is_gone(
+        sophia: Sophia) -> None:
+    """README: a capture runs as one instance. A second replica refuses while the first lives, takes
+    over after a kill -9 (once the first's presence expires), and hands back on SIGTERM; the API
+    is polled by one process at a time throughout."""
+    fed = sophia.fed
+    first = sophia.pipeline.tasks[API_TASK]
+    second = TaskProcess(f"{API_TASK}#2", first.catalog, first.env, first.logs, tasks=[API_TASK])
+
+    def pids() -> list[int]:
+        return [t.current.proc.pid for t in (first, second) if t.current and t.current.proc.poll() is None]
+
+    def polled_by(pid: int) -> bool:
+        return pid in sophia.sources.pollers
+
+    async def refused(task: TaskProcess) -> None:
+        before = task.output().count("is already running elsewhere")
+        await wait_for_async(lambda: task.output().count("is already running elsewhere") > before, timeout=120,
+                             message=f"{task.name} to refuse a second live instance")
+
+    sophia.sources.watch_pollers(pids)
+    try:
+        second.start()
+        sophia.feed(20, 5)
+        await refused(second)
+        assert first.current is not None
+        await wait_for_async(lambda: polled_by(first.current.proc.pid), timeout=60, message="the first to poll")
+        killed_at = time.monotonic()
+        first.kill()
+        sophia.feed(20, 5)
+        assert second.current is not None
+        await wait_for_async(lambda: polled_by(second.current.proc.pid), timeout=120,
+                             message="the second instance to take the capture over")
+        takeover = time.monotonic() - killed_at
+        first.start()  # the orchestrator restarts the killed one: it must refuse now
+        await refused(first)
+        assert second.terminate() == 0, second.output(all_runs=False)[-3000:]
+        sophia.feed(20, 5)
+        await wait_for_async(lambda: polled_by(first.current.proc.pid), timeout=120,
+                             message="the restarted first instance to take the capture back")
+    finally:
+        sophia.sources.watch_pollers(None)
+        if second.running:
+            second.kill()
+    order = [pid for i, pid in enumerate(sophia.sources.pollers) if i == 0 or sophia.sources.pollers[i - 1] != pid]
+    assert None not in order, f"an API request from an unknown process: {order}"
+    assert len(order) == 3, f"the API was polled by interleaved instances (PIDs in order of their polls): {order}"
+    verdict = await sophia.trial("second instance", f"a second replica of {API_TASK.split('/')[1]}: refused, "
+                                                    f"takes over {takeover:.1f}s after a kill -9, hands back", fed)
     assert verdict.ok
 
 
