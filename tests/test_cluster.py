@@ -145,6 +145,23 @@ async def all_held(s: Sophia) -> dict[str, str]:
     return {c: await held_by_one(s, c) for c in CAPTURES}
 
 
+async def quiet(s: Sophia, within: float = TAKEOVER_WITHIN) -> None:
+    """Wait until no group of the cluster is rebalancing: every running worker holds input partitions
+    of every derivation and materialization, and each capture lease is held by one worker.
+
+    A worker frozen in the middle of a rebalance wakes up with a stale assignment; Tansu 0.6 was
+    seen to lose a group for good when that zombie's claim made the rightful owners restart
+    (docs/scaling.md): the stall trials start from a quiet cluster, as a pause in production would."""
+    async def settled() -> bool:
+        answers = await statuses(s)
+        if len(answers) != sum(w.running for w in s.pipeline.tasks.values()):
+            return False
+        partitions = all((a["tasks"].get(t) or {}).get("partitions") for a in answers.values() for t in CONSUMERS)
+        return partitions and all(len(w) == 1 for w in (await holders(s)).values())
+
+    await wait_for_async(settled, timeout=within, interval=0.5, message="every group of the cluster settled")
+
+
 async def trial(s: Sophia, kind: str, fault: str, fed_before: int, *, within: float = 240) -> None:
     """Settle, judge, record a table row; fail unless nothing was lost or doubled and one poller at a time."""
     s.pipeline.ensure_running()
@@ -220,6 +237,7 @@ async def test_status_shows_the_whole_cluster(sophia: Sophia) -> None:
 
 async def kill_holder(s: Sophia, capture: str) -> float:
     """kill -9 the worker holding ``capture``'s lease; the seconds until another one runs it."""
+    await quiet(s)
     victim = await held_by_one(s, capture)
     killed = time.monotonic()
     s.pipeline.tasks[victim].kill()
@@ -264,6 +282,7 @@ async def test_a_worker_stopped_past_the_session_timeout_cannot_move_the_checkpo
     fed = s.fed
     kafka = s.infra.kafka.bootstrap_servers
     with s.feeding():
+        await quiet(s)
         victim = await held_by_one(s, API_TASK)
         proc = s.pipeline.tasks[victim].current
         assert proc is not None
