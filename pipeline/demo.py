@@ -56,6 +56,9 @@ if TYPE_CHECKING:
     from pipeline.server import Telemetry
 
 STOP_TIMEOUT_S = 60.0
+FIRST_INPUT_GRACE_S = 120.0
+"""After --duration, how long the demo waits for a materialization that has read nothing yet (a
+consumer group join can take tens of seconds on a loaded machine): a demo should show every endpoint."""
 """How long tasks get to flush and stop (the S3 archive may upload its open batches)."""
 PROBE_TIMEOUT_S = 5.0
 RATE_WINDOW = 10
@@ -214,6 +217,13 @@ def _key_pattern(head: str) -> str:
             literal.append(head[i])
             i += 1
     return "".join("[" + c + "]" if c in "*?[]\\" else c for c in literal) + "*"
+
+
+def unfed(catalog: Catalog) -> list[str]:
+    """Materializations with a binding that has not read a single document in this run."""
+    read = {(labels.get("task"), labels.get("collection")) for labels, value in _samples(metrics.DOCS_IN) if value > 0}
+    return [name for name, m in catalog.materializations.items()
+            if any((name, b.source) not in read for b in m.bindings)]
 
 
 async def _applied(task: str) -> int:
@@ -448,11 +458,20 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
             setup_logging("text", "INFO" if opts.verbose else "WARNING", stream=sys.stderr)
             runner = asyncio.create_task(run_tasks(catalog, None, stopping), name="localflow-demo-tasks")
             window: deque[Snapshot] = deque([first], maxlen=RATE_WINDOW)  # rates over the last ~10 s
-            last_plain = -PLAIN_EVERY_S
+            last_plain = last_wait = -PLAIN_EVERY_S
             while True:
                 elapsed = time.monotonic() - started
-                if stop.is_set() or runner.done() or (opts.duration and elapsed >= opts.duration):
+                if stop.is_set() or runner.done():
                     break
+                if opts.duration and elapsed >= opts.duration:
+                    waiting = unfed(catalog)
+                    if not waiting or elapsed >= opts.duration + FIRST_INPUT_GRACE_S:
+                        break
+                    if elapsed - last_wait >= PLAIN_EVERY_S:
+                        last_wait = elapsed
+                        message = (f"{opts.duration:.0f}s are up, but {', '.join(waiting)} has read nothing yet "
+                                   f"(a slow group join): waiting up to {FIRST_INPUT_GRACE_S:.0f}s more")
+                        (live.console if live is not None else console).print(message, highlight=False)
                 snap = take_snapshot(catalog, await endpoints.counts(), sources.stats())
                 if live is not None:
                     left = f", {opts.duration - elapsed:.0f}s left" if opts.duration else ""

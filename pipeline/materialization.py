@@ -89,6 +89,16 @@ class Materialization(ABC):
     async def apply(self, batch: Batch) -> Offsets:
         """Write the batch; return next offsets now durable at the endpoint (may be {})."""
 
+    async def rewind(self, offsets: Offsets) -> Offsets:
+        """Set held partitions' stored next offsets back to ``offsets``; return those now durable.
+
+        Only `localflow replay` calls it, for a partition whose stored offset is beyond its end (the
+        topic was recreated) when the replay had nothing of it to apply: without it the endpoint
+        would keep the offset past the gap and its workers would stop on it again. MUST respect
+        the fence like ``apply``. The default says the connector cannot.
+        """
+        raise NotImplementedError
+
     async def tick(self) -> Offsets:
         """Called when a poll brings nothing: time-based flushes of buffering endpoints."""
         return {}
@@ -109,6 +119,11 @@ class MaterializationTask(Task):
     poll_ms = 200
     _ever_assigned = False
     _empty_since: float | None = None
+
+    def __init__(self, ctx: TaskContext) -> None:
+        super().__init__(ctx)
+        self._gaps: Offsets = {}
+        """Replayed partitions whose stored offset was beyond their end: where each ends."""
 
     async def run(self) -> None:
         from connectors import load_connector
@@ -146,6 +161,7 @@ class MaterializationTask(Task):
                     durable = await m.tick()
                 await self._committed(reader, durable)
                 if "stop_at_end" in ctx.options and await self._reached_end(reader):
+                    await self._committed(reader, await self._rewind_gaps(m, reader))
                     ctx.log.info("replay reached its end offsets")
                     break
             failed = False
@@ -175,6 +191,7 @@ class MaterializationTask(Task):
                     if stored <= ends[tp]:
                         stop[tp] = stored  # type: ignore[index]
                     else:
+                        self._gaps[tp] = ends[tp]
                         self.ctx.log.warning("stored offset %d of %s[%d] is beyond the partition's end %d (a gap): "
                                              "the replay ends at the partition's end", stored, tp.topic,
                                              tp.partition, ends[tp])
@@ -194,6 +211,7 @@ class MaterializationTask(Task):
         in the next generation), not done: it waits, and gives up only after ``HOLD_NOTHING_FOR``
         seconds without a partition (the group's other workers hold them all).
         """
+        reader.raise_failure()  # an assignment that failed never seeked: its positions are not progress
         if not self._ever_assigned:
             return False
         stop: Offsets = self.ctx.options["stop_at_end"]
@@ -212,9 +230,28 @@ class MaterializationTask(Task):
                 return False
         return True
 
+    async def _rewind_gaps(self, m: Materialization, reader: CollectionReader) -> Offsets:
+        """At a replay's end: partitions past a gap that no applied batch moved back, rewound to their end."""
+        held = reader.assignment()
+        gaps = {tp: end for tp, end in self._gaps.items() if tp in held}
+        if not gaps:
+            return {}
+        try:
+            durable = await m.rewind(gaps)
+        except NotImplementedError:
+            self.ctx.log.warning("connector %s cannot move a stored offset back past a gap: %s still stored "
+                                 "beyond the end", self.ctx.spec.connector,
+                                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(gaps)))
+            return {}
+        self.ctx.log.info("stored offsets rewound to the partitions' ends past the gap: %s",
+                          ", ".join(f"{tp.topic}[{tp.partition}]@{n}" for tp, n in sorted(durable.items())))
+        return durable
+
     async def _committed(self, reader: CollectionReader, durable: Offsets) -> None:
         if not durable:
             return
+        for tp in durable:
+            self._gaps.pop(tp, None)
         start = self.ctx.options.get("start_offsets")
         if start:
             for tp in durable:

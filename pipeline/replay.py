@@ -17,6 +17,7 @@ replayed (the summary names them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from rich.text import Text
 
 from pipeline.catalog import Catalog
 from pipeline.collection import Collection
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LocalflowError
 from pipeline.offsets import (
     beginning_offsets,
     high_watermarks,
@@ -56,6 +57,10 @@ ASSIGN_TIMEOUT = 60.0
 """Seconds to wait for the group to assign replay any partition before giving up."""
 POLL = 0.2
 """Seconds between progress updates (also the resolution of the rates shown)."""
+ATTEMPTS = 3
+"""Runs of the task before a retriable error ends the replay."""
+RETRY_AFTER = 2.0
+"""Seconds before the second run (twice that before the third)."""
 
 
 @dataclass
@@ -173,7 +178,7 @@ async def run_replay(catalog: Catalog, materialization: str, plans: list[Partiti
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
     ids = {p.tp: bars.add_task(p.label, total=max(1, p.end - p.start), completed=0, start=False) for p in plans}
-    task = asyncio.create_task(build_task(ctx).run(), name=f"replay:{materialization}")
+    task = asyncio.create_task(_attempts(ctx, stopping), name=f"replay:{materialization}")
     began = time.monotonic()
     last_log, joined = began, None
     try:
@@ -207,6 +212,22 @@ async def run_replay(catalog: Catalog, materialization: str, plans: list[Partiti
     ended = time.monotonic()
     return Replayed([Outcome(p, progress.get(p.tp, p.start), p.tp in progress) for p in plans],
                     ended - began, (joined or ended) - began)
+
+
+async def _attempts(ctx: TaskContext, stopping: asyncio.Event) -> None:
+    """Run the task again after a retriable error (a broker or endpoint slow for a moment); it goes
+    on from where the endpoint's checkpoint got, so a retry re-applies at most one batch."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            await build_task(ctx).run()
+            return
+        except LocalflowError as e:
+            if not e.retriable or attempt == ATTEMPTS or stopping.is_set():
+                raise
+            log.warning("replay into %s: attempt %d of %d failed: %s; trying again in %.0fs", ctx.name, attempt,
+                        ATTEMPTS, e, RETRY_AFTER * attempt)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=RETRY_AFTER * attempt)
 
 
 def _interrupt(stopping: asyncio.Event, sig: signal.Signals) -> None:

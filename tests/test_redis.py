@@ -282,6 +282,34 @@ async def test_replaced_worker_is_fenced_and_writes_nothing(tmp_path: Path, kafk
         await new.close(failed=False)
 
 
+async def test_rewind_past_a_gap_sets_the_checkpoint_back_only_under_the_current_fence(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
+    """`localflow replay` past a recreated topic: the stored offset goes back to the new end, and a
+    replaced worker's rewind changes nothing."""
+    prefix = unique_name()
+    coll = f"{prefix}/docs"
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
+                            {"m": redis_task(redis_url, prefix, [{"source": coll}])})
+    topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
+    old, new = build(catalog, "m"), build(catalog, "m")
+    await old.open()
+    await new.open()
+    try:
+        await old.assigned({tp})
+        await old.apply(batch(topic, [(i, doc(f"k{i}", 1)) for i in range(20)]))
+        assert await new.assigned({tp}) == {tp: 20}
+        assert await old.rewind({tp: 0}) == {}, "a replaced worker rewound the checkpoint"
+        assert await checkpoint(r, prefix, "m") == {f"{topic}:0": 20}
+        assert await new.rewind({tp: 0}) == {tp: 0}
+        assert await checkpoint(r, prefix, "m") == {f"{topic}:0": 0}
+        await new.apply(batch(topic, [(0, doc("fresh", 1))]))  # the recreated topic's first record applies
+        assert await json_values(r, [f"{coll}:fresh"]) == [doc("fresh", 1)]
+        assert await checkpoint(r, prefix, "m") == {f"{topic}:0": 1}
+    finally:
+        await old.close(failed=True)
+        await new.close(failed=False)
+
+
 async def test_a_derived_document_older_at_its_source_is_refused_whatever_its_offset(
         tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
     # A stalled derivation worker's late output: v1 again, at a higher offset of the derived topic.

@@ -196,6 +196,23 @@ class PostgresMaterialization(Materialization):
             await self._ensure_partitions(batch)
             return await self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences))
 
+    async def rewind(self, offsets: Offsets) -> Offsets:
+        """Stored offsets set back past a gap, under this worker's fences (the zombie guard of commits)."""
+        async with self._lock:
+            order = sorted(tp for tp in offsets if tp in self._fences)
+            if not order:
+                return {}
+            name, schema = self.ctx.name, self.config.schema_
+
+            async def commit(conn: asyncpg.Connection) -> Offsets:
+                rows = await conn.fetch(sql.commit_checkpoints(schema), name, [tp.topic for tp in order],
+                                        [tp.partition for tp in order], [self._fences[tp] for tp in order],
+                                        [offsets[tp] for tp in order])
+                done = {TopicPartition(t, p) for t, p in rows}
+                return {tp: offsets[tp] for tp in order if tp in done}
+
+            return await self._retry("rewind stored offsets past a gap", commit)
+
     async def _apply(self, conn: asyncpg.Connection, batch: Batch, fences: dict[TopicPartition, int]) -> Offsets:
         name, schema = self.ctx.name, self.config.schema_
         tps = sorted(fences)

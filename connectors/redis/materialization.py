@@ -171,6 +171,20 @@ class RedisMaterialization(Materialization):
         pipe.hmget(self._checkpoint_key, fields)
         return await pipe.execute()
 
+    async def rewind(self, offsets: Offsets) -> Offsets:
+        """Checkpoints set back past a gap, each under this worker's fence token."""
+        out: Offsets = {}
+        async with self._lock:
+            for tp, offset in sorted(offsets.items()):
+                token = self._tokens.get(tp)
+                if token is None:
+                    continue
+                done = await self._retrying("rewind a stored offset past a gap", self._redis.eval, scripts.REWIND, 2,
+                                            self._checkpoint_key, self._fence_key, _field(tp), token, offset)
+                if done:
+                    out[tp] = self._expected[tp] = offset
+        return out
+
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         async with self._lock:
             for tp in partitions:

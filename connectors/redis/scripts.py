@@ -137,3 +137,12 @@ APPLIED = 1
 CHECKPOINT_MOVED = 2
 ALREADY_APPLIED = 3
 BAD_STREAM = 4
+
+REWIND = """\
+#!lua
+-- localflow `redis` materialization: set one partition's checkpoint back past an offset gap, under
+-- this worker's fence. KEYS: checkpoint hash, fence hash. ARGV: field, fence token, next offset.
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
