@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pipeline import metrics
 from pipeline.catalog import Catalog, Problem
@@ -27,7 +27,6 @@ from pipeline.errors import ConfigError, LocalflowError
 from pipeline.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
 
 log = logging.getLogger("localflow.control")
-TASK_KINDS = ("capture", "derivation", "materialization")
 
 STARTUP_WAIT = 5.0
 """Seconds the worker waits for the config topic before starting the file's tasks without it."""
@@ -75,7 +74,7 @@ def fingerprint(catalog: Catalog, name: str) -> Any:
 def forget_series(name: str) -> None:
     """Drop a task's up/info series once this worker no longer runs it (removed, or its lease moved to
     another worker): a 0 left behind would read as a failed task (LocalflowTaskDown)."""
-    for gauge, labels in ((metrics.TASK_UP, (name,)), *((metrics.TASK_INFO, (name, k)) for k in TASK_KINDS)):
+    for gauge, labels in ((metrics.TASK_UP, (name,)), *((metrics.TASK_INFO, (name, k)) for k in get_args(TaskKind))):
         with contextlib.suppress(KeyError):
             gauge.remove(*labels)
 
