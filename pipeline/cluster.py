@@ -23,9 +23,12 @@ the fencing, as Kafka Connect's distributed mode does.
   epoch than the highest it sees, so a worker that stalled past the session timeout (SIGSTOP,
   a long pause) and wakes still running its capture cannot move the checkpoint back. It also
   stops before its next item: ``Lease.check`` compares the epoch with the coordinator's
-  generation, which aiokafka resets as soon as a heartbeat is refused. The documents it may
-  still send in between carry the same keys as its successor's (captures' keys are derived
-  from the source records), so endpoints hold each key once.
+  generation, which aiokafka resets as soon as a heartbeat is refused; and it polls nothing
+  more: a ticker notices the freeze, and the capture's interval sleep (``ctx.sleep``) waits
+  for the heartbeat's answer before the next poll (``Lease.confirmed``). The documents it may
+  still send in between (a poll in flight when it froze) carry the same keys as its
+  successor's (captures' keys are derived from the source records), so endpoints hold each
+  key once.
 
 The presence check of a capture (``pipeline.checkpoint.Presence``) stays on in a cluster: the
 lease decides which worker runs it, presence refuses a second instance started outside the
@@ -94,6 +97,18 @@ class Lease:
         cluster" there and group generations start at 0 on some brokers."""
         return self.generation + 1
 
+    async def confirmed(self) -> None:
+        """Return once the lease is known to be still held; raise LeaseLost when it is not.
+
+        Right after this process was frozen (SIGSTOP, a VM pause) for longer than the session
+        timeout's half, the group may have given the lease away without this worker knowing yet:
+        wait until the heartbeat sent at wake-up has had its answer (aiokafka resets the
+        generation when it is refused) before the capture polls again."""
+        wait = self.cluster.since_freeze()
+        if wait:
+            await asyncio.sleep(wait)  # two heartbeats after waking: the group's answer has come by then
+        self.check()
+
     def check(self) -> None:
         """Raise LeaseLost unless this worker still holds the lease at the same generation."""
         if not self.cluster.still_holds(self):
@@ -134,7 +149,10 @@ class Cluster:
         self.assigned_at: float | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._loop: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._closing = False
+        self._tick = time.monotonic()
+        self._woke = -1e9
 
     # ------------------------------------------------------------------ what the runner asks
 
@@ -163,6 +181,26 @@ class Cluster:
         Apache Kafka from 1)."""
         generation = getattr(getattr(self._consumer, "_coordinator", None), "generation", None)
         return -1 if generation is None else int(generation)
+
+    def since_freeze(self) -> float:
+        """Seconds to wait before trusting the leases again: 0 unless this process was just frozen long
+        enough to have been dropped from the group (the ticker saw the gap, or has not run since it);
+        else what remains of two heartbeats after waking."""
+        now, settle = time.monotonic(), 2 * HEARTBEAT_MS / 1000
+        if now - self._tick > self.session_timeout_ms / 2000:
+            return settle
+        return max(0.0, settle - (now - self._woke))
+
+    async def _ticking(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)  # the freeze detector's resolution
+            now = time.monotonic()
+            if now - self._tick > self.session_timeout_ms / 2000:
+                self._woke = now
+                log.warning("cluster %s: this worker was frozen for %.1fs (session timeout %gs); its captures "
+                            "wait for the group's word on their leases", self.name, now - self._tick,
+                            self.session_timeout_ms / 1000)
+            self._tick = now
 
     def member_id(self) -> str:
         coordinator = getattr(self._consumer, "_coordinator", None)
@@ -193,15 +231,18 @@ class Cluster:
                                 f"(group {self.group}): {e!r}") from e
         self._consumer.subscribe([self.topic], listener=_Leases(self))
         self._loop = asyncio.create_task(self._poll(), name=f"localflow-cluster-{self.name}")
+        self._tick = time.monotonic()
+        self._ticker = asyncio.create_task(self._ticking(), name=f"localflow-cluster-{self.name}-ticker")
         log.info("worker %s joined cluster %s (group %s, leases in %s)", self.worker, self.name, self.group, self.topic)
 
     async def stop(self) -> None:
         """Leave the group (after the runner stopped the captures): the others rebalance at once."""
         self._closing = True
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        for task in (self._loop, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._consumer is not None:
             await self._consumer.stop()
         self.held.clear()

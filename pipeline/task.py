@@ -99,6 +99,8 @@ class TaskContext:
         try:
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
         except TimeoutError:
+            if self.lease is not None:  # a capture that may have slept through losing its lease polls only once sure
+                await self.lease.confirmed()
             return True
         return False
 
