@@ -581,10 +581,13 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._held(assigned)
+        self.reader.settling = True
         try:
             await self._assigned(assigned)
         except Exception as e:  # noqa: BLE001 - aiokafka would log and drop it: keep it for batch()
             self.reader.failure = e
+        finally:
+            self.reader.settling = False
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         if not assigned or self.reader.on_assign is None:
@@ -672,6 +675,9 @@ class CollectionReader:
             max_poll_interval_ms=o.max_poll_interval_ms, fetch_max_wait_ms=o.fetch_max_wait_ms, **o.extra,
         )
         self._group = group_id
+        self.settling = False
+        """True while an assignment is being set up: until its seeks, positions are the group's
+        committed offsets, not where this reader will read."""
         self.failure: Exception | None = None
         """An error raised by ``on_assign``/``on_revoke``; ``batch()`` raises it (the task restarts)."""
 

@@ -212,7 +212,7 @@ class MaterializationTask(Task):
         seconds without a partition (the group's other workers hold them all).
         """
         reader.raise_failure()  # an assignment that failed never seeked: its positions are not progress
-        if not self._ever_assigned:
+        if not self._ever_assigned or reader.settling:
             return False
         stop: Offsets = self.ctx.options["stop_at_end"]
         held = reader.assignment()

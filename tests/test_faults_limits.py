@@ -183,7 +183,7 @@ async def test_a_collection_deleted_and_recreated_under_a_materialization_stops_
     replay = localflow("replay", str(catalog), "--materialization", f"{name}/pg", "--from-beginning", env=env,
                        timeout=120)
     if replay.returncode != 0:
-        v.problems.append(f"replay exited {replay.returncode}: {replay.stderr[-500:]}")
+        v.problems.append(f"replay exited {replay.returncode}: {replay.stdout[-2000:]}{replay.stderr[-1000:]}")
     held = await pg.ids()
     v.lose(len(set(old + new) - held), "documents missing after the replay")
     ends = {r.partition: r.offset + 1 for r in sorted(await read_to_end(KafkaConfig(bootstrap_servers=kafka_bootstrap), topic), key=lambda r: r.offset)}
