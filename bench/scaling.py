@@ -12,9 +12,7 @@ produced, and resumed when the clock starts, so no worker gets a head start.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,9 +20,9 @@ import time
 import asyncpg
 import httpx
 
-from bench.common import Row, Sample, tree_cpu
+from bench.common import Row, Sample
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, pg_ident
-from bench.workers import Checkpoints, Worker, _drop, expect_rows, fill, running
+from bench.workers import Checkpoints, Worker, _drop, expect_rows, paused_drain, running
 from pipeline.catalog import Catalog, topic_of
 
 PARTITIONS = 6
@@ -119,19 +117,8 @@ async def _run(b: Bench, conn: asyncpg.Connection, count: int, n: int) -> Sample
         with running([ClusterWorker(b, cat, run, f"cluster_{count}_{i}") for i in range(count)]) as workers:
             await checkpoints.wait(workers, holders=count, applied=0, within=180)
             await settled(workers, [derived, task])
-            for w in workers:
-                os.kill(w.pid, signal.SIGSTOP)
-            try:
-                await fill(b, raw, PARTITIONS, n)
-            finally:
-                cpu, started = tree_cpu(), time.time()
-                for w in workers:
-                    os.kill(w.pid, signal.SIGCONT)
-            finished, _ = await checkpoints.wait(workers, holders=count, applied=n, within=600)
-            cpu = tree_cpu() - cpu
-            for w in workers:
-                await w.stop()
+            sample = await paused_drain(b, workers, checkpoints, raw, PARTITIONS, n, within=600)
         await expect_rows(conn, table, n)
     finally:
         await _drop(conn, table)
-    return Sample(n, finished - started, cpu)
+    return sample
