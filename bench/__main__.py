@@ -5,7 +5,7 @@
     python -m bench --stages postgres,redis  # a selection
 
 Services come from the environment (KAFKA_BOOTSTRAP_SERVERS, POSTGRES_URL, REDIS_URL,
-S3_ENDPOINT_URL) or are started on loopback by ``pipeline.services.Services``.
+S3_ENDPOINT_URL) or are started on loopback by ``pipeline.embedded.services.Services``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from bench.latency import latency
 from bench.scaling import cluster
 from bench.stages import STAGES
 from bench.workers import memory, scaling
-from pipeline.services import Services
+from pipeline.embedded.services import Services
 
 ALL = {**STAGES, "latency": latency, "memory": memory, "scaling": scaling, "cluster": cluster}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"

@@ -1,6 +1,6 @@
 """The benchmark harness: services, catalogs, source topics, and running a task to a condition.
 
-How localflow is timed. A task runs through the real runtime (``pipeline.task.run_tasks``:
+How localflow is timed. A task runs through the real runtime (``pipeline.runtime.task.run_tasks``:
 supervision, the connector from the registry, the collection reader/writer) in this process,
 or as ``python -m pipeline run`` workers (memory, scaling, latency). The clock starts when the
 task is ready to work: a consumer-group task when its partitions are assigned (the runtime logs
@@ -30,10 +30,10 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import RAW_KEY, RAW_SCHEMA, Sample, Sizes, chunks, sophia_docs, tree_cpu
-from pipeline.catalog import Catalog, KafkaConfig, load_catalog, topic_of
-from pipeline.collection import Admin
-from pipeline.services import Services
-from pipeline.task import STATUS, run_tasks
+from pipeline.embedded.services import Services
+from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog, topic_of
+from pipeline.runtime.collection import Admin
+from pipeline.runtime.task import STATUS, run_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 SOPHIA_CATALOG = ROOT / "examples" / "sophia" / "flow.yaml"

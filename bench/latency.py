@@ -26,7 +26,7 @@ import orjson
 from bench.common import Row
 from bench.harness import PG_SCHEMA, Bench, BenchError, pg_ident, pg_table
 from bench.workers import Checkpoints, Worker, running
-from pipeline.catalog import Catalog, topic_of
+from pipeline.runtime.catalog import Catalog, topic_of
 
 TARGET_MS = 500.0
 """p99 target at 1,000 documents/s (the issue's)."""

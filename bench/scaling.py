@@ -23,7 +23,7 @@ import httpx
 from bench.common import Row, Sample
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, pg_ident
 from bench.workers import Checkpoints, Worker, _drop, expect_rows, paused_drain, running
-from pipeline.catalog import Catalog, topic_of
+from pipeline.runtime.catalog import Catalog, topic_of
 
 PARTITIONS = 6
 WORKERS = (1, 2, 3)

@@ -24,8 +24,8 @@ from redis.asyncio import Redis
 
 from bench.common import RAW_KEY, RAW_SCHEMA, Meter, Row, Sample, chunks, ratio_row, sophia_data, sophia_docs
 from bench.harness import PG_SCHEMA, Bench, BenchError, Source, documents_done, pg_ident, pg_table
-from pipeline.catalog import topic_of
-from pipeline.collection import Collection, CollectionReader, CollectionWriter, ReaderOptions
+from pipeline.runtime.catalog import topic_of
+from pipeline.runtime.collection import Collection, CollectionReader, CollectionWriter, ReaderOptions
 
 WRITE_BATCH = 2_000
 """Documents per write call: what a capture hands the writer at once (the files capture's batch_lines)."""

@@ -23,7 +23,7 @@ import orjson
 
 from bench.common import Row, Sample, chunks, sophia_docs, tree_cpu
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, pg_ident, pg_table
-from pipeline.catalog import Catalog, topic_of
+from pipeline.runtime.catalog import Catalog, topic_of
 
 MiB = 1024 * 1024
 

@@ -5,7 +5,7 @@
 """
 
 from pipeline import __version__
-from pipeline.client import (
+from pipeline.control.client import (
     EstuaryClient,
     LocalflowAPIError,
     LocalflowClient,

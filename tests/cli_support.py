@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.catalog import Catalog, load_catalog
-from pipeline.collection import Collection, CollectionWriter
+from pipeline.runtime.catalog import Catalog, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from pipeline.services import Services  # noqa: E402
+from pipeline.embedded.services import Services  # noqa: E402
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.catalog import load_catalog  # noqa: E402
-from pipeline.task import Backoff, TaskContext, supervise  # noqa: E402
+from pipeline.runtime.catalog import load_catalog  # noqa: E402
+from pipeline.runtime.task import Backoff, TaskContext, supervise  # noqa: E402
 
 HOLD = "LOCALFLOW_TEST_HOLD"
 _held = False

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from pipeline.services import Services
+from pipeline.embedded.services import Services
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
     TASKS,

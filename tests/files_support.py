@@ -23,10 +23,10 @@ from typing import Any
 import orjson
 import yaml
 
-from pipeline.catalog import Catalog, KafkaConfig, load_catalog, topic_of
-from pipeline.checkpoint import KafkaCheckpoints
-from pipeline.collection import read_to_end
-from pipeline.task import TaskContext, run_tasks
+from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog, topic_of
+from pipeline.runtime.checkpoint import KafkaCheckpoints
+from pipeline.runtime.collection import read_to_end
+from pipeline.runtime.task import TaskContext, run_tasks
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
 

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
-from pipeline.catalog import Catalog
-from pipeline.task import TaskContext, kind_of, supervise
+from pipeline.runtime.catalog import Catalog
+from pipeline.runtime.task import TaskContext, kind_of, supervise
 
 __all__ = ["running", "wait_for", "wait_for_async"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.catalog import load_catalog  # noqa: E402
-from pipeline.task import Backoff, TaskContext, supervise  # noqa: E402
+from pipeline.runtime.catalog import load_catalog  # noqa: E402
+from pipeline.runtime.task import Backoff, TaskContext, supervise  # noqa: E402
 
 READER = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
 

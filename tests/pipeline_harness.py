@@ -53,10 +53,11 @@ import zstandard
 from aiohttp import web
 from redis.asyncio import Redis
 
-from pipeline.catalog import KafkaConfig
-from pipeline.collection import Record, read_to_end
-from pipeline.errors import EndpointError
-from pipeline.services import HOST, Services, free_port
+from pipeline.embedded.services import HOST, Services, free_port
+from pipeline.runtime.catalog import KafkaConfig
+from pipeline.runtime.collection import read_to_end
+from pipeline.sdk.errors import EndpointError
+from pipeline.sdk.records import Record
 
 T = TypeVar("T")
 

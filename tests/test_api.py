@@ -19,10 +19,10 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
-from pipeline.catalog import load_catalog
-from pipeline.client import LocalflowClient
-from pipeline.collection import read_to_end
-from pipeline.services import free_port
+from pipeline.control.client import LocalflowClient
+from pipeline.embedded.services import free_port
+from pipeline.runtime.catalog import load_catalog
+from pipeline.runtime.collection import read_to_end
 from tests.api_support import RAW_SCHEMA, Source, api_url, api_worker
 from tests.cli_support import cli_env, localflow, worker, write_catalog
 from tests.helpers import wait_for, wait_for_async
@@ -64,7 +64,7 @@ async def test_the_seeds_example_calls_work_and_the_created_capture_reaches_post
         with api_worker(deployment.catalog, tmp_path / "run.log", **deployment.env) as (w, url):
             monkeypatch.setenv("LOCALFLOW_API_URL", url)
             # The seed's "API Usage" example, verbatim but for the import and the endpoint's URL.
-            from pipeline.client import EstuaryClient
+            from pipeline.control.client import EstuaryClient
 
             async def main():
                 async with EstuaryClient() as client:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.client import LocalflowAPIError, LocalflowClient
+from pipeline.control.client import LocalflowAPIError, LocalflowClient
 from tests.api_support import RAW_SCHEMA, api_worker
 from tests.cli_support import cli_env, localflow, write_catalog
 

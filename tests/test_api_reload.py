@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.catalog import load_catalog
-from pipeline.client import LocalflowClient
-from pipeline.collection import read_to_end
+from pipeline.control.client import LocalflowClient
+from pipeline.runtime.catalog import load_catalog
+from pipeline.runtime.collection import read_to_end
 from tests.api_support import RAW_SCHEMA, Source, api_worker
 from tests.cli_support import cli_env, localflow, write_catalog
 from tests.helpers import wait_for, wait_for_async

@@ -30,10 +30,10 @@ import yaml
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from pipeline.catalog import KafkaConfig, load_catalog
-from pipeline.collection import Collection, CollectionWriter, original_of
-from pipeline.errors import ConfigError
-from pipeline.services import Services
+from pipeline.embedded.services import Services
+from pipeline.runtime.catalog import KafkaConfig, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter, original_of
+from pipeline.sdk.errors import ConfigError
 from tests.pipeline_harness import (
     AGENT_LOGS,
     API_PATH,
@@ -666,8 +666,8 @@ def _renamed(node: Any, old: str, new: str) -> Any:
 async def test_isolated_case(case_id: str, tmp_path: Path, services_env: dict[str, str],
                              unique_name: Callable[..., str], request: pytest.FixtureRequest) -> None:
     """A log line that must not be fed to the shared run: the files capture alone, then a sentinel."""
-    from pipeline.collection import read_to_end
-    from pipeline.task import run_tasks
+    from pipeline.runtime.collection import read_to_end
+    from pipeline.runtime.task import run_tasks
 
     case = CASES[case_id]
     if case.get("known_issue"):

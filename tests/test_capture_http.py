@@ -24,13 +24,13 @@ from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 
-from connectors import load_connector
 from connectors.http.capture import looked_back
 from connectors.http.config import HttpConfig, HttpResource
-from pipeline.catalog import Catalog, load_catalog, topic_of
-from pipeline.checkpoint import KafkaCheckpoints, Presence
-from pipeline.collection import read_to_end
-from pipeline.errors import ConfigError
+from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
+from pipeline.runtime.checkpoint import KafkaCheckpoints, Presence
+from pipeline.runtime.collection import read_to_end
+from pipeline.runtime.registry import load_connector
+from pipeline.sdk.errors import ConfigError
 from tests.cli_support import cli_env, worker
 from tests.helpers import running, serve_on_loopback, wait_for_async
 

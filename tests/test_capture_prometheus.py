@@ -19,11 +19,11 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from connectors import load_connector
 from connectors.prometheus.config import PrometheusConfig
 from connectors.prometheus.parse import series_id
-from pipeline.catalog import Catalog, load_catalog, topic_of
-from pipeline.collection import read_to_end
+from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
+from pipeline.runtime.collection import read_to_end
+from pipeline.runtime.registry import load_connector
 from tests.helpers import running, wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.catalog import load_catalog, parse_duration
-from pipeline.errors import ConfigError
+from pipeline.runtime.catalog import load_catalog
+from pipeline.sdk.config import parse_duration
+from pipeline.sdk.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SOPHIA = ROOT / "examples" / "sophia" / "flow.yaml"

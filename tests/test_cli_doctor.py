@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.services import free_port
+from pipeline.embedded.services import free_port
 from tests.cli_support import ROOT, cli_env, localflow, redis_catalog
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from pipeline.logs import Redactor, current_task, setup_logging
+from pipeline.telemetry.logs import Redactor, current_task, setup_logging
 
 SECRET = "tok-3f9c1e7a55d2"
 PASSWORD = "hunter2-long"

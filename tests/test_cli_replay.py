@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline.catalog import load_catalog
-from pipeline.collection import Collection, read_to_end
+from pipeline.runtime.catalog import load_catalog
+from pipeline.runtime.collection import Collection, read_to_end
 from tests.cli_support import DOC_SCHEMA, localflow, produce, write_catalog
 
 

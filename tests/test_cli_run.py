@@ -15,10 +15,10 @@ import orjson
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-import pipeline.metrics  # noqa: F401 - registers every metric, to compare with a scrape
-from pipeline.catalog import load_catalog
-from pipeline.collection import Collection, read_to_end
-from pipeline.services import free_port
+import pipeline.telemetry.metrics  # noqa: F401 - registers every metric, to compare with a scrape
+from pipeline.embedded.services import free_port
+from pipeline.runtime.catalog import load_catalog
+from pipeline.runtime.collection import Collection, read_to_end
 from tests.cli_support import DOC_SCHEMA, Worker, localflow, produce, worker, write_catalog
 from tests.helpers import wait_for, wait_for_async
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.services import free_port
+from pipeline.embedded.services import free_port
 from tests.cli_support import cli_env, localflow, redis_catalog, worker
 from tests.helpers import wait_for
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.catalog import KafkaConfig
-from pipeline.services import free_port
+from pipeline.embedded.services import free_port
+from pipeline.runtime.catalog import KafkaConfig
 from tests.cli_support import DOC_SCHEMA, ROOT, cli_env, localflow, write_catalog
 
 

@@ -15,10 +15,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.catalog import read_yaml
 from pipeline.cli import app
-from pipeline.collection import Collection
-from pipeline.errors import ValidationFailed
+from pipeline.runtime.catalog import read_yaml
+from pipeline.runtime.collection import Collection
+from pipeline.sdk.errors import ValidationFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 SOPHIA = ROOT / "examples" / "sophia" / "flow.yaml"

@@ -28,9 +28,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from pipeline.catalog import KafkaConfig
-from pipeline.checkpoint import CHECKPOINT_PREFIX, CaptureCheckpoint, KafkaCheckpoints, next_epoch
-from pipeline.collection import CollectionWriter, read_to_end
+from pipeline.runtime.catalog import KafkaConfig
+from pipeline.runtime.checkpoint import CHECKPOINT_PREFIX, CaptureCheckpoint, KafkaCheckpoints, next_epoch
+from pipeline.runtime.collection import CollectionWriter, read_to_end
 from tests.faults_support import Sophia, open_sophia
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
@@ -47,7 +47,7 @@ from tests.pipeline_harness import (
 
 CLUSTER = "sophia"
 WORKERS = 3
-SESSION_TIMEOUT = 10.0  # pipeline.cluster.SESSION_TIMEOUT_MS
+SESSION_TIMEOUT = 10.0  # pipeline.runtime.cluster.SESSION_TIMEOUT_MS
 TAKEOVER_WITHIN = 90.0
 """A kill -9's session timeout plus a rebalance or two on a loaded 2-core machine."""
 

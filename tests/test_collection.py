@@ -19,9 +19,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from pipeline.catalog import KafkaConfig
-from pipeline.checkpoint import KafkaCheckpoints
-from pipeline.collection import (
+from pipeline.runtime.catalog import KafkaConfig
+from pipeline.runtime.checkpoint import KafkaCheckpoints
+from pipeline.runtime.collection import (
     RECORD_OVERHEAD,
     SCHEMA_HEADER,
     TASK_HEADER,
@@ -33,7 +33,7 @@ from pipeline.collection import (
     original_of,
     read_to_end,
 )
-from pipeline.errors import CheckpointError, OffsetGap, ValidationFailed
+from pipeline.sdk.errors import CheckpointError, OffsetGap, ValidationFailed
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
                         .read_text())  # the Sophia raw documents, as the example catalog declares them

@@ -131,9 +131,9 @@ async def test_sigterm_ends_the_demo_cleanly_and_stops_the_servers_it_started() 
 def test_the_live_view_of_the_sophia_catalog_fits_80_columns_and_24_lines() -> None:
     from rich.console import Console
 
-    from pipeline.catalog import load_catalog
-    from pipeline.demo import Endpoints, Snapshot, render
-    from pipeline.services import Services
+    from pipeline.embedded.demo import Endpoints, Snapshot, render
+    from pipeline.embedded.services import Services
+    from pipeline.runtime.catalog import load_catalog
 
     catalog = load_catalog(CATALOG)
     endpoints = Endpoints(catalog, Services())

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.demo_sources import RECORD_TYPES, AgentLogWriter, DemoMetrics, DemoSources
+from pipeline.embedded.demo_sources import RECORD_TYPES, AgentLogWriter, DemoMetrics, DemoSources
 from tests.helpers import wait_for_async
 
 TOKEN = "test-token"

@@ -24,7 +24,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.catalog import load_catalog
+from pipeline.runtime.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -208,7 +208,7 @@ def test_alert_rules_pass_promtool_where_it_exists() -> None:
 def _exported_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
-    import pipeline.metrics  # noqa: F401 - registers every metric
+    import pipeline.telemetry.metrics  # noqa: F401 - registers every metric
 
     names = set()
     for family in REGISTRY.collect():

@@ -22,11 +22,12 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline.catalog import Catalog, KafkaConfig, load_catalog
-from pipeline.collection import Collection, CollectionWriter, Record, read_to_end
-from pipeline.derivation import DerivationTask
-from pipeline.errors import ConfigError
-from pipeline.task import TaskContext
+from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.derivation import DerivationTask
+from pipeline.runtime.task import TaskContext
+from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.records import Record
 from tests.helpers import wait_for, wait_for_async
 from transforms import sqlite as sqlite_engine
 from transforms.sophia import enrich

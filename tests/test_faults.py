@@ -41,9 +41,9 @@ import yaml
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from pipeline.catalog import Catalog, load_catalog
-from pipeline.collection import Collection, CollectionWriter, read_to_end
-from pipeline.task import run_tasks
+from pipeline.runtime.catalog import Catalog, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.task import run_tasks
 from tests.derivation_worker import HOLD
 from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, pipeline_fixture
 from tests.helpers import wait_for_async

@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from connectors.postgres.sql import CHECKPOINTS
-from pipeline.catalog import KafkaConfig, load_catalog, topic_of
-from pipeline.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.catalog import KafkaConfig, load_catalog, topic_of
+from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
 from tests.cli_support import cli_env, localflow, worker
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (

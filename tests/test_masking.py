@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.capture import MASK_KEY_ENV
+from pipeline.runtime.capture import MASK_KEY_ENV
 from tests.files_support import Flow, running, write_lines
 from tests.helpers import wait_for_async
 

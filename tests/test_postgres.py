@@ -30,13 +30,13 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from connectors import load_connector
 from connectors.postgres.config import PostgresConfig
-from pipeline.catalog import Catalog, load_catalog
-from pipeline.collection import Collection, CollectionWriter, read_to_end
-from pipeline.errors import ConfigError, EndpointError
-from pipeline.services import free_port
-from pipeline.task import STATUS, TaskContext, run_tasks
+from pipeline.embedded.services import free_port
+from pipeline.runtime.catalog import Catalog, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.registry import load_connector
+from pipeline.runtime.task import STATUS, TaskContext, run_tasks
+from pipeline.sdk.errors import ConfigError, EndpointError
 from tests.helpers import wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent

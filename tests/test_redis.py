@@ -30,15 +30,17 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from connectors import load_connector
 from connectors.redis.config import RedisConfig
 from connectors.redis.materialization import RedisMaterialization, doctor
-from pipeline.catalog import Catalog, load_catalog
-from pipeline.collection import SOURCE_HEADER, Collection, CollectionWriter, Record, read_to_end
-from pipeline.errors import ConfigError, EndpointError, Fenced
-from pipeline.materialization import Batch
-from pipeline.services import Redis as RedisServer
-from pipeline.task import Backoff, TaskContext, supervise
+from pipeline.embedded.services import Redis as RedisServer
+from pipeline.runtime.catalog import Catalog, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.registry import load_connector
+from pipeline.runtime.task import TaskContext, supervise
+from pipeline.sdk.errors import ConfigError, EndpointError, Fenced
+from pipeline.sdk.materialization import Batch
+from pipeline.sdk.records import SOURCE_HEADER, Record
+from pipeline.sdk.retry import Backoff
 from tests.helpers import wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent

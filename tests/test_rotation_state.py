@@ -20,7 +20,7 @@ import pytest
 
 from connectors.files.config import FilesConfig, FilesResource
 from connectors.files.tailer import Tailer
-from pipeline.errors import CheckpointError
+from pipeline.sdk.errors import CheckpointError
 
 LOG = logging.getLogger("test_rotation_state")
 KEEP = 5  # logrotate's `rotate 5`

@@ -33,15 +33,16 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 
-from connectors import load_connector
 from connectors.s3.config import S3Config, S3Resource
 from connectors.s3.verify import verify_binding
-from pipeline.catalog import Catalog, load_catalog
-from pipeline.collection import Collection, CollectionWriter, Record, read_to_end
-from pipeline.errors import ConfigError, Fenced
-from pipeline.materialization import Batch
-from pipeline.services import S3, Services, free_port
-from pipeline.task import STATUS, TaskContext, run_tasks
+from pipeline.embedded.services import S3, Services, free_port
+from pipeline.runtime.catalog import Catalog, load_catalog
+from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.registry import load_connector
+from pipeline.runtime.task import STATUS, TaskContext, run_tasks
+from pipeline.sdk.errors import ConfigError, Fenced
+from pipeline.sdk.materialization import Batch
+from pipeline.sdk.records import Record
 from tests.helpers import wait_for_async
 from tests.materialization_worker import READER
 

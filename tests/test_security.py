@@ -30,13 +30,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import BaseModel, SecretStr
 from redis.asyncio import Redis
 
-from connectors import load_connector
-from pipeline.catalog import KafkaConfig, load_catalog
-from pipeline.collection import CollectionReader, CollectionWriter, read_to_end
-from pipeline.errors import EndpointError
-from pipeline.services import HOST, Services, free_port
-from pipeline.services import Redis as RedisServer
-from pipeline.task import run_tasks
+from pipeline.embedded.services import HOST, Services, free_port
+from pipeline.embedded.services import Redis as RedisServer
+from pipeline.runtime.catalog import KafkaConfig, load_catalog
+from pipeline.runtime.collection import CollectionReader, CollectionWriter, read_to_end
+from pipeline.runtime.registry import load_connector
+from pipeline.runtime.task import run_tasks
+from pipeline.sdk.errors import EndpointError
 from tests.helpers import wait_for_async
 from tests.pipeline_harness import (
     CAPTURES,
@@ -292,7 +292,7 @@ async def test_sql_identifiers_are_quoted_and_document_values_never_reach_sql_te
     docs = [{"id": "'); DROP TABLE public.victim; --", "note": f"{marker} x'); DELETE FROM public.victim; --",
              column: f"{marker}$$; DROP TABLE public.victim; $$"},
             {"id": f"{marker}-2", "note": "\\'; SELECT pg_sleep(30); --", column: "E'\\x27'"}]
-    from pipeline.collection import Collection
+    from pipeline.runtime.collection import Collection
 
     async with CollectionWriter(catalog.kafka, "test") as writer:
         await writer.write(Collection.from_catalog(catalog, f"{name}/docs"), docs)

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from pipeline.services import (
+from pipeline.embedded.services import (
     S3,
     ExternalServiceError,
     Kafka,
@@ -262,7 +262,7 @@ def test_stop_escalates_to_sigkill() -> None:
 
 def test_servers_are_stopped_when_the_interpreter_exits() -> None:
     """The atexit backstop: a script that forgets stop() leaves no server behind."""
-    script = "from pipeline.services import Redis; r = Redis(); r.start(); print(r.pid, r.port)"
+    script = "from pipeline.embedded.services import Redis; r = Redis(); r.start(); print(r.pid, r.port)"
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
     )

@@ -20,9 +20,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.catalog import Catalog, Model, pydantic_problems
-from pipeline.derivation import Document, Engine, Transformed
-from pipeline.errors import ConfigError
+from pipeline.runtime.catalog import Catalog, pydantic_problems
+from pipeline.sdk.config import Model
+from pipeline.sdk.engine import Document, Engine, Transformed
+from pipeline.sdk.errors import ConfigError
 
 Problems = list[tuple[str, str]]
 Function = Callable[[Document], Any]

@@ -46,9 +46,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field, ValidationError
 
-from pipeline.catalog import Catalog, Model, pydantic_problems
-from pipeline.derivation import Document, Engine, Transformed
-from pipeline.errors import ConfigError
+from pipeline.runtime.catalog import Catalog, pydantic_problems
+from pipeline.sdk.config import Model
+from pipeline.sdk.engine import Document, Engine, Transformed
+from pipeline.sdk.errors import ConfigError
 
 Problems = list[tuple[str, str]]
 Shape = Callable[[Any], Any]

@@ -19,9 +19,9 @@ from watchfiles import awatch
 
 from connectors.files.config import FilesConfig
 from connectors.files.tailer import Tailer
-from pipeline.capture import Capture, Captured
-from pipeline.connector import Check
-from pipeline.errors import ConfigError
+from pipeline.sdk.capture import Capture, Captured
+from pipeline.sdk.connector import Check
+from pipeline.sdk.errors import ConfigError
 
 _MIN_INTERVAL = 0.1
 _WATCH_DEBOUNCE_MS = 250

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.catalog import Duration, Model
+from pipeline.sdk.config import Duration, Model
 
 
 class FilesAdvanced(Model):

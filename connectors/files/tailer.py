@@ -67,8 +67,8 @@ from connectors.files.reading import (
     read_lines,
     tail_check,
 )
-from pipeline.capture import Captured
-from pipeline.errors import CheckpointError
+from pipeline.sdk.capture import Captured
+from pipeline.sdk.errors import CheckpointError
 
 _BOM = b"\xef\xbb\xbf"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

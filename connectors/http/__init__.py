@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from connectors.http.config import HttpConfig, HttpResource, check
-from pipeline.connector import Connector
+from pipeline.sdk.connector import Connector
 
 CONNECTOR = Connector(
     name="http",

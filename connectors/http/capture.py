@@ -29,17 +29,21 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from connectors.http.config import HttpConfig, HttpResource, binding_key
-from pipeline import httpclient, metrics
-from pipeline.capture import Captured
-from pipeline.catalog import MISSING, CaptureBinding, pointer_tokens, resolve
-from pipeline.connector import Check
-from pipeline.errors import CheckpointError, ConfigError, describe
+from pipeline.sdk import httpclient
+from pipeline.sdk.capture import Captured
+from pipeline.sdk.connector import Check
+from pipeline.sdk.errors import CheckpointError, ConfigError, describe
+from pipeline.sdk.pointers import MISSING, pointer_tokens, resolve
+from pipeline.telemetry import metrics
+
+if TYPE_CHECKING:
+    from pipeline.runtime.catalog import CaptureBinding
 
 STATE_VERSION = 1
 

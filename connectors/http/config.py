@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import httpx
 from pydantic import AfterValidator, Field, SecretStr
 
-from pipeline.catalog import Duration, Model
+from pipeline.sdk.config import Duration, Model
 
 if TYPE_CHECKING:
-    from pipeline.catalog import CaptureSpec, Catalog
-    from pipeline.connector import Problems
+    from pipeline.runtime.catalog import CaptureSpec, Catalog
+    from pipeline.sdk.connector import Problems
 
 
 def _pointer(value: str) -> str:

@@ -5,7 +5,7 @@ Only the configuration models are imported here; the implementation loads in ``b
 
 from __future__ import annotations
 
-from pipeline.connector import Connector
+from pipeline.sdk.connector import Connector
 
 from .config import PostgresConfig, TableResource
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.connector import Check
-from pipeline.logs import scrub
+from pipeline.sdk.connector import Check
+from pipeline.sdk.errors import scrub
 
 from . import sql
 from .config import PostgresConfig, TableResource
 
 if TYPE_CHECKING:
-    from pipeline.catalog import Catalog, MaterializationSpec
-    from pipeline.connector import Problems
+    from pipeline.runtime.catalog import Catalog, MaterializationSpec
+    from pipeline.sdk.connector import Problems
 
 
 def check(catalog: Catalog, task: MaterializationSpec, place: str) -> Problems:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
-from pipeline.catalog import Duration, Model
+from pipeline.sdk.config import Duration, Model
 
 
 class PostgresAdvanced(Model):

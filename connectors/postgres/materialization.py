@@ -36,14 +36,12 @@ from datetime import UTC, date, datetime
 from typing import TypeVar
 
 import asyncpg
-from aiokafka import TopicPartition
 
-from pipeline import metrics
-from pipeline.collection import Record
-from pipeline.errors import ConfigError, EndpointError, Fenced
-from pipeline.logs import scrub
-from pipeline.materialization import Batch, Materialization, Offsets
-from pipeline.task import TaskContext
+from pipeline.sdk.context import Context
+from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
+from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.records import Record, TopicPartition
+from pipeline.telemetry import metrics
 
 from . import sql
 from .config import PostgresConfig
@@ -75,7 +73,7 @@ class PostgresMaterialization(Materialization):
 
     config: PostgresConfig
 
-    def __init__(self, ctx: TaskContext) -> None:
+    def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._pool: asyncpg.Pool | None = None
         self._tables: list[sql.Table] = []

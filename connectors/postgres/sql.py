@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from pipeline.catalog import pointer_tokens, resolve_pointer
+from pipeline.sdk.pointers import pointer_tokens, resolve_pointer
 
 from .config import Index, Partitioning, TableResource
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from connectors.prometheus.config import PrometheusConfig, PrometheusResource, check
-from pipeline.connector import Connector
+from pipeline.sdk.connector import Connector
 
 CONNECTOR = Connector(
     name="prometheus",

@@ -26,10 +26,11 @@ from connectors.prometheus.parse import (
     value_fields,
     with_target_labels,
 )
-from pipeline import httpclient, metrics
-from pipeline.capture import Captured
-from pipeline.connector import Check
-from pipeline.errors import describe
+from pipeline.sdk import httpclient
+from pipeline.sdk.capture import Captured
+from pipeline.sdk.connector import Check
+from pipeline.sdk.errors import describe
+from pipeline.telemetry import metrics
 
 STATE_VERSION = 1
 _ACCEPT_OPENMETRICS = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"

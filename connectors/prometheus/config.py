@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import httpx
 from pydantic import Field, SecretStr, field_validator
 
-from pipeline.catalog import Duration, Model
+from pipeline.sdk.config import Duration, Model
 
 if TYPE_CHECKING:
-    from pipeline.catalog import CaptureSpec, Catalog
-    from pipeline.connector import Problems
+    from pipeline.runtime.catalog import CaptureSpec, Catalog
+    from pipeline.sdk.connector import Problems
 
 
 class PrometheusAdvanced(Model):

@@ -8,7 +8,7 @@ live in Redis next to the data, written in the same atomic step (see ``materiali
 from __future__ import annotations
 
 from connectors.redis.config import RedisBinding, RedisConfig, check
-from pipeline.connector import Connector
+from pipeline.sdk.connector import Connector
 
 CONNECTOR = Connector(
     name="redis",

@@ -19,11 +19,12 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
-from pipeline.catalog import Duration, Model, pointer_tokens
+from pipeline.sdk.config import Duration, Model
+from pipeline.sdk.pointers import pointer_tokens
 
 if TYPE_CHECKING:
-    from pipeline.catalog import Catalog, MaterializationSpec
-    from pipeline.connector import Problems
+    from pipeline.runtime.catalog import Catalog, MaterializationSpec
+    from pipeline.sdk.connector import Problems
 
 # ---------------------------------------------------------------------------- key templates
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka import TopicPartition
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -46,14 +45,13 @@ from redis.retry import Retry
 
 from connectors.redis import scripts
 from connectors.redis.config import RedisBinding, RedisConfig, Template, default_template, parse_template
-from pipeline import metrics
-from pipeline.catalog import MISSING, resolve
-from pipeline.collection import Record
-from pipeline.connector import Check
-from pipeline.errors import ConfigError, EndpointError, Fenced
-from pipeline.logs import scrub
-from pipeline.materialization import Batch, Materialization, Offsets
-from pipeline.task import Backoff
+from pipeline.sdk.connector import Check
+from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
+from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.pointers import MISSING, resolve
+from pipeline.sdk.records import Record, TopicPartition
+from pipeline.sdk.retry import Backoff
+from pipeline.telemetry import metrics
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ the implementation is imported inside ``build`` and ``doctor``.
 from __future__ import annotations
 
 from connectors.s3.config import S3Config, S3Resource
-from pipeline.connector import Connector
+from pipeline.sdk.connector import Connector
 
 CONNECTOR = Connector(
     name="s3",

@@ -34,8 +34,8 @@ from pydantic import Field, ValidationError
 from connectors.s3.client import code_of, status_of
 from connectors.s3.config import Advanced
 from connectors.s3.naming import CONTENT_TYPE, Layout, ObjectName
-from pipeline.catalog import Model
-from pipeline.errors import CheckpointError, ConfigError, EndpointError, Fenced
+from pipeline.sdk.config import Model
+from pipeline.sdk.errors import CheckpointError, ConfigError, EndpointError, Fenced
 
 log = logging.getLogger("localflow.s3")
 

@@ -19,7 +19,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError as BotoHTTPClientError
 
 from connectors.s3.config import S3Config
-from pipeline.connector import Check
+from pipeline.sdk.connector import Check
 
 _TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException",
                               "RequestLimitExceeded", "InternalError", "ServiceUnavailable"})

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from pipeline.catalog import Duration, Model
+from pipeline.sdk.config import Duration, Model
 
 MiB = 1024 * 1024
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")

@@ -27,18 +27,17 @@ from datetime import UTC, datetime
 
 import orjson
 import zstandard
-from aiokafka import TopicPartition
 from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.s3.archive import Archive, Claim, Marker
 from connectors.s3.client import client, close_quietly, code_of, status_of, transient, where
 from connectors.s3.config import S3Config, S3Resource
 from connectors.s3.naming import CONTENT_ENCODINGS, Layout, hour_of
-from pipeline import metrics
-from pipeline.collection import Record
-from pipeline.errors import ConfigError, EndpointError, Fenced, LocalflowError
-from pipeline.materialization import Batch, Materialization, Offsets
-from pipeline.task import Backoff
+from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, LocalflowError
+from pipeline.sdk.materialization import Batch, Materialization, Offsets
+from pipeline.sdk.records import Record, TopicPartition
+from pipeline.sdk.retry import Backoff
+from pipeline.telemetry import metrics
 
 MAX_GAPS = 64
 """An object's offsets without a line are listed in its metadata (2 KiB in all): cut batches there."""

@@ -24,12 +24,12 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import __version__
-from pipeline.catalog import Catalog, Problem, pydantic_problems, topic_of
 from pipeline.control.effective import capture_entries
 from pipeline.control.runner import Conflict, Controller, NotFound, Unavailable, problem_lines
-from pipeline.errors import ConfigError, EndpointError
-from pipeline.logs import redact
-from pipeline.task import STATUS, kind_of
+from pipeline.runtime.catalog import Catalog, Problem, pydantic_problems, topic_of
+from pipeline.runtime.task import STATUS, kind_of
+from pipeline.sdk.errors import ConfigError, EndpointError
+from pipeline.telemetry.logs import redact
 
 log = logging.getLogger("localflow.api")
 
@@ -312,7 +312,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 async def _reports(catalog: Catalog) -> list[Any]:
     """Per task, lag per input partition and checkpoint time, from the broker (as `localflow status`),
     the tasks read concurrently (each read waits on the broker, not on this process)."""
-    from pipeline.status import gather, with_cluster
+    from pipeline.cli.status import gather, with_cluster
 
     reports = await asyncio.gather(*(gather(_only(catalog, name), []) for name in catalog.task_names()))
     problems = list(dict.fromkeys(p for r in reports for p in r.problems))
@@ -336,7 +336,7 @@ def _only(catalog: Catalog, name: str) -> Catalog:
 
 async def _documents(catalog: Catalog) -> dict[str, int | None]:
     """Documents per collection: the sum of its partitions' ends (None when the topic does not exist yet)."""
-    from pipeline.offsets import high_watermarks, partitions_of, probe_consumer
+    from pipeline.runtime.offsets import high_watermarks, partitions_of, probe_consumer
 
     async with probe_consumer(catalog.kafka) as consumer:
         tps_of = {name: await partitions_of(consumer, topic_of(name)) for name in catalog.collections}

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.catalog import Catalog, Model, Positions, Problem, load_catalog, pydantic_problems, read_yaml
-from pipeline.errors import ConfigError
+from pipeline.runtime.catalog import Catalog, Positions, Problem, load_catalog, pydantic_problems, read_yaml
+from pipeline.sdk.config import Model
+from pipeline.sdk.errors import ConfigError
 
 TASK_SECTIONS = ("collections", "captures", "materializations")
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from pipeline import metrics
-from pipeline.catalog import Catalog, Problem
 from pipeline.control.effective import TASK_SECTIONS, Overlay, build, read_file
 from pipeline.control.store import ConfigStore
-from pipeline.errors import ConfigError, LocalflowError
-from pipeline.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
+from pipeline.runtime.catalog import Catalog, Problem
+from pipeline.runtime.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
+from pipeline.sdk.errors import ConfigError, LocalflowError
+from pipeline.telemetry import metrics
 
 log = logging.getLogger("localflow.control")
 
@@ -91,7 +91,7 @@ class Controller:
                  selected: list[str] | None = None, watch: bool = False) -> None:
         self.path, self.base, self.catalog = path, catalog, catalog
         self.cluster: Any = None
-        """In cluster mode (``pipeline.cluster.Cluster``): captures run only while it holds their lease."""
+        """In cluster mode (``pipeline.runtime.cluster.Cluster``): captures run only while it holds their lease."""
         self.stopping, self.store, self.watch = stopping, store, watch
         self.selected = set(selected) if selected else None
         self.file = read_file(path)

@@ -21,9 +21,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline.catalog import KafkaConfig
-from pipeline.collection import Admin
-from pipeline.errors import EndpointError
+from pipeline.runtime.catalog import KafkaConfig
+from pipeline.runtime.collection import Admin
+from pipeline.sdk.errors import EndpointError
 
 DEFAULT_TOPIC = "localflow.config"
 SECTIONS = ("collections", "captures", "materializations", "paused", "restart")

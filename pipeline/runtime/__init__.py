@@ -1,0 +1,1 @@
+"""The runtime: catalog, collections, checkpoints, the supervisor and the tasks that drive connectors."""

@@ -1,0 +1,1 @@
+"""Telemetry: Prometheus metrics, the HTTP server (/metrics /healthz /readyz /status) and logs."""
