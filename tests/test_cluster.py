@@ -336,3 +336,33 @@ async def test_kill_9_of_every_lease_holder_then_a_rolling_restart(sophia: Sophi
     takeover = ", ".join(f"{t:.0f}s" for t in takeovers)
     await trial(s, "cluster", f"kill -9 of each capture's lease holder (takeovers {takeover}), rolling restart",
                 fed, within=300)
+
+
+async def test_captures_share_the_lease_partitions_a_broker_cannot_add(kafka_bootstrap: str,
+                                                                       unique_name: Callable[..., str]) -> None:
+    """Tansu has no CreatePartitions: a lease topic made for one capture keeps one partition when two
+    more are added, and its holder runs all three (capture i through partition i mod 1)."""
+    from types import SimpleNamespace
+
+    from pipeline.runtime.cluster import Cluster, leases_topic
+    from pipeline.runtime.collection import Admin
+
+    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    name = unique_name("cluster", sep="-")
+    await Admin(kafka).ensure({leases_topic(name): (1, 1, {})})
+    catalog = SimpleNamespace(captures=dict.fromkeys(("c/a", "c/b", "c/c")))
+
+    async def settled() -> None:
+        return None
+
+    cluster = Cluster(kafka, name, lambda: catalog, changed=lambda: None, settled=settled)  # type: ignore[arg-type]
+    await cluster.start()
+    try:
+        await wait_for_async(lambda: cluster.held, timeout=60, interval=0.2, message="the lease partition assigned")
+        assert [cluster.holds(c) for c in catalog.captures] == [True, True, True]
+        assert {c: v["partition"] for c, v in cluster.view()["leases"].items()} == {"c/a": 0, "c/b": 0, "c/c": 0}
+        lease = cluster.lease("c/b")
+        assert lease is not None
+        lease.check()
+    finally:
+        await cluster.stop()

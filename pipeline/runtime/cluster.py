@@ -35,10 +35,13 @@ lease decides which worker runs it, presence refuses a second instance started o
 cluster (a per-task container of the same catalog). It costs nothing at a takeover: a dead
 holder's presence expires (10 s) by the time its session does.
 
-Adding a capture (through the API or the file) grows the lease topic, which makes the group
-rebalance: leases are reassigned under the new order. Removing one leaves a partition more
-than captures; the mapping is over the current names, and a holder whose capture moved to
-another partition stops it at its next item (``Lease.check``).
+Capture i (in sorted name order) is held through partition ``i mod P`` of the P partitions the
+lease topic has: one each when P is the number of captures, as created. Adding a capture
+(through the API or the file) grows the topic, which makes the group rebalance and reassign
+every lease under the new mapping; a broker that cannot add partitions (Tansu 0.6 has no
+CreatePartitions) keeps P, and the holder of a partition then runs every capture mapped to it.
+Removing a capture shifts the mapping without a rebalance: a holder whose capture moved to
+another partition stops it at its next item (``Lease.check``), and the new holder starts it.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class Cluster:
         self._loop: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
+        self._cannot_grow = 0
         self._tick = time.monotonic()
         self._woke = -1e9
 
@@ -159,22 +163,31 @@ class Cluster:
     def order(self) -> list[str]:
         return sorted(self.catalog().captures)
 
-    def holds(self, name: str) -> bool:
+    def partition_of(self, name: str) -> int | None:
+        """The lease partition of a capture (None: not a capture of the effective catalog)."""
         order = self.order()
-        return name in order and order.index(name) in self.held
+        return order.index(name) % self.partitions() if name in order else None
+
+    def partitions(self) -> int:
+        """The lease topic's partition count, as this member's metadata has it (1 before it is known)."""
+        known = self._consumer.partitions_for_topic(self.topic) if self._consumer is not None else None
+        return len(known) if known else 1
+
+    def holds(self, name: str) -> bool:
+        return self.partition_of(name) in self.held
 
     def lease(self, name: str) -> Lease | None:
-        order = self.order()
-        if name not in order or order.index(name) not in self.held:
+        partition = self.partition_of(name)
+        if partition is None or partition not in self.held:
             return None
-        partition = order.index(name)
         return Lease(name, partition, self.held[partition], self)
 
     def still_holds(self, lease: Lease) -> bool:
-        order = self.order()
         return (lease.generation >= 0 and self.generation() == lease.generation
-                and self.held.get(lease.partition) == lease.generation
-                and lease.task in order and order.index(lease.task) == lease.partition)
+                and self.held.get(lease.partition) == lease.generation and self.partition_of(lease.task) == lease.partition)
+
+    def held_captures(self, partitions: set[int] | dict[int, int]) -> list[str]:
+        return [name for name in self.order() if self.partition_of(name) in partitions]
 
     def generation(self) -> int:
         """The group generation this member is in now (-1 while it is not in the group; Tansu counts from 0,
@@ -208,16 +221,20 @@ class Cluster:
 
     def view(self) -> dict[str, Any]:
         """What this worker holds, for the worker registry and /status."""
-        order = self.order()
         return {"name": self.name, "group": self.group, "member": self.member_id(), "generation": self.generation(),
-                "leases": {order[p]: {"partition": p, "epoch": g} for p, g in sorted(self.held.items())
-                           if p < len(order)}}
+                "leases": {name: {"partition": p, "epoch": self.held[p]} for name in self.held_captures(self.held)
+                           if (p := self.partition_of(name)) is not None}}
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Create or grow the lease topic, then join the group (leases come with the first assignment)."""
-        await self._ensure_partitions(len(self.order()))
+        wanted = len(self.order())
+        try:
+            await self._ensure_partitions(wanted)
+        except EndpointError as e:  # a broker that cannot grow it: captures share partitions (i mod P)
+            self._cannot_grow = wanted
+            log.warning("cluster %s: %s; captures share the lease partitions the topic has", self.name, e)
         self._consumer = AIOKafkaConsumer(
             **self.kafka.client_options(), group_id=self.group, enable_auto_commit=False,
             session_timeout_ms=self.session_timeout_ms, heartbeat_interval_ms=HEARTBEAT_MS,
@@ -254,8 +271,15 @@ class Cluster:
         while True:
             try:
                 await self._consumer.getmany(timeout_ms=1000)  # the topic stays empty: this only keeps membership
-                if len(self.order()) > len(self._consumer.partitions_for_topic(self.topic) or ()):
-                    await self._ensure_partitions(len(self.order()))
+                wanted = len(self.order())
+                if wanted > self.partitions() and wanted != self._cannot_grow:
+                    try:
+                        await self._ensure_partitions(wanted)
+                    except EndpointError as e:
+                        self._cannot_grow = wanted  # tried once for this count: captures share partitions meanwhile
+                        log.warning("cluster %s: %s; the %d captures share its %d lease partitions (capture i is "
+                                    "held through partition i mod %d)", self.name, e, wanted, self.partitions(),
+                                    self.partitions())
             except (KafkaError, EndpointError) as e:
                 log.warning("cluster %s: %s", self.name, e)
                 await asyncio.sleep(1.0)  # the broker is away: retry at its pace
@@ -284,8 +308,7 @@ class Cluster:
         """Stop every capture of this worker, and wait until they flushed, before the group moves on."""
         if not self.held:
             return
-        order = self.order()
-        names = [order[p] for p in sorted(self.held) if p < len(order)]
+        names = self.held_captures(self.held)
         self.held.clear()
         if self._closing:
             return  # the runner already stopped everything
@@ -303,8 +326,7 @@ class Cluster:
         generation = self.generation()
         self.held = dict.fromkeys(partitions, generation)
         self.assigned_at = time.time()
-        order = self.order()
-        names = [order[p] for p in sorted(partitions) if p < len(order)]
+        names = self.held_captures(partitions)
         log.info("cluster %s: generation %d: this worker holds the leases of %s", self.name, generation,
                  ", ".join(names) or "no capture")
         self.changed()
