@@ -29,11 +29,12 @@ from bench.common import Row, Sizes, machine
 from bench.harness import Bench, BenchError
 from bench.latency import latency
 from bench.peers import peers
+from bench.scaling import cluster
 from bench.stages import STAGES
 from bench.workers import memory, scaling
 from pipeline.embedded.services import Services
 
-ALL = {**STAGES, "peers": peers, "latency": latency, "memory": memory, "scaling": scaling}
+ALL = {**STAGES, "peers": peers, "latency": latency, "memory": memory, "scaling": scaling, "cluster": cluster}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 WIDTH = 150
 """Columns of the printed tables (rich would cut them to 80 when output is not a terminal)."""

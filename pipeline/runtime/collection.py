@@ -535,13 +535,24 @@ class _Listener(ConsumerRebalanceListener):
         self.reader = reader
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._held(set())
         if revoked and self.reader.on_revoke:
             try:
                 await self.reader.on_revoke(set(revoked))
             except Exception as e:  # noqa: BLE001 - see on_partitions_assigned
                 self.reader.failure = e
 
+    def _held(self, partitions: set[TopicPartition]) -> None:
+        """For /status: which partitions this worker holds now (the cluster view of `localflow status`)."""
+        if self.reader.task:
+            from pipeline.runtime.task import STATUS
+
+            status = STATUS.get(self.reader.task)
+            if status is not None:
+                status.partitions = sorted((tp.topic, tp.partition) for tp in partitions)
+
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._held(assigned)
         self.reader.settling = True
         try:
             await self._assigned(assigned)
