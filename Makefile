@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-system test-compose lint demo bench chaos clean
+.PHONY: venv test test-system test-compose lint demo peers bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,18 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/localflow demo examples/sophia/flow.yaml $(DEMO_ARGS)
 
-bench: $(STAMP)
+# The peers `make bench` compares localflow with, each in a venv of its own under bench/.venvs (their
+# dependencies never touch ours); one that cannot install leaves its log there and its rows say why.
+PEER_VENVS := bench/.venvs
+PEER_PACKAGES := 'quixstreams:quixstreams[postgresql,redis,aws]>=3.28' 'pathway:pathway>=0.33'
+peers:
+	@mkdir -p $(PEER_VENVS); for pair in $(PEER_PACKAGES); do name=$${pair%%:*}; spec=$${pair#*:}; \
+	  dir=$(PEER_VENVS)/$$name; test -e $$dir/.installed && continue; echo "installing $$spec into $$dir"; \
+	  { test -x $$dir/bin/python || $(PYTHON) -m venv $$dir; } && $$dir/bin/python -m pip install -q "$$spec" \
+	    > $(PEER_VENVS)/$$name-install.log 2>&1 && touch $$dir/.installed \
+	    || echo "$$name did not install (see $(PEER_VENVS)/$$name-install.log): its rows will say so"; done
+
+bench: $(STAMP) peers
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 chaos: $(STAMP)

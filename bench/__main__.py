@@ -28,11 +28,13 @@ from bench import report
 from bench.common import Row, Sizes, machine
 from bench.harness import Bench, BenchError
 from bench.latency import latency
+from bench.peers import peers
+from bench.scaling import cluster
 from bench.stages import STAGES
 from bench.workers import memory, scaling
 from pipeline.embedded.services import Services
 
-ALL = {**STAGES, "latency": latency, "memory": memory, "scaling": scaling}
+ALL = {**STAGES, "peers": peers, "latency": latency, "memory": memory, "scaling": scaling, "cluster": cluster}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 WIDTH = 150
 """Columns of the printed tables (rich would cut them to 80 when output is not a terminal)."""
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - began
     host["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Console(width=WIDTH).print(report.table(rows))
+    if any(r.stage.startswith("peers ") for r in rows):
+        Console(width=WIDTH).print(report.peers_table(rows))
     report.write(output, rows, {"started_at": started_at.isoformat(), "seconds": round(seconds, 1),
                                 "quick": args.quick, "sizes": asdict(sizes), "machine": host})
     console.print(f"{len(rows)} rows in {seconds:.0f} s; written to {output}", highlight=False)

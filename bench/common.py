@@ -113,6 +113,8 @@ class Sample:
     work: float
     seconds: float
     cpu: float
+    docs: int = 0
+    """Documents the run handled (the work may be MB): the base of CPU-seconds per 100,000 documents."""
 
     @property
     def rate(self) -> float:
@@ -121,6 +123,11 @@ class Sample:
     @property
     def per_cpu(self) -> float:
         return self.work / self.cpu if self.cpu > 0 else 0.0
+
+    @property
+    def cpu_100k(self) -> float | None:
+        """CPU-seconds of the whole process tree per 100,000 documents."""
+        return self.cpu * PER_DOCS / self.docs if self.docs else None
 
 
 class Meter:
@@ -135,8 +142,13 @@ class Meter:
         self.seconds = time.perf_counter() - self.started
         self.cpu = tree_cpu() - self.cpu
 
-    def sample(self, work: float) -> Sample:
-        return Sample(work, self.seconds, self.cpu)
+    def sample(self, work: float, docs: int | None = None) -> Sample:
+        """``docs`` defaults to ``work`` (a stage counted in documents)."""
+        return Sample(work, self.seconds, self.cpu, int(work) if docs is None else docs)
+
+
+PER_DOCS = 100_000
+"""CPU is reported per this many documents."""
 
 
 @dataclass
@@ -155,6 +167,11 @@ class Row:
     """Whether the target is met (None when the row has no target)."""
     cpu_ratio: float | None = None
     """localflow's work per CPU-second over the ceiling's (both measured on the whole process tree)."""
+    cpu_100k: float | None = None
+    """localflow's CPU-seconds per 100,000 documents (median, whole process tree)."""
+    ceiling_cpu_100k: float | None = None
+    figures: dict[str, float] = field(default_factory=dict)
+    """Further figures of the row (the peers': wall, first row, steady CPU), by name."""
 
     @property
     def ratio(self) -> float | None:
@@ -163,8 +180,10 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         ratio = self.ratio
         out = {**asdict(self), "ratio": None if ratio is None else round(ratio, 3)}
-        if self.cpu_ratio is not None:
-            out["cpu_ratio"] = round(self.cpu_ratio, 3)
+        for name in ("cpu_ratio", "cpu_100k", "ceiling_cpu_100k"):
+            if out[name] is not None:
+                out[name] = round(out[name], 3)
+        out["figures"] = {k: round(v, 3) for k, v in self.figures.items()}
         return out
 
 
@@ -183,7 +202,13 @@ def ratio_row(stage: str, unit: str, localflow: list[Sample], ceiling: list[Samp
     lf_cpu = statistics.median(s.per_cpu for s in localflow)
     ce_cpu = statistics.median(s.per_cpu for s in ceiling)
     row.cpu_ratio = lf_cpu / ce_cpu if ce_cpu else None
+    row.cpu_100k, row.ceiling_cpu_100k = _median_cpu_100k(localflow), _median_cpu_100k(ceiling)
     return row
+
+
+def _median_cpu_100k(samples: list[Sample]) -> float | None:
+    values = [v for s in samples if (v := s.cpu_100k) is not None]
+    return statistics.median(values) if values else None
 
 
 def machine() -> dict[str, Any]:

@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench.common import RAW_KEY, RAW_SCHEMA, Sample, Sizes, chunks, sophia_docs, tree_cpu
 from pipeline.embedded.services import Services
 from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog, topic_of
-from pipeline.runtime.collection import Admin
+from pipeline.runtime.collection import Admin, Collection
 from pipeline.runtime.task import STATUS, run_tasks
 from pipeline.sdk.materialization import ReplayPlan
 
@@ -102,8 +102,9 @@ class Timed:
     def seconds(self) -> float:
         return self.finished - self.started
 
-    def sample(self, work: float) -> Sample:
-        return Sample(work, self.seconds, self.cpu)
+    def sample(self, work: float, docs: int | None = None) -> Sample:
+        """``docs`` defaults to ``work`` (a stage counted in documents)."""
+        return Sample(work, self.seconds, self.cpu, int(work) if docs is None else docs)
 
 
 class _Marks(logging.Handler):
@@ -211,12 +212,14 @@ class Bench:
             # Named like the Sophia collection: the derivation's SQL reads the table `sophia_raw_data`.
             collection = f"bench/{self.name('raw')}/sophia_raw_data"
             src = Source(collection, topic_of(collection), 3, docs, values)
-            src.placement = await self.produce(src.topic, src.partitions, keys, values)
+            # With the headers localflow's writer gives every record (a capture wrote them).
+            headers = Collection(collection, RAW_SCHEMA, RAW_KEY, 3).headers("bench/capture")
+            src.placement = await self.produce(src.topic, src.partitions, keys, values, headers)
             self._raw = src
         return self._raw
 
     async def produce(self, topic: str, partitions: int, keys: Sequence[bytes | None],
-                      values: Sequence[bytes]) -> list[tuple[int, int]]:
+                      values: Sequence[bytes], headers: list[tuple[str, bytes]] | None = None) -> list[tuple[int, int]]:
         """Fill a topic (setup, not timed); (partition, offset) of each message."""
         await self.create_topic(topic, partitions)
         producer = self.producer(acks=1, linger_ms=10)
@@ -224,7 +227,7 @@ class Bench:
         out: list[tuple[int, int]] = []
         try:
             for part in chunks(range(len(values)), 50_000):
-                futures = [await producer.send(topic, values[i], key=keys[i]) for i in part]
+                futures = [await producer.send(topic, values[i], key=keys[i], headers=headers) for i in part]
                 out += [(m.partition, m.offset) for m in await asyncio.gather(*futures)]
         finally:
             await producer.stop()

@@ -21,9 +21,10 @@ from collections.abc import Iterator
 import asyncpg
 import orjson
 
-from bench.common import Row, Sample, chunks, sophia_docs, tree_cpu
+from bench.common import RAW_KEY, RAW_SCHEMA, Row, Sample, chunks, sophia_docs, tree_cpu
 from bench.harness import PG_SCHEMA, ROOT, Bench, BenchError, pg_ident, pg_table
 from pipeline.runtime.catalog import Catalog, topic_of
+from pipeline.runtime.collection import Collection
 
 MiB = 1024 * 1024
 
@@ -142,8 +143,9 @@ async def fill(b: Bench, collection: str, partitions: int, n: int) -> None:
         ids = [f"rec-{i:08d}" for i in part]
         for d, id_ in zip(docs, ids, strict=True):
             d["metadata"]["id"] = id_
+        headers = Collection(collection, RAW_SCHEMA, RAW_KEY, partitions).headers("bench/capture")
         await b.produce(topic_of(collection), partitions, [orjson.dumps([i]) for i in ids],
-                        [orjson.dumps(d) for d in docs])
+                        [orjson.dumps(d) for d in docs], headers)
 
 
 async def expect_rows(conn: asyncpg.Connection, table: str, n: int) -> None:
@@ -248,19 +250,27 @@ async def _scaling_run(b: Bench, conn: asyncpg.Connection, partitions: int, coun
     try:
         with running([Worker(b, cat, [task], f"scale_{partitions}_{count}_{i}") for i in range(count)]) as workers:
             await checkpoints.wait(workers, holders=count, applied=0, within=120)
-            for w in workers:
-                os.kill(w.pid, signal.SIGSTOP)
-            try:
-                await fill(b, collection, partitions, n)
-            finally:
-                cpu, started = tree_cpu(), time.time()
-                for w in workers:
-                    os.kill(w.pid, signal.SIGCONT)
-            finished, _ = await checkpoints.wait(workers, holders=count, applied=n, within=300)
-            cpu = tree_cpu() - cpu
-            for w in workers:
-                await w.stop()
+            sample = await paused_drain(b, workers, checkpoints, collection, partitions, n, within=300)
         await expect_rows(conn, table, n)
     finally:
         await _drop(conn, table)
+    return sample
+
+
+async def paused_drain(b: Bench, workers: list[Worker], checkpoints: Checkpoints, collection: str, partitions: int,
+                       n: int, *, within: float) -> Sample:
+    """Pause the settled workers, produce ``n`` documents, resume them as the clock starts, and time
+    them until every document is durable; then stop them (they flush and commit)."""
+    for w in workers:
+        os.kill(w.pid, signal.SIGSTOP)
+    try:
+        await fill(b, collection, partitions, n)
+    finally:
+        cpu, started = tree_cpu(), time.time()
+        for w in workers:
+            os.kill(w.pid, signal.SIGCONT)
+    finished, _ = await checkpoints.wait(workers, holders=len(workers), applied=n, within=within)
+    cpu = tree_cpu() - cpu
+    for w in workers:
+        await w.stop()
     return Sample(n, finished - started, cpu)

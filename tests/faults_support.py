@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -126,10 +127,12 @@ class Sophia:
 
 @contextlib.asynccontextmanager
 async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
-                      *, durable_broker: bool = False) -> AsyncIterator[Sophia]:
+                      *, durable_broker: bool = False,
+                      workers: Callable[[Path, dict[str, str], Path], Pipeline] | None = None) -> AsyncIterator[Sophia]:
     """The whole pipeline on private servers, for one module's trials (each test is one trial).
 
     Its servers are that module's own (not the session's): the trials kill and restart them.
+    ``workers(catalog, env, logs)`` makes the processes (default: one per task).
     """
     tmp = tmp_path_factory.mktemp("faults")
     # Tansu on S3 storage polls its bucket all the time (a moto busy at a fifth of a core): only the
@@ -145,7 +148,7 @@ async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.
         proxy = FaultProxy(sources.loop, "127.0.0.1", ends.s3.port)
         logs = AgentLogs(tmp / "agents")
         env = pipeline_env(ends, sources, logs.directory, kafka=infra.kafka.bootstrap_servers, s3_endpoint=proxy.url)
-        pipeline = Pipeline(sophia_catalog(tmp / "flow.yaml"), env, tmp / "logs")
+        pipeline = (workers or Pipeline)(sophia_catalog(tmp / "flow.yaml"), env, tmp / "logs")
         table = FaultTable(tmp_path_factory.getbasetemp() / "fault-table.txt")
         request.config.pluginmanager.register(TableReport(table), f"localflow-fault-table-{id(table)}")
         census = Census(infra.kafka.bootstrap_servers, ends.postgres.url, ends.redis.url, ends.s3.endpoint_url)

@@ -47,7 +47,6 @@ from typing import Any, TypeVar
 import aioboto3
 import asyncpg
 import orjson
-import psutil
 import yaml
 import zstandard
 from aiohttp import web
@@ -85,6 +84,8 @@ REDIS_STREAM = "sophia:processed:stream"
 S3_BUCKET, S3_PREFIX = "sophia-intel-data", "estuary/"
 
 API_PATH = "/v1/records"
+INSTANCE_HEADER = "X-Localflow-Instance"
+"""Sent by the API capture with the worker's LOCALFLOW_TEST_INSTANCE (default "first"): who polled."""
 METRICS_PATH = "/metrics"
 PAGE_SIZE = 20
 
@@ -213,9 +214,8 @@ class SourceServer:
         self.slow_seconds = 1.5
         self.requests: Counter[str] = Counter()
         self.faulted: Counter[str] = Counter()
-        self.pollers: list[int | None] = []
-        """With ``watch_pollers``: the process (PID) behind each API request, in order."""
-        self._candidates: Callable[[], Iterable[int]] | None = None
+        self.pollers: list[str] = []
+        """The INSTANCE_HEADER of each API request, in order: which worker process polled."""
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
         self.loop.call(self._start())
@@ -235,8 +235,8 @@ class SourceServer:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         assert self._release is not None
         self.requests[request.path] += 1
-        if self._candidates is not None and request.path == API_PATH:
-            self.pollers.append(_client_pid(request, self._candidates()))
+        if request.path == API_PATH:
+            self.pollers.append(request.headers.get(INSTANCE_HEADER, "?"))
         fault = self.fault
         if fault == "reset" and sum(self.requests.values()) % 3:
             self.faulted["reset"] += 1
@@ -276,13 +276,6 @@ class SourceServer:
 
         return self.loop.call(add())
 
-    def watch_pollers(self, candidates: Callable[[], Iterable[int]] | None) -> None:
-        """From now on, note which of ``candidates`` (PIDs) sent each API request in ``pollers``
-        (None: stop noting, keep what was noted)."""
-        if candidates is not None:
-            self.pollers.clear()
-        self._candidates = candidates
-
     def set_fault(self, fault: str) -> None:
         async def apply() -> None:
             assert self._release is not None
@@ -299,20 +292,6 @@ class SourceServer:
         if self._runner is not None:
             self.loop.call(self._runner.cleanup())
         self.loop.close()
-
-
-def _client_pid(request: web.Request, candidates: Iterable[int]) -> int | None:
-    """The candidate process that owns the request's client socket (None: none of them)."""
-    transport = request.transport
-    peer, local = (transport.get_extra_info("peername"), transport.get_extra_info("sockname")) if transport else ((), ())
-    if not peer or not local:
-        return None
-    for pid in candidates:
-        with contextlib.suppress(psutil.Error):
-            if any(c.laddr and c.laddr.port == peer[1] and c.raddr and c.raddr.port == local[1]
-                   for c in psutil.Process(pid).net_connections("tcp")):
-                return pid
-    return None
 
 
 class AgentLogs:
@@ -447,6 +426,7 @@ def sophia_catalog(path: Path, *, s3_max_age: str = "2s", metrics_interval: str 
     captures = doc["captures"]
     api = captures[API_TASK]
     api["interval"] = "1s"
+    api["endpoint"]["http"]["headers"] = {INSTANCE_HEADER: "${LOCALFLOW_TEST_INSTANCE:-first}"}
     api["endpoint"]["http"].update(timeout="3s", advanced={"retry": {"initial_backoff": "200ms", "max_backoff": "1s",
                                                                      "max_retries": 3}})
     captures[LOGS_TASK]["interval"] = "1s"

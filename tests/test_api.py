@@ -143,6 +143,12 @@ async def test_tasks_created_through_the_api_are_seen_by_every_worker_and_surviv
 
                 assert await wait_for_async(lambda: _is(state_on_b, "RUNNING"), timeout=30,
                                             message="worker B to run the task created on A")
+
+                async def captured() -> bool:
+                    return bool(await read_to_end(load_catalog(catalog, env={**env}).kafka, f"{prefix}.raw"))
+
+                # One of the two instances polls (the other is refused): the task really runs.
+                await wait_for_async(captured, timeout=120, message="the capture created through the API to write")
                 assert (await b.pause(name))["state"] == "PAUSED"
                 assert await wait_for_async(lambda: _is(lambda: _state(a, name), "PAUSED"), timeout=30,
                                             message="worker A to see the pause made on B")

@@ -7,7 +7,8 @@ images that cannot be built here (Kafka -> Tansu, SeaweedFS -> moto) and builds 
 and Prometheus from Debian packages; the workers are the project's own Dockerfile on a Debian
 base. It checks what a user of the stack sees: every service healthy, rows in Postgres, keys in
 Redis, the archive's objects in S3 (all through the ports published on 127.0.0.1), then two
-materialize-postgres workers sharing the partitions and both scraped by Prometheus.
+cluster workers (`--scale worker=2`) sharing the Postgres materialization's partitions and both
+scraped by Prometheus. The per-task profile's services are left out (one layout at a time).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ENV = {"POSTGRES_USER": "sophia", "POSTGRES_PASSWORD": "compose-test", "POSTGRES
 BUCKET = "sophia-intel-data"
 TABLES = ("sophia_processed_data", "sophia_agent_logs", "sophia_metrics")
 KEY_PREFIXES = ("sophia:processed:", "sophia:raw:", "sophia:agent_logs:", "sophia:metrics:")
-PARTITIONS = 3 * len(TABLES)  # materialize-postgres reads three collections of 3 partitions
+PARTITIONS = 3 * len(TABLES)  # sophia/postgres reads three collections of 3 partitions
 
 
 def _free_port() -> int:
@@ -84,9 +85,10 @@ class Stack:
 
 
 def _services() -> list[str]:
-    """Every service of docker-compose.yml but Grafana (not packaged by Debian; not built here)."""
+    """Every service of docker-compose.yml but Grafana (not packaged by Debian; not built here) and
+    the per-task layout's (the cluster `worker` runs those tasks)."""
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    return [name for name in services if name != "grafana"]
+    return [name for name, svc in services.items() if name != "grafana" and "per-task" not in svc.get("profiles", ())]
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +144,15 @@ def _healthy(stack: Stack, services: list[str]) -> dict[str, list[tuple[str, str
     return states
 
 
-def _assigned(stack: Stack, container: str) -> set[str]:
-    """The partitions a materialization worker logged as its latest assignment."""
+def _assigned(stack: Stack, container: str, task: str = "sophia/postgres") -> set[str]:
+    """The partitions of ``task`` a worker logged as its latest assignment."""
     out = stack.compose.engine.docker("logs", container)
     logs = out.stdout + out.stderr
     latest: set[str] = set()
     for line in logs.splitlines():
         try:
-            msg = json.loads(line).get("message", "")
+            entry = json.loads(line)
+            msg = entry.get("message", "") if entry.get("task") == task else ""
         except (json.JSONDecodeError, AttributeError):
             continue
         if msg.startswith("assigned "):
@@ -157,7 +160,7 @@ def _assigned(stack: Stack, container: str) -> set[str]:
     return latest
 
 
-def test_the_compose_stack_runs_and_a_materialization_scales_to_two_workers(stack: Stack) -> None:
+def test_the_compose_stack_runs_and_the_cluster_scales_to_two_workers(stack: Stack) -> None:
     t = time.monotonic()
     states = wait_for(lambda: _healthy(stack, _services()), timeout=300, interval=1,
                       message="every service healthy (s3-init exited 0)")
@@ -177,11 +180,11 @@ def test_the_compose_stack_runs_and_a_materialization_scales_to_two_workers(stac
 
     t = time.monotonic()
     stack.compose("--profile", "monitoring", "up", "--detach", "--no-build", "--no-recreate",
-                  "--scale", "materialize-postgres=2", "materialize-postgres", timeout=300)
-    workers = wait_for(lambda: len(c := stack.compose.containers("materialize-postgres")) == 2 and c,
-                       timeout=60, interval=1, message="two materialize-postgres containers")
-    wait_for(lambda: _healthy(stack, ["materialize-postgres"]), timeout=120, interval=1,
-             message="both materialize-postgres workers healthy")
+                  "--scale", "worker=2", "worker", timeout=300)
+    workers = wait_for(lambda: len(c := stack.compose.containers("worker")) == 2 and c,
+                       timeout=60, interval=1, message="two worker containers")
+    wait_for(lambda: _healthy(stack, ["worker"]), timeout=120, interval=1,
+             message="both cluster workers healthy")
     shares = wait_for(lambda: (a := [_assigned(stack, w) for w in workers]) and all(a)
                       and not (a[0] & a[1]) and len(a[0] | a[1]) == PARTITIONS and a,
                       timeout=120, interval=1, message=f"the two workers share the {PARTITIONS} partitions")
@@ -196,21 +199,21 @@ def test_the_compose_stack_runs_and_a_materialization_scales_to_two_workers(stac
     def scraped() -> list[str]:
         targets = stack.prometheus("/api/v1/targets")["data"]["activeTargets"]
         return sorted(x["labels"]["instance"] for x in targets
-                      if x["labels"].get("service") == "materialize-postgres" and x["health"] == "up")
+                      if x["labels"].get("service") == "worker" and x["health"] == "up")
     instances = wait_for(lambda: len(s := scraped()) == 2 and s, timeout=120, interval=1,
-                         ignore=(OSError, KeyError), message="Prometheus scrapes both materialize-postgres workers")
+                         ignore=(OSError, KeyError), message="Prometheus scrapes both cluster workers")
     stack.timed("prometheus scrapes both", t)
 
     # The archive writes an object per partition every 5 minutes at most, and on a clean stop.
     t = time.monotonic()
-    stack.compose("stop", "--timeout", "40", "materialize-s3-archive", timeout=120)
+    stack.compose("stop", "--timeout", "40", "worker", timeout=120)  # the archive flushes on a clean stop
     s3 = stack.s3()
     objects = wait_for(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="estuary/").get("Contents"),
                        timeout=60, interval=1, message=f"objects under s3://{BUCKET}/estuary/")
     stack.timed("archive objects", t)
     data = [o["Key"] for o in objects if not o["Key"].startswith("estuary/_localflow/")]  # not checkpoints
     print(f"compose test: {len(data)} archive objects (+{len(objects) - len(data)} checkpoints), e.g. {data[:1]}; "
-          f"Prometheus targets of materialize-postgres {instances}", flush=True)
+          f"Prometheus targets of the cluster workers {instances}", flush=True)
     assert all(key.endswith(".jsonl.gz") for key in data), data
     archived = {key.split("/")[2] for key in data}
     assert archived == {"sophia_raw_data", "sophia_processed_data", "sophia_agent_logs", "sophia_metrics"}, data

@@ -96,13 +96,21 @@ def _localflow_services(compose: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_every_task_of_the_catalog_has_one_worker_service(compose: dict[str, Any]) -> None:
+    """Two layouts: the cluster `worker` (default) runs the whole catalog; the per-task profile one
+    service per task. Both in one `up` would not double a capture (presence refuses the second)."""
     catalog = load_catalog(CATALOG, env={})
-    run_tasks = []
+    run_tasks, clustered = [], []
     for name, cmd in _localflow_services(compose).items():
         if cmd[0] == "run":
             assert cmd[1] == "examples/sophia/flow.yaml", name
-            run_tasks.append(cmd[cmd.index("--task") + 1])
+            if "--cluster" in cmd:
+                assert "--task" not in cmd and "profiles" not in compose["services"][name], name
+                clustered.append(name)
+            else:
+                assert compose["services"][name].get("profiles") == ["per-task"], name
+                run_tasks.append(cmd[cmd.index("--task") + 1])
     assert sorted(run_tasks) == sorted(catalog.task_names())
+    assert clustered == ["worker"]
 
 
 def test_every_worker_command_is_a_valid_localflow_invocation(compose: dict[str, Any]) -> None:

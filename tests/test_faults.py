@@ -116,7 +116,8 @@ async def test_sigterm_during_a_busy_batch_flushes_commits_and_exits_0(sophia: S
     # Busy: the burst is on its way through every stage when the signal comes.
     await _wait_rows(sophia, lambda n: n > before, "Postgres to start taking the burst")
     codes = sophia.pipeline.stop()
-    assert codes == dict.fromkeys(TASKS, 0), f"exit codes after SIGTERM: {codes}"
+    assert codes == dict.fromkeys(TASKS, 0), f"exit codes after SIGTERM: {codes}\n" + "\n".join(
+        f"--- {name}\n{sophia.log_of(name)[-4000:]}" for name, code in codes.items() if code)
     for name in TASKS:
         assert "all tasks stopped; checkpoints committed" in sophia.log_of(name), name
     sophia.pipeline.start()
@@ -330,49 +331,43 @@ async def test_a_second_live_instance_of_a_capture_is_refused_and_polls_only_onc
         sophia: Sophia) -> None:
     """README: a capture runs as one instance. A second replica refuses while the first lives, takes
     over after a kill -9 (once the first's presence expires), and hands back on SIGTERM; the API
-    is polled by one process at a time throughout."""
+    is polled by one process at a time throughout (each names itself in a request header)."""
     fed = sophia.fed
     first = sophia.pipeline.tasks[API_TASK]
-    second = TaskProcess(f"{API_TASK}#2", first.catalog, first.env, first.logs, tasks=[API_TASK])
-
-    def pids() -> list[int]:
-        return [t.current.proc.pid for t in (first, second) if t.current and t.current.proc.poll() is None]
-
-    def polled_by(pid: int) -> bool:
-        return pid in sophia.sources.pollers
+    second = TaskProcess(f"{API_TASK}#2", first.catalog, {**first.env, "LOCALFLOW_TEST_INSTANCE": "second"},
+                         first.logs, tasks=[API_TASK])
+    pollers = sophia.sources.pollers
 
     async def refused(task: TaskProcess) -> None:
         before = task.output().count("is already running elsewhere")
         await wait_for_async(lambda: task.output().count("is already running elsewhere") > before, timeout=120,
                              message=f"{task.name} to refuse a second live instance")
 
-    sophia.sources.watch_pollers(pids)
+    async def polls(instance: str, what: str) -> None:
+        await wait_for_async(lambda: bool(pollers) and pollers[-1] == instance, timeout=120, message=what)
+
+    start = len(pollers)
     try:
         second.start()
         sophia.feed(20, 5)
         await refused(second)
-        assert first.current is not None
-        await wait_for_async(lambda: polled_by(first.current.proc.pid), timeout=60, message="the first to poll")
+        await polls("first", "the first to poll")
         killed_at = time.monotonic()
         first.kill()
         sophia.feed(20, 5)
-        assert second.current is not None
-        await wait_for_async(lambda: polled_by(second.current.proc.pid), timeout=120,
-                             message="the second instance to take the capture over")
+        await polls("second", "the second instance to take the capture over")
         takeover = time.monotonic() - killed_at
         first.start()  # the orchestrator restarts the killed one: it must refuse now
         await refused(first)
         assert second.terminate() == 0, second.output(all_runs=False)[-3000:]
         sophia.feed(20, 5)
-        await wait_for_async(lambda: polled_by(first.current.proc.pid), timeout=120,
-                             message="the restarted first instance to take the capture back")
+        await polls("first", "the restarted first instance to take the capture back")
     finally:
-        sophia.sources.watch_pollers(None)
         if second.running:
             second.kill()
-    order = [pid for i, pid in enumerate(sophia.sources.pollers) if i == 0 or sophia.sources.pollers[i - 1] != pid]
-    assert None not in order, f"an API request from an unknown process: {order}"
-    assert len(order) == 3, f"the API was polled by interleaved instances (PIDs in order of their polls): {order}"
+    seen = pollers[start:]
+    order = [who for i, who in enumerate(seen) if i == 0 or seen[i - 1] != who]
+    assert order == ["first", "second", "first"], f"the API was polled by interleaved instances: {order}"
     verdict = await sophia.trial("second instance", f"a second replica of {API_TASK.split('/')[1]}: refused, "
                                                     f"takes over {takeover:.1f}s after a kill -9, hands back", fed)
     assert verdict.ok

@@ -58,6 +58,8 @@ Shape = Callable[[Any], Any]
 _RUNTIME_ERRORS = (sqlite3.Error, ValueError, OverflowError)  # orjson.JSONDecodeError is a ValueError
 SEQ = "flow_seq"
 """The column of each source table holding the row's index in the batch (the lineage of outputs)."""
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+"""A property name SQLite's JSON paths take as it is (``$.name``)."""
 _SQLITE_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d+)?")
 
 
@@ -88,6 +90,14 @@ class Table:
 
     def insert_sql(self) -> str:
         return f"INSERT INTO {_quote(self.name)} VALUES ({', '.join('?' * (len(self.columns) + 1))})"
+
+    def insert_json_sql(self) -> str | None:
+        """The insert of one document given as JSON text (and its ``flow_seq``); None when a column
+        name is not a plain JSON path key."""
+        if not all(_PLAIN_KEY.fullmatch(c) for c in self.columns):
+            return None
+        values = ", ".join(f"j ->> '$.{c}'" for c in self.columns)
+        return f"INSERT INTO {_quote(self.name)} SELECT {values}, s FROM (SELECT ? AS j, ? AS s)"
 
     def describe(self) -> str:
         return f"{self.name}({', '.join((*self.columns, SEQ))})"
@@ -218,6 +228,7 @@ class SqliteEngine(Engine):
         self._document_shape = _shape(schema) or (lambda doc: doc)
         self._plans: dict[tuple[str, ...], tuple[int | None, Callable[[tuple[Any, ...]], Document | None]]] = {}
         self._inserts = [t.insert_sql() for t in tables]
+        self._json_inserts = [t.insert_json_sql() for t in tables]
         self._traced: list[bool] = []
         """Per transform: whether its rows have ``flow_seq`` (else it runs once per input)."""
         self._conn: sqlite3.Connection | None = None
@@ -245,19 +256,31 @@ class SqliteEngine(Engine):
             self._conn = None
 
     def apply(self, transform: int, documents: Sequence[Document]) -> Transformed:
-        if not documents:
+        return self._apply(transform, documents, False)
+
+    def apply_json(self, transform: int, texts: Sequence[str]) -> Transformed | None:
+        """``apply`` to documents given as their JSON text: SQLite reads the columns out of the
+        text itself (``->>`` gives what the table would hold: objects and arrays as JSON text,
+        other values as they are), so Python neither decodes the documents nor re-serializes
+        their objects. None when the table's column names cannot be written as JSON paths."""
+        if self._json_inserts[transform] is None:
+            return None
+        return self._apply(transform, texts, True)
+
+    def _apply(self, transform: int, inputs: Sequence[Any], as_json: bool) -> Transformed:
+        if not inputs:
             return Transformed()
-        if len(documents) > 1 and not self._traced[transform]:
-            return self._each(transform, documents)
+        if len(inputs) > 1 and not self._traced[transform]:
+            return self._each(transform, [orjson.loads(t) for t in inputs] if as_json else inputs)
         try:
-            return self._run(transform, documents)
+            return self._run(transform, inputs, as_json)
         except _RUNTIME_ERRORS as e:
-            if len(documents) == 1:
+            if len(inputs) == 1:
                 return Transformed(failed=[(0, f"{type(e).__name__}: {e}")])
         # Bisect: the inputs that fail alone are dead letters, the rest still produce outputs.
-        mid = len(documents) // 2
-        out = self.apply(transform, documents[:mid])
-        out.extend(self.apply(transform, documents[mid:]), mid)
+        mid = len(inputs) // 2
+        out = self._apply(transform, inputs[:mid], as_json)
+        out.extend(self._apply(transform, inputs[mid:], as_json), mid)
         return out
 
     def _each(self, transform: int, documents: Sequence[Document]) -> Transformed:
@@ -283,9 +306,9 @@ class SqliteEngine(Engine):
                 out.sources += [i] * len(one.documents)
         return out
 
-    def _run(self, transform: int, documents: Sequence[Document]) -> Transformed:
+    def _run(self, transform: int, inputs: Sequence[Any], as_json: bool = False) -> Transformed:
         with self._transaction():
-            return self._select(transform, documents)
+            return self._select(transform, inputs, as_json)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -301,15 +324,19 @@ class SqliteEngine(Engine):
                 conn.execute("ROLLBACK")
             raise
 
-    def _select(self, transform: int, documents: Sequence[Document]) -> Transformed:
-        """Load ``documents`` into the transform's table and run its lambda (inside a transaction)."""
+    def _select(self, transform: int, documents: Sequence[Any], as_json: bool = False) -> Transformed:
+        """Load ``documents`` (dicts, or JSON texts when ``as_json``) into the transform's table and
+        run its lambda (inside a transaction)."""
         conn = self._conn
         assert conn is not None
         table = self._tables[transform]
         columns = table.columns
         conn.execute(f"DELETE FROM {_quote(table.name)}")
-        conn.executemany(self._inserts[transform],
-                         [(*[_sql_value(d.get(c)) for c in columns], i) for i, d in enumerate(documents)])
+        if as_json:
+            conn.executemany(self._json_inserts[transform], [(text, i) for i, text in enumerate(documents)])
+        else:
+            conn.executemany(self._inserts[transform],
+                             [(*[_sql_value(d.get(c)) for c in columns], i) for i, d in enumerate(documents)])
         cursor = conn.execute(self._lambdas[transform])
         rows = cursor.fetchall()
         return self._outputs(cursor.description, rows, len(documents)) if cursor.description else Transformed()

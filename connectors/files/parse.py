@@ -73,8 +73,42 @@ def _json_timestamp(obj: dict[str, Any]) -> str | None:
     return None
 
 
+_UTC_Z = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?Z", re.ASCII)
+"""A timestamp already in (almost) the form ``format_utc`` writes: most JSON log lines."""
+_VALID_SECONDS: dict[str, bool] = {}
+"""Whether a ``YYYY-MM-DDTHH:MM:SS`` is a real time, for the lines of the last few thousand seconds."""
+
+
+def _utc_z(value: str) -> str | None:
+    """``rfc3339`` of a ``...Z`` timestamp without parsing it per line: the date and time are
+    checked once per second seen, the fraction written as ``format_utc`` writes it."""
+    m = _UTC_Z.fullmatch(value)
+    if m is None:
+        return None
+    seconds, fraction = m.groups()
+    valid = _VALID_SECONDS.get(seconds)
+    if valid is None:
+        if len(_VALID_SECONDS) > 4096:
+            _VALID_SECONDS.clear()
+        try:
+            datetime.fromisoformat(seconds)
+            valid = True
+        except ValueError:
+            valid = False
+        _VALID_SECONDS[seconds] = valid
+    if not valid:
+        return None
+    if fraction is None or not fraction.strip("0"):
+        return seconds + "Z"
+    return f"{seconds}.{fraction.ljust(6, '0')}Z"
+
+
 def rfc3339(value: Any) -> str | None:
     """An ISO 8601 string or a Unix time (s, ms, us or ns) as RFC 3339 UTC; None if neither."""
+    if type(value) is str and value[-1:] == "Z":
+        fast = _utc_z(value)
+        if fast is not None:
+            return fast
     try:
         if isinstance(value, str):
             dt = datetime.fromisoformat(value.strip())

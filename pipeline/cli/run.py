@@ -58,6 +58,9 @@ def run(
         False, "--restart-failed",
         help="Restart tasks with backoff even after errors a restart would not fix (configuration, checkpoint, "
              "implementation, offset gap), instead of leaving them FAILED."),
+    cluster: str | None = typer.Option(
+        None, "--cluster", envvar="LOCALFLOW_CLUSTER",
+        help="Join this cluster: workers of one name share every task (captures by lease, the rest by partitions)."),
     config_topic: str = CONFIG_TOPIC,
     log_format: LogFormat = RUN_LOG_FORMAT,
     log_level: str = RUN_LOG_LEVEL,
@@ -78,10 +81,16 @@ def run(
     a restart and every worker applies them (one started with --task runs those it names).
     With --watch, edits of the catalog file start, stop or restart the tasks they touch.
 
+    With --cluster NAME, any number of workers (machines, containers) started with the same
+    name share the tasks through Kafka's group protocol: each capture runs on one worker at a
+    time (it holds the capture's lease; another takes over within the session timeout when
+    it dies), derivations and materializations spread their partitions over all of them.
+
     \b
     Example:
       localflow run examples/sophia/flow.yaml --task sophia/postgres --metrics-port 9100
       localflow run examples/sophia/flow.yaml --api-port 8730 --watch
+      localflow run examples/sophia/flow.yaml --cluster sophia --metrics-port 9100
     """
     from pipeline.runtime.task import kind_of
 
@@ -109,7 +118,7 @@ def run(
     api = (api_host, api_port) if api_port is not None else None
     code = asyncio.run(_run(cat, kinds, metrics_host, metrics_port, shutdown_timeout,
                             catalog_path=catalog, selected=task, api=api, watch=watch, config_topic=config_topic,
-                            restart_failed=restart_failed))
+                            restart_failed=restart_failed, cluster=cluster))
     raise typer.Exit(code)
 
 
@@ -130,7 +139,7 @@ def _with_api_tasks(cat: Catalog, config_topic: str) -> Catalog:
 
 async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: int | None, shutdown_timeout: float,
                *, catalog_path: Path, selected: list[str] | None, api: tuple[str, int] | None, watch: bool,
-               config_topic: str, restart_failed: bool = False) -> int:
+               config_topic: str, restart_failed: bool = False, cluster: str | None = None) -> int:
     from pipeline.control.api import ApiServer
     from pipeline.control.runner import Controller
     from pipeline.control.store import ConfigStore
@@ -180,6 +189,11 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
         log.info("metrics, health and status on %s (/metrics /healthz /readyz /status)", telemetry.url)
     log.info("running %d task(s): %s", len(kinds), ", ".join(kinds))
     runner = asyncio.create_task(controller.run(), name="localflow-run")
+    member = None
+    if cluster:
+        from pipeline.runtime.cluster import join
+
+        member = join(cluster, catalog, controller, telemetry, stopping, runner)
     try:
         stop_wait = asyncio.create_task(stopping.wait())
         await asyncio.wait({runner, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -197,6 +211,8 @@ async def _run(catalog: Catalog, kinds: dict[str, TaskKind], host: str, port: in
         log.info("all tasks stopped; checkpoints committed")
         return 0
     finally:
+        if member is not None:
+            await member.stop()
         if telemetry is not None:
             await telemetry.stop()
         if server is not None:

@@ -32,7 +32,7 @@ from rich.padding import Padding
 from rich.table import Table
 
 from pipeline.cli.doctor import NO_BROKER_HINT
-from pipeline.runtime.catalog import Catalog
+from pipeline.runtime.catalog import Catalog, topic_of
 from pipeline.runtime.checkpoint import KafkaCheckpoints
 from pipeline.runtime.collection import Collection
 from pipeline.runtime.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
@@ -66,6 +66,8 @@ class PartitionLag:
     partition: int
     end: int
     checkpoint: int | None
+    worker: str | None = None
+    """The worker whose consumer holds the partition now (from the workers' /status), if any said so."""
 
     @property
     def lag(self) -> int:
@@ -90,6 +92,9 @@ class TaskReport:
     missing_topics: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     """Collections a capture writes."""
+    leases: list[dict[str, Any]] = field(default_factory=list)
+    """In a cluster, the workers holding this capture's lease (``worker``, ``url``, ``epoch``): one, or none
+    during a rebalance; two would be a bug."""
 
 
 @dataclass
@@ -102,19 +107,22 @@ class StatusReport:
     discovered: bool = False
     """Whether they came from the registry (no --worker given)."""
     kafka_down: bool = False
+    clusters: dict[str, list[str]] = field(default_factory=dict)
+    """Cluster name -> the workers (ids) of it that answered."""
 
     def as_json(self) -> dict[str, Any]:
         """``--output json``: the same facts as the text, in numbers (epoch seconds, documents)."""
-        return {"at": self.at, "workers": self.workers, "discovered": self.discovered,
+        return {"at": self.at, "workers": self.workers, "discovered": self.discovered, "clusters": self.clusters,
                 "problems": [redact(p) for p in self.problems],
-                "tasks": [{"name": t.name, "kind": t.kind, "running": t.running, "workers": t.workers,
+                "tasks": [{"name": t.name, "kind": t.kind, "running": t.running, "workers": t.workers, "leases": t.leases,
                            "failed": redact(t.failed) if t.failed else None,
                            "docs_per_second": t.docs_per_second, "checkpoint_at": t.checkpoint_at,
                            "last_error": redact(t.last_error) if t.last_error else None,
                            "last_error_at": t.last_error_at, "targets": t.targets,
                            "lag": sum(p.lag for p in t.partitions) if t.partitions else None,
                            "partitions": [{"collection": p.collection, "partition": p.partition, "end": p.end,
-                                           "checkpoint": p.checkpoint, "lag": p.lag} for p in t.partitions],
+                                           "checkpoint": p.checkpoint, "lag": p.lag, "worker": p.worker}
+                                          for p in t.partitions],
                            "missing_topics": t.missing_topics} for t in self.tasks]}
 
 
@@ -215,7 +223,42 @@ async def gather(catalog: Catalog, workers: list[str] | None) -> StatusReport:
         except (EndpointError, KafkaError) as e:
             problems.append(f"lag unknown: {describe(e)}")
             kafka_down = no_broker(e) is not None
-    return StatusReport(list(reports.values()), problems, time.time(), workers, discovered, kafka_down)
+    clusters = cluster_view(answers, reports)
+    return StatusReport(list(reports.values()), problems, time.time(), workers, discovered, kafka_down, clusters)
+
+
+def cluster_view(answers: list[dict[str, Any]], reports: dict[str, TaskReport]) -> dict[str, list[str]]:
+    """From the workers' /status: fill each capture's lease holders and each input partition's worker
+    (after the partitions were read); return the workers of each cluster."""
+    holders: dict[tuple[str, str, int], str] = {}
+    clusters: dict[str, list[str]] = {}
+    for answer in answers:
+        worker = str(answer.get("worker") or answer.get("host") or "?")
+        cluster = answer.get("cluster") or {}
+        if cluster.get("name"):
+            clusters.setdefault(str(cluster["name"]), []).append(worker)
+        for name, lease in (cluster.get("leases") or {}).items():
+            if name in reports:
+                reports[name].leases.append({"worker": worker, "url": answer.get("url"), "epoch": lease.get("epoch"),
+                                             "partition": lease.get("partition")})
+        for name, t in (answer.get("tasks") or {}).items():
+            for topic, partition in t.get("partitions") or ():
+                holders[(name, str(topic), int(partition))] = worker
+    for report in reports.values():
+        for p in report.partitions:
+            p.worker = holders.get((report.name, topic_of(p.collection), p.partition))
+    return clusters
+
+
+async def with_cluster(catalog: Catalog, reports: list[TaskReport]) -> None:
+    """Fill lease holders and partition workers into reports gathered without asking the workers
+    (the API's /v1/tasks), from the registry's live workers; best effort."""
+    try:
+        urls = await discover(catalog)
+    except (EndpointError, KafkaError):
+        return
+    answers, _ = await worker_status(urls) if urls else ([], [])
+    cluster_view(answers, {r.name: r for r in reports})
 
 
 async def _lags(catalog: Catalog, reports: dict[str, TaskReport]) -> None:
@@ -278,6 +321,8 @@ def render(report: StatusReport) -> Group:
     elif report.discovered:
         parts.append(f"{len(report.workers)} worker(s) in {REGISTRY_TOPIC}" if report.workers else
                      f"no live worker in {REGISTRY_TOPIC} (workers register when run with --metrics-port)")
+    for name, members in sorted(report.clusters.items()):
+        parts.append(f"cluster {escape(name)}: {len(members)} worker(s): {escape(', '.join(sorted(members)))}")
     for t in report.tasks:
         if t.running is None:
             running = "running: unknown"
@@ -293,17 +338,23 @@ def render(report: StatusReport) -> Group:
         parts.append(f"\n[bold]{t.name}[/] ({t.kind}) · {running} · {rate} · checkpoint {checkpoint}")
         if t.kind == "capture":
             parts.append(f"  writes to {', '.join(t.targets)}")
+            for lease in t.leases:
+                parts.append(f"  lease held by {escape(str(lease['worker']))} (epoch {lease['epoch']})")
+            if report.clusters and not t.leases:
+                parts.append("  lease held by no worker (a rebalance is under way, or no worker of the cluster answered)")
         elif not t.partitions and not t.missing_topics:
             parts.append("  lag unknown")
         else:
             table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-            for column in ("collection", "partition", "end", "checkpoint", "lag (docs)"):
-                table.add_column(column, justify="left" if column == "collection" else "right")
+            columns = ["collection", "partition", "end", "checkpoint", "lag (docs)"] + (["worker"] if report.clusters else [])
+            for column in columns:
+                table.add_column(column, justify="left" if column in ("collection", "worker") else "right")
             for p in t.partitions:
                 table.add_row(p.collection, str(p.partition), str(p.end),
-                              "none" if p.checkpoint is None else str(p.checkpoint), f"{p.lag:,}")
+                              "none" if p.checkpoint is None else str(p.checkpoint), f"{p.lag:,}",
+                              *([p.worker or "-"] if report.clusters else []))
             for topic in t.missing_topics:
-                table.add_row(topic, "-", "-", "-", "no topic yet")
+                table.add_row(topic, "-", "-", "-", "no topic yet", *(["-"] if report.clusters else []))
             parts.append(Padding(table, (0, 0, 0, 2), expand=False))
         if t.failed and not t.running:
             parts.append(f"  [red]failed:[/] {escape(redact(t.failed))}")

@@ -239,7 +239,8 @@ class ApiServer:
         state, reason = self.controller.state(name)
         status = STATUS.get(name)
         partitions = [{"collection": p.collection, "partition": p.partition, "end": p.end,
-                       "checkpoint": p.checkpoint, "lag": p.lag} for p in (report.partitions if report else [])]
+                       "checkpoint": p.checkpoint, "lag": p.lag, "worker": p.worker}
+                      for p in (report.partitions if report else [])]
         return {
             "name": name,
             "kind": kind,
@@ -247,6 +248,7 @@ class ApiServer:
             "state": state,
             "reason": redact(reason) if reason else None,
             "partitions": partitions,
+            "leases": report.leases if report else [],
             "lag": sum(p["lag"] for p in partitions),
             "checkpoint_at": report.checkpoint_at if report else None,
             "restarts": status.restarts if status else 0,
@@ -311,13 +313,15 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 async def _reports(catalog: Catalog) -> list[Any]:
     """Per task, lag per input partition and checkpoint time, from the broker (as `localflow status`),
     the tasks read concurrently (each read waits on the broker, not on this process)."""
-    from pipeline.cli.status import gather
+    from pipeline.cli.status import gather, with_cluster
 
     reports = await asyncio.gather(*(gather(_only(catalog, name), []) for name in catalog.task_names()))
     problems = list(dict.fromkeys(p for r in reports for p in r.problems))
     if problems:
         raise EndpointError("; ".join(problems))
-    return [task for r in reports for task in r.tasks]
+    tasks = [task for r in reports for task in r.tasks]
+    await with_cluster(catalog, tasks)  # in a cluster: who holds each lease and partition, from every worker
+    return tasks
 
 
 def _only(catalog: Catalog, name: str) -> Catalog:
@@ -371,7 +375,8 @@ def openapi_document() -> dict[str, Any]:
                                   "responses": answers("created", 409, 422, 503)}},
         "/v1/materializations": {"post": {"summary": "Create a materialization", "requestBody": body(TaskRequest),
                                           "responses": answers("created", 409, 422, 503)}},
-        "/v1/tasks": {"get": {"summary": "Tasks: kind, state (RUNNING, PAUSED, FAILED, UNASSIGNED), lag, checkpoint",
+        "/v1/tasks": {"get": {"summary": "Tasks: kind, state (RUNNING, PAUSED, FAILED, UNASSIGNED), lag, checkpoint; "
+                              "in a cluster, which worker holds each capture lease and input partition",
                               "responses": answers("every task")}},
         "/v1/tasks/{name}": {
             "get": {"summary": "One task", "parameters": name, "responses": answers("the task", 404)},

@@ -11,12 +11,13 @@ validate is refused with the messages of `localflow validate`; the running set s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pipeline.control.effective import TASK_SECTIONS, Overlay, build, read_file
 from pipeline.control.store import ConfigStore
@@ -24,6 +25,7 @@ from pipeline.runtime.catalog import Catalog
 from pipeline.runtime.task import STATUS, TASK_PREFIX, TaskContext, TaskKind, kind_of, supervise
 from pipeline.sdk.errors import ConfigError, LocalflowError
 from pipeline.sdk.problems import Problem
+from pipeline.telemetry import metrics
 
 log = logging.getLogger("localflow.control")
 
@@ -70,6 +72,14 @@ def fingerprint(catalog: Catalog, name: str) -> Any:
             [catalog.collections[c].model_dump() for c in touched if c in catalog.collections])
 
 
+def forget_series(name: str) -> None:
+    """Drop a task's up/info series once this worker no longer runs it (removed, or its lease moved to
+    another worker): a 0 left behind would read as a failed task (LocalflowTaskDown)."""
+    for gauge, labels in ((metrics.TASK_UP, (name,)), *((metrics.TASK_INFO, (name, k)) for k in get_args(TaskKind))):
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
+
+
 def problem_lines(e: ConfigError) -> list[str]:
     """The lines `localflow validate` prints for these problems (with their position in a file)."""
     return [str(p) if isinstance(p, Problem) else f"{p[0]}: {p[1]}" if p[0] else p[1] for p in e.problems]
@@ -81,6 +91,8 @@ class Controller:
     def __init__(self, path: Path, catalog: Catalog, stopping: asyncio.Event, *, store: ConfigStore | None = None,
                  selected: list[str] | None = None, watch: bool = False, restart_failed: bool = False) -> None:
         self.path, self.base, self.catalog = path, catalog, catalog
+        self.cluster: Any = None
+        """In cluster mode (``pipeline.runtime.cluster.Cluster``): captures run only while it holds their lease."""
         self.stopping, self.store, self.watch = stopping, store, watch
         self.selected = set(selected) if selected else None
         self.restart_failed = restart_failed
@@ -292,11 +304,12 @@ class Controller:
 
     async def _apply(self, catalog: Catalog) -> None:
         paused = self.paused()
-        names = [n for n in catalog.task_names() if self.selected is None or n in self.selected]
+        names = [n for n in catalog.task_names() if (self.selected is None or n in self.selected)
+                 and (self.cluster is None or n not in catalog.captures or self.cluster.holds(n))]
         wanted = {n: fingerprint(catalog, n) for n in names if n not in paused}
         restarts, self._restarts = self._restarts, set()
         gone = [n for n in self.running if n not in names]
-        stop = {n: "removed" for n in gone}
+        stop = {n: "lease released" if n in catalog.captures else "removed" for n in gone}
         stop.update({n: "paused" for n in self.running if n in paused and n not in stop})
         stop.update({n: "changed" for n, r in self.running.items()
                      if n in wanted and n not in stop and r.fingerprint != wanted[n]})
@@ -304,6 +317,7 @@ class Controller:
         await self._stop(stop)
         for name in gone:
             STATUS.pop(name, None)
+            forget_series(name)
         self.catalog = catalog
         for name, fp in wanted.items():
             if name not in self.running:
@@ -312,6 +326,8 @@ class Controller:
     def _start(self, catalog: Catalog, name: str, fp: Any, verb: str) -> None:
         kind = kind_of(catalog, name)
         ctx = TaskContext(catalog, name, kind, asyncio.Event())
+        if self.cluster is not None and kind == "capture":
+            ctx.lease = self.cluster.lease(name)
         if self.stopping.is_set():
             ctx.stopping.set()
         self.kinds[name] = kind

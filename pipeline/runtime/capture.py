@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.runtime.catalog import CaptureSpec
-from pipeline.runtime.checkpoint import KafkaCheckpoints, Presence
+from pipeline.runtime.checkpoint import KafkaCheckpoints, Presence, describe_epoch, next_epoch
 from pipeline.runtime.collection import CollectionWriter
 from pipeline.runtime.task import Task
 from pipeline.sdk.capture import Capture, Captured
@@ -66,22 +66,29 @@ class CaptureTask(Task):
         maskers = self._maskers(spec)
         store = KafkaCheckpoints(ctx.kafka, replication_factor=max(c.replication_factor for c in collections))
         capture: Capture = load_connector(spec.connector).build(ctx)
+        # In a cluster the lease picks the one worker that runs the capture; presence stays on too, so a
+        # capture started outside the cluster (a per-task container of the same catalog) is refused.
+        lease = ctx.lease
         presence = Presence(store, ctx.name, store.replication_factor)
         writer = CollectionWriter(ctx.kafka, ctx.name)
         try:
             await writer.start()
+            if lease is not None:
+                lease.check()
             await presence.enter(writer, ctx.stopping)  # before anything is polled: a second live instance is refused here
             if ctx.stopping.is_set():
                 return
             await writer.ensure(collections)
-            state = await store.load(ctx.name)
+            state, highest = await store.resume(ctx.name)
+            epoch = next_epoch(highest, lease.fencing_generation if lease is not None else 0)
             await capture.open()
             ctx.status.connected = True
-            ctx.log.info("capture started from %s", "its checkpoint" if state else "the beginning")
+            ctx.log.info("capture started from %s (checkpoint epoch: %s)",
+                         "its checkpoint" if state else "the beginning", describe_epoch(epoch))
             stream = capture.run(state)
             try:
                 while (item := await self._next(stream)) is not None:
-                    presence.check()  # another instance holds the capture: write nothing more
+                    self._check(lease, presence)  # another instance holds the capture: write nothing more
                     if item.documents and item.state is None:
                         raise ImplementationError(
                             f"capture {ctx.name} ({spec.connector}) yielded {len(item.documents)} documents without "
@@ -89,7 +96,8 @@ class CaptureTask(Task):
                             "(pipeline/sdk/capture.py); nothing of it was written")
                     await self._emit(item, collections, maskers, writer)
                     if item.state is not None:
-                        await store.save(writer, ctx.name, item.state)
+                        self._check(lease, presence)
+                        await store.save(writer, ctx.name, item.state, epoch=epoch)
                         metrics.checkpointed(ctx.name)
                     ctx.status.progressed(len(item.documents))
                     if ctx.stopping.is_set():
@@ -104,6 +112,13 @@ class CaptureTask(Task):
                     await presence.leave()
                 finally:
                     await writer.stop()
+
+    @staticmethod
+    def _check(lease: Any, presence: Presence) -> None:
+        """Raise (LeaseLost, AlreadyRunning) once another instance holds the capture."""
+        if lease is not None:
+            lease.check()
+        presence.check()
 
     async def _next(self, stream: AsyncIterator[Captured]) -> Captured | None:
         """The capture's next item; None when it ended, or when stopping and it is not ready.

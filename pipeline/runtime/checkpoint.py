@@ -7,12 +7,22 @@ latest checkpoint is the topic's last record, so loading reads one record whatev
 history (brokers that never compact, such as Tansu, keep every old checkpoint; nothing reads
 them). A checkpoint is written only after the documents it covers were acknowledged.
 
+Fencing: every record carries the ``epoch`` of the instance that wrote it, and the reader
+takes the newest record of the highest epoch in the tail, ignoring records of a lower one, so
+a writer that lost its lease (stalled past the session timeout, then resumed) cannot move the
+checkpoint back. An epoch is ``era << 32 | generation``: in a cluster the generation is the
+lease group's (``pipeline.runtime.cluster``), which only grows while the group lives; a new era starts
+when a writer finds its generation not above the tail's (the group was recreated) and at every
+start outside a cluster (generation 0), whose single instance is guaranteed by ``Presence``.
+Records written before epochs existed count as epoch 0.
+
 One instance per capture: two replicas of a capture would poll twice and race on one
 checkpoint, so each running instance announces itself (``Presence``) in the capture's presence
 topic (``localflow.checkpoints.<task>.presence``, beside its checkpoints), and an instance that
 finds another one live refuses to start (``AlreadyRunning``). Until captures hold a lease, that
-is the rule: run one container per capture. (A consumer group would be the obvious tool, but
-some brokers, Tansu among them, keep a member that left or died listed for good.)
+is the rule outside a cluster: run one container per capture. In a cluster (``localflow run
+--cluster``) a lease held through Kafka's group protocol picks the worker (``pipeline.runtime.cluster``);
+presence stays on there too, so an instance started outside the cluster is still refused.
 """
 
 from __future__ import annotations
@@ -39,7 +49,24 @@ from pipeline.sdk.records import Record
 CHECKPOINT_PREFIX = "localflow.checkpoints."
 PRESENCE_SUFFIX = ".presence"
 log = logging.getLogger("localflow.checkpoint")
-_TAIL = 8  # records read back from the end: a compacted tail may hold gaps
+_TAIL = 32  # records read back from the end: a compacted tail may hold gaps, a fenced writer a few stale records
+ERA_SHIFT = 32
+
+
+def next_epoch(highest: int, generation: int) -> int:
+    """The epoch of a writer with this lease ``generation`` (0: no cluster), above every stale one.
+
+    Same era while the generation grows past the tail's; a new era otherwise (see the module docstring).
+    """
+    era, seen = highest >> ERA_SHIFT, highest & ((1 << ERA_SHIFT) - 1)
+    if generation <= seen:  # also every start outside a cluster (generation 0)
+        era += 1
+    return era << ERA_SHIFT | max(generation, 0)
+
+
+def describe_epoch(epoch: int) -> str:
+    """``era 2, generation 7``: an epoch in words, for logs."""
+    return f"era {epoch >> ERA_SHIFT}, generation {epoch & ((1 << ERA_SHIFT) - 1)}"
 
 
 class CaptureCheckpoint(BaseModel):
@@ -49,6 +76,8 @@ class CaptureCheckpoint(BaseModel):
     task: str
     state: dict[str, Any]
     written_at: str
+    epoch: int = 0
+    """The writer's fencing epoch (see the module docstring); 0 for records older than epochs."""
 
     @property
     def written_at_epoch(self) -> float:
@@ -74,31 +103,57 @@ class KafkaCheckpoints:
         await self._admin.ensure({self.topic(task): (1, self.replication_factor, {"cleanup.policy": "compact"})})
 
     async def latest(self, task: str) -> CaptureCheckpoint | None:
-        """The last checkpoint ``task`` saved; None when it never saved one.
+        """The last checkpoint ``task`` saved at the highest epoch; None when it never saved one.
 
-        Raises CheckpointError when it is unreadable: a broken checkpoint is reported, never
-        silently reset (that would re-capture or skip data).
+        Records of a lower epoch than the highest in the tail are ignored (a fenced writer's).
+        Raises CheckpointError when the last record is unreadable: a broken checkpoint is
+        reported, never silently reset (that would re-capture or skip data).
         """
-        record = await self._last_record(self.topic(task))
-        if record is None or not record.value:
-            return None
-        try:
-            return CaptureCheckpoint.model_validate_json(record.value)
-        except ValidationError as e:
-            raise CheckpointError(
-                f"checkpoint of task {task!r} at {record.topic}[{record.partition}]@{record.offset} is unreadable: "
-                f"{e.errors(include_url=False)[0]['msg']}; fix or delete it deliberately "
-                f"(localflow will not reset it silently)") from None
+        return (await self._fenced(task))[0]
+
+    async def _fenced(self, task: str) -> tuple[CaptureCheckpoint | None, int]:
+        """The winning checkpoint of the tail and how many newer records it overrides as stale."""
+        records = await self.tail(self.topic(task), _TAIL)
+        if not records or not records[-1].value:
+            return None, 0
+        parsed: list[CaptureCheckpoint] = []
+        for i, record in enumerate(records):
+            if not record.value:
+                parsed.clear()  # a tombstone deletes what came before it
+                continue
+            try:
+                parsed.append(CaptureCheckpoint.model_validate_json(record.value))
+            except ValidationError as e:
+                if i < len(records) - 1:
+                    continue  # an older unreadable record: a newer one supersedes it
+                raise CheckpointError(
+                    f"checkpoint of task {task!r} at {record.topic}[{record.partition}]@{record.offset} is "
+                    f"unreadable: {e.errors(include_url=False)[0]['msg']}; fix or delete it deliberately "
+                    f"(localflow will not reset it silently)") from None
+        if not parsed:
+            return None, 0
+        top = max(c.epoch for c in parsed)
+        index = max(i for i, c in enumerate(parsed) if c.epoch == top)
+        return parsed[index], len(parsed) - 1 - index
 
     async def load(self, task: str) -> dict[str, Any] | None:
         """The state of the latest checkpoint (see ``latest``)."""
-        await self.ensure(task)
-        checkpoint = await self.latest(task)
-        return None if checkpoint is None else checkpoint.state
+        return (await self.resume(task))[0]
 
-    async def save(self, writer: CollectionWriter, task: str, state: dict[str, Any]) -> None:
-        """Write ``state`` for ``task`` and wait for the broker's acknowledgement."""
-        envelope = {"version": 1, "task": task, "state": state,
+    async def resume(self, task: str) -> tuple[dict[str, Any] | None, int]:
+        """The state to resume from and the highest epoch so far (a new writer's epoch must exceed it)."""
+        await self.ensure(task)
+        checkpoint, stale = await self._fenced(task)
+        if checkpoint is None:
+            return None, 0
+        if stale:
+            log.warning("checkpoint of task %s: ignored %d newer record(s) of a lower epoch than %s (written by "
+                        "an instance that had lost its lease)", task, stale, describe_epoch(checkpoint.epoch))
+        return checkpoint.state, checkpoint.epoch
+
+    async def save(self, writer: CollectionWriter, task: str, state: dict[str, Any], *, epoch: int = 0) -> None:
+        """Write ``state`` for ``task`` at ``epoch`` and wait for the broker's acknowledgement."""
+        envelope = {"version": 1, "task": task, "state": state, "epoch": epoch,
                     "written_at": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
         topic = self.topic(task)
         try:
@@ -106,10 +161,6 @@ class KafkaCheckpoints:
         except KafkaError as e:
             raise EndpointError(f"Kafka at {self.kafka.bootstrap_servers}: checkpoint of task {task!r} "
                                 f"not acknowledged by {topic}: {e!r}") from e
-
-    async def _last_record(self, topic: str) -> Record | None:
-        tail = await self.tail(topic, _TAIL)
-        return tail[-1] if tail else None
 
     async def tail(self, topic: str, count: int) -> list[Record]:
         """The last ``count`` records of a one-partition topic ([] when it is empty or missing)."""

@@ -62,6 +62,8 @@ class DerivationTask(Task):
     poll_ms = 200
     slice_records = 1000
     batch_seconds = 10.0
+    _as_text = False
+    """Whether the engine takes documents as JSON text (``apply_json``)."""
 
     def __init__(self, ctx: TaskContext) -> None:
         super().__init__(ctx)
@@ -85,7 +87,10 @@ class DerivationTask(Task):
         slice_records = int(ctx.options.get("slice_records", self.slice_records))
         batch_seconds = float(ctx.options.get("batch_seconds", self.batch_seconds))
 
+        for route in routes.values():
+            route.objects = sources[route.source].schema.get("type") == "object"
         engine: Engine = engine_module(derive.engine).build(ctx.catalog, ctx.name)
+        self._as_text = type(engine).apply_json is not Engine.apply_json
         writer = CollectionWriter(ctx.kafka, ctx.name)
         try:
             await self._off_loop(engine.open)
@@ -153,8 +158,10 @@ class DerivationTask(Task):
                             writer: CollectionWriter, pending: list[asyncio.Future[Any]]) -> None:
         """Start the writes of one topic's records of a slice (outputs and dead letters) into ``pending``."""
         inputs: list[Record] = []
+        as_text = route.objects and self._as_text
         for r in batch:
-            if r.error is None and type(r.doc) is dict:
+            # Written by localflow's writer into a collection of objects: a JSON object, undecoded.
+            if (as_text and r.from_writer) or (r.error is None and type(r.doc) is dict):
                 inputs.append(r)
             else:
                 pending.append(asyncio.ensure_future(writer.write_dead(
@@ -162,15 +169,20 @@ class DerivationTask(Task):
                     reason="unparseable", source=route.source, partition=r.partition, offset=r.offset)))
         if not inputs:
             return
-        docs = [r.doc for r in inputs]
+        texts = [r.value.decode() for r in inputs] if self._as_text else None
+        docs: list[Any] | None = None
         positions = [_position(r) for r in inputs]
         for index, name in route.transforms:
             try:
-                out = await self._off_loop(engine.apply, index, docs)
+                out = await self._off_loop(engine.apply_json, index, texts) if texts is not None else None
+                if out is None:
+                    if docs is None:
+                        docs = [r.doc for r in inputs]
+                    out = await self._off_loop(engine.apply, index, docs)
             except Exception as e:
                 raise ImplementationError(
                     f"engine {self.ctx.spec.derive.engine} of {self.ctx.name} raised {describe(e)} in transform "
-                    f"{name!r} on a batch of {len(docs)} documents: an engine MUST NOT raise for a bad input, it "
+                    f"{name!r} on a batch of {len(inputs)} documents: an engine MUST NOT raise for a bad input, it "
                     "lists it in `failed` (pipeline/sdk/engine.py)") from e
             pending.append(asyncio.ensure_future(writer.write(
                 derived, out.documents, positions=[positions[i] for i in out.sources],
@@ -221,6 +233,8 @@ class _Route:
     source: str
     transforms: list[tuple[int, str]] = field(default_factory=list)
     """``(index in derive.transforms, name)``"""
+    objects: bool = False
+    """Whether the source's schema says its documents are objects (so written ones need no check)."""
 
 
 def _by_topic(records: list[Record]) -> dict[str, list[Record]]:

@@ -41,6 +41,8 @@ class TaskStatus:
     last_error_at: float | None = None
     last_progress_at: float | None = None
     documents: int = 0
+    partitions: list[tuple[str, int]] = field(default_factory=list)
+    """The input partitions this worker's consumer group member holds now (derivations, materializations)."""
     stopped_by: BaseException | None = None
     """The non-retriable error that stopped the task for good (it is not restarted)."""
 
@@ -76,6 +78,8 @@ class TaskContext:
     ``slice_records`` and ``batch_seconds``)."""
     replay: ReplayPlan | None = None
     """What `localflow replay` asks of a materialization; None otherwise."""
+    lease: Any = None
+    """A capture's lease in cluster mode (``pipeline.runtime.cluster.Lease``); None outside a cluster."""
 
     def __post_init__(self) -> None:
         self.log = logging.LoggerAdapter(logging.getLogger(f"localflow.{self.kind}"), {"task": self.name})
@@ -110,6 +114,8 @@ class TaskContext:
         try:
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
         except TimeoutError:
+            if self.lease is not None:  # a capture that may have slept through losing its lease polls only once sure
+                await self.lease.confirmed()
             return True
         return False
 

@@ -63,6 +63,9 @@ class Telemetry:
         self.kafka = kafka
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{int(time.time() * 1000)}"
         self._registry: asyncio.Task[None] | None = None
+        self.cluster: Any = None
+        """In cluster mode (``pipeline.runtime.cluster.Cluster``): its leases go in /status and the registry."""
+        self._renew = asyncio.Event()
         self.stall_after = stall_after
         self.started_at = time.time()
         self._samples: deque[tuple[float, dict[str, int]]] = deque()
@@ -111,7 +114,22 @@ class Telemetry:
         """The registry record of this worker."""
         return {"version": 1, "worker": self.worker_id, "url": self.advertised_url, "pid": os.getpid(),
                 "host": socket.gethostname(), "tasks": dict(self.tasks), "started_at": self.started_at,
-                "heartbeat_at": time.time(), "stopped": stopped}
+                "heartbeat_at": time.time(), "stopped": stopped, "cluster": self.cluster_view(stopped=stopped)}
+
+    def cluster_view(self, *, stopped: bool = False) -> dict[str, Any] | None:
+        """The cluster this worker belongs to, the capture leases and input partitions it holds."""
+        if self.cluster is None:
+            return None
+        view = self.cluster.view()
+        if stopped:
+            view["leases"] = {}
+        view["partitions"] = {name: [list(tp) for tp in s.partitions] for name, s in STATUS.items()
+                              if name in self.tasks and s.partitions and not stopped}
+        return view
+
+    def renew(self) -> None:
+        """Renew the registry record now (the leases changed), not at the next heartbeat."""
+        self._renew.set()
 
     async def _register(self, kafka: KafkaConfig) -> None:
         """Renew this worker's registry record until stopped; then say it stopped."""
@@ -134,7 +152,9 @@ class Telemetry:
                         log.warning("worker registry %s: cannot register this worker (localflow status will "
                                     "not find it until it can): %s", REGISTRY_TOPIC, describe(e))
                     failing = True
-                await asyncio.sleep(HEARTBEAT_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._renew.wait(), timeout=HEARTBEAT_S)  # the heartbeat, or a change
+                self._renew.clear()
         except asyncio.CancelledError:
             with contextlib.suppress(LocalflowError, KafkaError, TimeoutError):
                 async with asyncio.timeout(2.0):
@@ -217,9 +237,11 @@ class Telemetry:
                 "last_error_at": s.last_error_at if s else None,
                 "last_progress_at": s.last_progress_at if s else None,
                 "checkpoint_at": checkpoints.get(name),
+                "partitions": [list(tp) for tp in s.partitions] if s else [],
             }
         return {"pid": os.getpid(), "host": socket.gethostname(), "started_at": self.started_at,
-                "now": time.time(), "tasks": tasks}
+                "now": time.time(), "worker": self.worker_id, "url": self.advertised_url,
+                "cluster": self.cluster_view(), "tasks": tasks}
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return metrics_response(request)
