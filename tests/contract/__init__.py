@@ -1,0 +1,1 @@
+"""The connector conformance suite: every registered connector against its SDK contract."""

@@ -1,0 +1,214 @@
+"""Profiles of the registered connectors: how the conformance suite configures each and reads back
+what its endpoint holds. Tests are parametrized over the registry (entry points
+``localflow.connectors``); a connector without a profile here is skipped with the reason, so a new
+connector shows up in the suite by existing and passes it once it has a profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from pipeline.runtime.catalog import Catalog, load_catalog
+from pipeline.runtime.collection import Collection
+from pipeline.runtime.registry import known_connectors, load_connector
+from pipeline.runtime.task import TaskContext
+from pipeline.sdk.materialization import Batch
+from pipeline.sdk.records import Record, TopicPartition
+
+SCHEMA = {"type": "object", "properties": {"id": {"type": "string"}, "v": {"type": "integer"}},
+          "required": ["id", "v"]}
+TASK = "contract/m"
+TS = 1_764_590_400_000
+"""One fixed Kafka timestamp (2025-12-01T12:00Z): every record of a test falls in one archive hour."""
+SECRET = "s3cr3t-Zq9xW7"
+"""A password no message may contain."""
+
+Held = dict[str, dict[str, Any]]
+"""What an endpoint holds: document id -> the last document under it."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test asking for ``materialization`` / ``capture`` runs once per registered connector."""
+    for kind in ("materialization", "capture"):
+        if f"{kind}_name" in metafunc.fixturenames:
+            metafunc.parametrize(f"{kind}_name", known_connectors(kind))
+
+
+# -------------------------------------------------------------------------------- materializations
+
+
+@dataclass
+class MaterializationProfile:
+    """``endpoint(servers, name, buffered)``: the endpoint config and ``resource(name, buffered)`` a
+    binding's resource (``buffered``: hold documents until close where the connector buffers at all,
+    else make each batch durable in ``apply``);
+    ``read(servers, endpoint, collection)``: what it holds; ``secret(servers, name)``: an endpoint
+    config whose password/secret is SECRET."""
+
+    endpoint: Callable[[Servers, str, bool], dict[str, Any]]
+    resource: Callable[[str, bool], dict[str, Any]]
+    read: Callable[[Servers, dict[str, Any], str, dict[str, Any]], Awaitable[Held]]
+    secret: Callable[[Servers, str], dict[str, Any]]
+
+
+class Servers:
+    """The session's pip servers, started only when a profile asks for one."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+
+    def __getattr__(self, fixture: str) -> str:
+        return str(self._request.getfixturevalue(fixture))
+
+
+def _with_password(url: str, user: str = "localflow") -> str:
+    scheme, _, rest = url.partition("://")
+    rest = rest.rpartition("@")[2]
+    return f"{scheme}://{user}:{SECRET}@{rest}"
+
+
+async def _read_postgres(servers: Servers, endpoint: dict[str, Any], collection: str,
+                         resource: dict[str, Any]) -> Held:
+    import asyncpg
+
+    conn = await asyncpg.connect(servers.postgres_url)
+    try:
+        rows = await conn.fetch(f'SELECT id, v FROM "{endpoint["schema"]}"."{resource["table"]}"')
+    except asyncpg.UndefinedTableError:
+        return {}
+    finally:
+        await conn.close()
+    return {r["id"]: {"id": r["id"], "v": r["v"]} for r in rows}
+
+
+async def _read_redis(servers: Servers, endpoint: dict[str, Any], collection: str, resource: dict[str, Any]) -> Held:
+    from redis.asyncio import Redis
+
+    r = Redis.from_url(servers.redis_url)
+    try:
+        out: Held = {}
+        async for key in r.scan_iter(match=f"{collection}:*", count=1000):
+            d = orjson.loads(await r.get(key))
+            out[d["id"]] = d
+        return out
+    finally:
+        await r.aclose()
+
+
+async def _read_s3(servers: Servers, endpoint: dict[str, Any], collection: str, resource: dict[str, Any]) -> Held:
+    import aioboto3
+
+    session = aioboto3.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+    out: Held = {}
+    async with session.client("s3", endpoint_url=servers.s3_endpoint_url) as s3:
+        names: list[str] = []
+        try:
+            async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=endpoint["bucket"]):
+                names += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".jsonl")]
+        except s3.exceptions.NoSuchBucket:
+            return {}
+        for name in sorted(names):  # one partition, one hour: names sort by their zero-padded offsets
+            body = await (await s3.get_object(Bucket=endpoint["bucket"], Key=name))["Body"].read()
+            for line in body.splitlines():
+                d = orjson.loads(line)
+                out[d["id"]] = d
+    return out
+
+
+MATERIALIZATIONS: dict[str, MaterializationProfile] = {
+    "postgres": MaterializationProfile(
+        endpoint=lambda s, name, buffered: {"url": s.postgres_url, "schema": name},
+        resource=lambda name, buffered: {"table": "docs"},
+        read=_read_postgres,
+        secret=lambda s, name: {"url": _with_password(s.postgres_url), "schema": name},
+    ),
+    "redis": MaterializationProfile(
+        endpoint=lambda s, name, buffered: {"url": s.redis_url, "advanced": {"state_prefix": f"{name}:lf:"}},
+        resource=lambda name, buffered: {},
+        read=_read_redis,
+        secret=lambda s, name: {"url": _with_password(s.redis_url, "default"),
+                                "advanced": {"state_prefix": f"{name}:lf:"}},
+    ),
+    "s3": MaterializationProfile(
+        endpoint=lambda s, name, buffered: {
+            "bucket": name, "endpoint_url": s.s3_endpoint_url, "aws_access_key_id": "test",
+            "aws_secret_access_key": "test", "create_bucket": True},
+        resource=lambda name, buffered: {"compression": "none", **({"max_age": "1h"} if buffered else {"max_documents": 1})},
+        read=_read_s3,
+        secret=lambda s, name: {"bucket": name, "endpoint_url": s.s3_endpoint_url, "aws_access_key_id": "test",
+                                "aws_secret_access_key": SECRET},
+    ),
+}
+
+
+@dataclass
+class Endpoint:
+    """One test's materialization: a catalog of one single-partition collection bound to it."""
+
+    connector: str
+    profile: MaterializationProfile
+    servers: Servers
+    catalog: Catalog
+    endpoint: dict[str, Any]
+    resource: dict[str, Any]
+    collection: str
+
+    @property
+    def topic(self) -> str:
+        return Collection.from_catalog(self.catalog, self.collection).topic
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, 0)
+
+    def context(self) -> TaskContext:
+        return TaskContext(self.catalog, TASK, "materialization")
+
+    async def started(self, ctx: TaskContext | None = None) -> Any:
+        """A new worker of the task, opened (each one is a separate instance, as after a restart)."""
+        m = load_connector(self.connector).build(ctx or self.context())
+        await m.open()
+        return m
+
+    def batch(self, *docs: tuple[int, dict[str, Any] | bytes]) -> Batch:
+        """Records at the given offsets of partition 0; bytes are raw values (not JSON: poison)."""
+        records = [Record(self.topic, 0, offset, TS, None, d, error="value is not JSON")
+                   if isinstance(d, bytes) else Record(self.topic, 0, offset, TS, d["id"].encode(), orjson.dumps(d), d)
+                   for offset, d in docs]
+        return Batch(records, {self.topic: 0})
+
+    async def held(self) -> Held:
+        return await self.profile.read(self.servers, self.endpoint, self.collection, self.resource)
+
+
+@pytest.fixture
+def materialization(materialization_name: str, request: pytest.FixtureRequest, tmp_path: Path,
+                    kafka_bootstrap: str, unique_name: Callable[..., str]) -> Callable[..., Endpoint]:
+    """Factory of an ``Endpoint`` of the connector under test (``buffered``: see the profile)."""
+    profile = MATERIALIZATIONS.get(materialization_name)
+    if profile is None:
+        pytest.skip(f"materialization {materialization_name!r} has no profile in tests/contract/conftest.py")
+    servers = Servers(request)
+
+    def make(*, buffered: bool = False) -> Endpoint:
+        name = unique_name("c", sep="-")
+        collection = f"{name}/docs"
+        endpoint, resource = profile.endpoint(servers, name, buffered), profile.resource(name, buffered)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "kafka": {"bootstrap_servers": kafka_bootstrap},
+            "collections": {collection: {"schema": SCHEMA, "key": ["/id"], "partitions": 1}},
+            "materializations": {TASK: {"endpoint": {materialization_name: endpoint},
+                                        "bindings": [{"source": collection, "resource": resource}]}},
+        }, sort_keys=False))
+        return Endpoint(materialization_name, profile, servers, load_catalog(path, env={}), endpoint, resource,
+                        collection)
+
+    return make

@@ -1,0 +1,122 @@
+"""Every registered materialization against its contract (pipeline/sdk/materialization.py), driven
+in-process on the session's real servers: fencing, resume after a crash, replay, dead letters,
+the flush on close, and secrets kept out of the doctor's and the live view's output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from pipeline.runtime.collection import read_to_end
+from pipeline.runtime.registry import load_connector
+from pipeline.sdk.errors import Fenced
+from pipeline.sdk.materialization import ReplayPlan
+from tests.contract.conftest import SECRET, TASK, Endpoint
+
+
+def doc(id_: str, v: int) -> dict[str, object]:
+    return {"id": id_, "v": v}
+
+
+async def test_a_replaced_worker_is_fenced_and_writes_nothing(materialization: Callable[..., Endpoint]) -> None:
+    e = materialization()
+    old, new = await e.started(), await e.started()
+    try:
+        assert await old.assigned({e.tp}) == {e.tp: None}
+        await old.apply(e.batch((0, doc("k", 1)), (1, doc("k", 2))))
+        assert await new.assigned({e.tp}) == {e.tp: 2}  # the new owner resumes where the old one stopped
+
+        with pytest.raises(Fenced):
+            await old.apply(e.batch((2, doc("k", 3)), (3, doc("zombie", 1))))
+        assert await e.held() == {"k": doc("k", 2)}
+    finally:
+        await old.close(failed=True)
+        await new.close(failed=True)
+
+
+async def test_resume_after_a_crash_loses_nothing(materialization: Callable[..., Endpoint]) -> None:
+    e = materialization()
+    first = await e.started()
+    await first.assigned({e.tp})
+    await first.apply(e.batch(*[(i, doc(f"d{i}", i)) for i in range(5)]))
+    await first.close(failed=True)  # kill -9: what was buffered is gone, the stored offset says so
+
+    second = await e.started()
+    start = (await second.assigned({e.tp}))[e.tp] or 0
+    assert start <= 5
+    await second.apply(e.batch(*[(i, doc(f"d{i}", i)) for i in range(start, 8)]))
+    await second.close(failed=False)
+    assert await e.held() == {f"d{i}": doc(f"d{i}", i) for i in range(8)}
+    third = await e.started()
+    assert await third.assigned({e.tp}) == {e.tp: 8}
+    await third.close(failed=True)
+
+
+async def test_replay_from_an_earlier_offset_never_makes_a_key_older(materialization: Callable[..., Endpoint]) -> None:
+    e = materialization()
+    m = await e.started()
+    await m.assigned({e.tp})
+    await m.apply(e.batch((0, doc("k", 1))))
+    await m.apply(e.batch((1, doc("k", 2))))
+    await m.close(failed=False)
+
+    ctx = e.context()
+    ctx.replay = ReplayPlan(start_offsets={e.tp: 0})
+    replaying = await e.started(ctx)
+    await replaying.assigned({e.tp})
+    await replaying.apply(e.batch((0, doc("k", 1))))
+    await replaying.close(failed=False)
+    assert await e.held() == {"k": doc("k", 2)}
+
+
+async def test_a_poison_document_is_dead_lettered_and_the_batch_goes_on(
+        materialization: Callable[..., Endpoint]) -> None:
+    e = materialization()
+    ctx = e.context()
+    m = await e.started(ctx)
+    try:
+        await m.assigned({e.tp})
+        applied = await m.apply(e.batch((0, doc("a", 1)), (1, b"not json"), (2, doc("b", 1))))
+        applied.dead += (await m.close(failed=False)).dead
+    finally:
+        await ctx.aclose()
+    assert applied.dead == 1
+    assert await e.held() == {"a": doc("a", 1), "b": doc("b", 1)}
+    [letter] = await read_to_end(e.catalog.kafka, ctx.collection(e.collection).dead_topic, timeout=60)
+    assert orjson.loads(letter.value)["original"] == "not json"
+
+
+async def test_close_flushes_what_is_buffered(materialization: Callable[..., Endpoint]) -> None:
+    e = materialization(buffered=True)
+    m = await e.started()
+    await m.assigned({e.tp})
+    await m.apply(e.batch(*[(i, doc(f"d{i}", i)) for i in range(3)]))
+    closed = await m.close(failed=False)
+    assert await e.held() == {f"d{i}": doc(f"d{i}", i) for i in range(3)}
+    again = await e.started()
+    assert await again.assigned({e.tp}) == {e.tp: 3}, f"close returned {closed}"
+    await again.close(failed=True)
+
+
+async def test_doctor_and_live_view_never_show_the_secret(materialization: Callable[..., Endpoint],
+                                                         unique_name: Callable[..., str]) -> None:
+    e = materialization()
+    connector = load_connector(e.connector)
+    config = connector.config.model_validate(e.profile.secret(e.servers, unique_name("c", sep="-")))
+    shown: list[str] = []
+    if connector.doctor is not None:
+        shown += [f"{c.name} {c.detail}" for c in await connector.doctor(config)]
+    if connector.describe is not None:
+        resource = connector.resource.model_validate(e.resource)
+        described = connector.describe(config, resource, e.collection)
+        shown.append(described.label)
+        try:
+            shown.append(str(await described.count()))
+        except Exception as error:  # noqa: BLE001 - the wrong password fails; its message must not show it
+            shown.append(f"{error!r} {error}")
+        if described.close is not None:
+            await described.close()
+    assert shown, f"{e.connector} has neither doctor nor describe"
+    assert not [line for line in shown if SECRET in line], TASK
