@@ -212,3 +212,159 @@ def materialization(materialization_name: str, request: pytest.FixtureRequest, t
                         collection)
 
     return make
+
+
+# -------------------------------------------------------------------------------- captures
+
+RAW_SCHEMA = str(Path(__file__).resolve().parents[2] / "examples/sophia/schemas/raw.schema.yaml")
+"""The SPEC's raw document schema, which every capture writes."""
+CAPTURE = "contract/capture"
+
+
+class Source:
+    """A capture's source the test controls: ``add(i)`` makes source record ``i`` readable,
+    ``spoil()`` makes the next read return a body the connector cannot parse."""
+
+    endpoint: dict[str, Any]
+    resource: dict[str, Any]
+
+    def ephemeral(self, document: dict[str, Any]) -> bool:
+        """Whether a document describes the read itself (a scrape's ``up``), not a source record."""
+        return False
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def add(self, i: int) -> None:
+        raise NotImplementedError
+
+    def spoil(self) -> None:
+        raise NotImplementedError
+
+
+class _Served(Source):
+    """A source behind an aiohttp server on 127.0.0.1: a body of its records, or once a spoiled one."""
+
+    path = "/api"
+
+    def __init__(self) -> None:
+        self.records: list[int] = []
+        self.spoiled = False
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        from tests.helpers import serve_on_loopback
+
+        async def answer(request: web.Request) -> web.Response:
+            if self.spoiled:
+                self.spoiled = False
+                return web.Response(text="<html><body>down for maintenance</body></html>", content_type="text/html")
+            return web.Response(body=self.body(), content_type="application/json")
+
+        app = web.Application()
+        app.router.add_get(self.path, answer)
+        self.runner, url = await serve_on_loopback(app)
+        self.url = url + self.path
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    def body(self) -> bytes:
+        raise NotImplementedError
+
+    def add(self, i: int) -> None:
+        self.records.append(i)
+
+    def spoil(self) -> None:
+        self.spoiled = True
+
+
+class HttpSource(_Served):
+    resource = {"records": "/records", "id": "/id"}
+
+    @property
+    def endpoint(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"url": self.url}
+
+    def body(self) -> bytes:
+        return orjson.dumps({"records": [{"id": f"r{i}", "type": "agent_interaction"} for i in self.records]})
+
+
+class PrometheusSource(_Served):
+    path = "/metrics"
+    resource: dict[str, Any] = {}
+
+    @property
+    def endpoint(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"targets": [self.url], "timeout": "1s"}
+
+    def ephemeral(self, document: dict[str, Any]) -> bool:
+        return bool(document["data"]["name"] == "up")
+
+    def body(self) -> bytes:
+        lines = ["# TYPE contract_records gauge"]
+        lines += [f'contract_records{{n="{i}"}} {i} {TS}' for i in self.records]  # explicit times: stable ids
+        return ("\n".join(lines) + "\n").encode()
+
+
+class FilesSource(Source):
+    resource = {"globs": ["*.log"]}
+
+    def __init__(self, directory: Path) -> None:
+        self.file = directory / "app.log"
+        self.file.write_bytes(b"")
+        self.endpoint = {"directory": str(directory), "max_line_bytes": 64}
+
+    def add(self, i: int) -> None:
+        with self.file.open("ab") as f:
+            f.write(orjson.dumps({"id": f"r{i}", "type": "agent_interaction"}) + b"\n")
+
+    def spoil(self) -> None:
+        with self.file.open("ab") as f:
+            f.write(b"x" * 200 + b"\n")  # over max_line_bytes
+
+
+CAPTURES: dict[str, Callable[[Path], Source]] = {
+    "http": lambda tmp: HttpSource(),
+    "prometheus": lambda tmp: PrometheusSource(),
+    "files": FilesSource,
+}
+
+
+@dataclass
+class Origin:
+    """One test's capture: its source, and a catalog binding it to one collection."""
+
+    connector: str
+    source: Source
+    path: Path
+    kafka: str
+
+    def context(self, interval: str = "1s") -> TaskContext:
+        self.path.write_text(yaml.safe_dump({
+            "kafka": {"bootstrap_servers": self.kafka},
+            "collections": {"contract/raw": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]}},
+            "captures": {CAPTURE: {"interval": interval, "endpoint": {self.connector: self.source.endpoint},
+                                   "bindings": [{"target": "contract/raw", "resource": self.source.resource}]}},
+        }, sort_keys=False))
+        return TaskContext(load_catalog(self.path, env={}), CAPTURE, "capture")
+
+    def build(self, ctx: TaskContext) -> Any:
+        return load_connector(self.connector).build(ctx)
+
+
+@pytest.fixture
+async def capture(capture_name: str, tmp_path: Path, kafka_bootstrap: str) -> Any:
+    """An ``Origin`` of the connector under test, its source started."""
+    make = CAPTURES.get(capture_name)
+    if make is None:
+        pytest.skip(f"capture {capture_name!r} has no source profile in tests/contract/conftest.py")
+    (tmp_path / "source").mkdir()
+    source = make(tmp_path / "source")
+    await source.start()
+    try:
+        yield Origin(capture_name, source, tmp_path / "flow.yaml", kafka_bootstrap)
+    finally:
+        await source.stop()
