@@ -257,17 +257,27 @@ def batch(topic: str, records: list[tuple[int, dict[str, Any]]]) -> Batch:
     return Batch([Record(topic, 0, offset, 0, None, orjson.dumps(d), d) for offset, d in records], {topic: 0})
 
 
-async def test_replaced_worker_is_fenced_and_writes_nothing(tmp_path: Path, kafka_bootstrap: str, redis_url: str,
-                                                           unique_name: Callable[..., str], r: Redis) -> None:
+@asynccontextmanager
+async def two_workers(tmp_path: Path, kafka_bootstrap: str, redis_url: str,
+                      unique_name: Callable[..., str]) -> AsyncIterator[tuple[str, str, str, TopicPartition, Any, Any]]:
+    """Two workers of one materialization "m" on one partition: (prefix, collection, topic, tp, old, new)."""
     prefix = unique_name()
     coll = f"{prefix}/docs"
     catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
                             {"m": redis_task(redis_url, prefix, [{"source": coll}])})
-    topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
     old, new = build(catalog, "m"), build(catalog, "m")
     await old.open()
     await new.open()
     try:
+        yield prefix, coll, f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0), old, new
+    finally:
+        await old.close(failed=True)
+        await new.close(failed=False)
+
+
+async def test_replaced_worker_is_fenced_and_writes_nothing(tmp_path: Path, kafka_bootstrap: str, redis_url: str,
+                                                           unique_name: Callable[..., str], r: Redis) -> None:
+    async with two_workers(tmp_path, kafka_bootstrap, redis_url, unique_name) as (prefix, coll, topic, tp, old, new):
         assert await old.assigned({tp}) == {tp: None}
         await old.apply(batch(topic, [(0, doc("k", 1)), (1, doc("k", 2))]))
         assert await new.assigned({tp}) == {tp: 2}  # the new owner resumes where the old one stopped
@@ -279,24 +289,13 @@ async def test_replaced_worker_is_fenced_and_writes_nothing(tmp_path: Path, kafk
 
         await new.apply(batch(topic, [(2, doc("k", 3))]))
         assert await json_values(r, [f"{coll}:k"]) == [doc("k", 3)]
-    finally:
-        await old.close(failed=True)
-        await new.close(failed=False)
 
 
 async def test_rewind_past_a_gap_sets_the_checkpoint_back_only_under_the_current_fence(
         tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
     """`localflow replay` past a recreated topic: the stored offset goes back to the new end, and a
     replaced worker's rewind changes nothing."""
-    prefix = unique_name()
-    coll = f"{prefix}/docs"
-    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
-                            {"m": redis_task(redis_url, prefix, [{"source": coll}])})
-    topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
-    old, new = build(catalog, "m"), build(catalog, "m")
-    await old.open()
-    await new.open()
-    try:
+    async with two_workers(tmp_path, kafka_bootstrap, redis_url, unique_name) as (prefix, coll, topic, tp, old, new):
         await old.assigned({tp})
         await old.apply(batch(topic, [(i, doc(f"k{i}", 1)) for i in range(20)]))
         assert await new.assigned({tp}) == {tp: 20}
@@ -307,9 +306,6 @@ async def test_rewind_past_a_gap_sets_the_checkpoint_back_only_under_the_current
         await new.apply(batch(topic, [(0, doc("fresh", 1))]))  # the recreated topic's first record applies
         assert await json_values(r, [f"{coll}:fresh"]) == [doc("fresh", 1)]
         assert await checkpoint(r, prefix, "m") == {f"{topic}:0": 1}
-    finally:
-        await old.close(failed=True)
-        await new.close(failed=False)
 
 
 async def test_a_derived_document_older_at_its_source_is_refused_whatever_its_offset(

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -24,8 +24,6 @@ from pipeline.runtime.catalog import Catalog, Problem, load_catalog
 from pipeline.sdk.errors import ConfigError, LocalflowError
 from pipeline.telemetry.logs import describe, no_broker, setup_logging
 
-if TYPE_CHECKING:
-    pass
 
 class _Command(TyperCommand):
     """Help in click's usual notation (``validate [OPTIONS] CATALOG``, ``--task TEXT``) instead of the

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import httpx
 import orjson
@@ -26,12 +26,6 @@ import typer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from pipeline.runtime.catalog import Catalog
-from pipeline.sdk.connector import Check
-from pipeline.telemetry.logs import describe, redact
-
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     CATALOG_ARG,
     OUTPUT,
@@ -42,6 +36,9 @@ from pipeline.cli.app import (
     run_command,
     setup,
 )
+from pipeline.runtime.catalog import Catalog
+from pipeline.sdk.connector import Check
+from pipeline.telemetry.logs import describe, redact
 
 ESTUARY_HOST = "api.estuary.dev"
 ESTUARY_TOKEN_ENVS = ("ESTUARY_ACCESS_TOKEN", "ESTUARY_JWT_TOKEN")

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     CATALOG_ARG,
     CONFIG_TOPIC,

@@ -12,19 +12,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import orjson
 import typer
 from aiokafka.errors import KafkaError
 
-from pipeline.runtime.catalog import Catalog
-from pipeline.runtime.collection import Collection
-from pipeline.runtime.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
-from pipeline.sdk.errors import ConfigError, EndpointError
-
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     CATALOG_ARG,
     LogFormat,
@@ -34,6 +27,10 @@ from pipeline.cli.app import (
     run_command,
     setup,
 )
+from pipeline.runtime.catalog import Catalog
+from pipeline.runtime.collection import Collection
+from pipeline.runtime.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
+from pipeline.sdk.errors import ConfigError, EndpointError
 
 
 async def preview(catalog: Catalog, collection: str, *, limit: int | None, follow: bool, from_beginning: bool,

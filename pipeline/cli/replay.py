@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
-from pipeline.sdk.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     CATALOG_ARG,
     QUIET_LOG_FORMAT,
@@ -24,6 +19,7 @@ from pipeline.cli.app import (
     run_async,
     setup,
 )
+from pipeline.sdk.errors import ConfigError
 
 
 @app.command()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import orjson
 import typer
 
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     app,
 )

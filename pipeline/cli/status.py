@@ -19,7 +19,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import orjson
@@ -31,18 +31,6 @@ from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 
-from pipeline.cli.doctor import NO_BROKER_HINT
-from pipeline.runtime.catalog import Catalog, topic_of
-from pipeline.runtime.checkpoint import KafkaCheckpoints
-from pipeline.runtime.collection import Collection
-from pipeline.runtime.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
-from pipeline.runtime.task import kind_of
-from pipeline.sdk.errors import CheckpointError, EndpointError
-from pipeline.telemetry.logs import describe, no_broker, redact
-from pipeline.telemetry.server import HEARTBEAT_S, REGISTRY_TOPIC
-
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     CATALOG_ARG,
     OUTPUT,
@@ -55,6 +43,15 @@ from pipeline.cli.app import (
     setup,
     workers_of,
 )
+from pipeline.cli.doctor import NO_BROKER_HINT
+from pipeline.runtime.catalog import Catalog, topic_of
+from pipeline.runtime.checkpoint import KafkaCheckpoints
+from pipeline.runtime.collection import Collection
+from pipeline.runtime.offsets import beginning_offsets, high_watermarks, partitions_of, probe_consumer
+from pipeline.runtime.task import kind_of
+from pipeline.sdk.errors import CheckpointError, EndpointError
+from pipeline.telemetry.logs import describe, no_broker, redact
+from pipeline.telemetry.server import HEARTBEAT_S, REGISTRY_TOPIC
 
 REGISTRY_TAIL = 1000
 """Registry records read back from its end: at one per worker per HEARTBEAT_S, minutes of history."""

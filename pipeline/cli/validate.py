@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
 import typer
 from rich.table import Table
 
-from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
-from pipeline.sdk.errors import ConfigError
-from pipeline.sdk.problems import Problem
-
-if TYPE_CHECKING:
-    pass
 from pipeline.cli.app import (
     CATALOG_ARG,
     Output,
@@ -23,6 +16,9 @@ from pipeline.cli.app import (
     console,
     load_or_exit,
 )
+from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
+from pipeline.sdk.errors import ConfigError
+from pipeline.sdk.problems import Problem
 
 
 @app.command()
