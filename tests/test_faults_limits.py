@@ -188,7 +188,7 @@ async def test_a_collection_deleted_and_recreated_under_a_materialization_stops_
     v.lose(len(set(old + new) - held), "documents missing after the replay")
     ends = {r.partition: r.offset + 1 for r in sorted(await read_to_end(KafkaConfig(bootstrap_servers=kafka_bootstrap), topic), key=lambda r: r.offset)}
     stored_after = await pg.next_offsets()
-    if stored_after.get(0) != ends.get(0, 0) or any(stored_after.get(p) != n for p, n in ends.items()):
+    if stored_after != {p: ends.get(p, 0) for p in stored_after.keys() | ends.keys()}:  # an empty partition ends at 0
         v.problems.append(f"after the replay the stored offsets are {stored_after}, not the partitions' ends {ends}; "
                           f"replay said:\n{replay.stdout[-3000:]}{replay.stderr[-3000:]}")
     v.keys, v.pg = len(held), (len(held), 0, len(old) + len(new))

@@ -17,7 +17,6 @@ replayed (the summary names them).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -51,6 +50,7 @@ from pipeline.runtime.offsets import (
 from pipeline.runtime.task import TaskContext, build_task
 from pipeline.sdk.errors import ConfigError, LocalflowError
 from pipeline.sdk.materialization import ReplayPlan
+from pipeline.sdk.retry import Retry
 
 log = logging.getLogger("localflow.replay")
 
@@ -58,10 +58,8 @@ ASSIGN_TIMEOUT = 60.0
 """Seconds to wait for the group to assign replay any partition before giving up."""
 POLL = 0.2
 """Seconds between progress updates (also the resolution of the rates shown)."""
-ATTEMPTS = 3
-"""Runs of the task before a retriable error ends the replay."""
-RETRY_AFTER = 2.0
-"""Seconds before the second run (twice that before the third)."""
+RETRY = Retry(initial_backoff=2.0, max_backoff=8.0, max_retries=2)
+"""Runs of the task after a retriable error before it ends the replay (the runtime's one retry engine)."""
 
 
 @dataclass
@@ -218,17 +216,19 @@ async def run_replay(catalog: Catalog, materialization: str, plans: list[Partiti
 async def _attempts(ctx: TaskContext, stopping: asyncio.Event) -> None:
     """Run the task again after a retriable error (a broker or endpoint slow for a moment); it goes
     on from where the endpoint's checkpoint got, so a retry re-applies at most one batch."""
-    for attempt in range(1, ATTEMPTS + 1):
+    attempts = RETRY.attempts(ctx.sleep)
+    while True:
         try:
             await build_task(ctx).run()
             return
         except LocalflowError as e:
-            if not e.retriable or attempt == ATTEMPTS or stopping.is_set():
+            delay = attempts.delay() if e.retriable and not stopping.is_set() else None
+            if delay is None:
                 raise
-            log.warning("replay into %s: attempt %d of %d failed: %s; trying again in %.0fs", ctx.name, attempt,
-                        ATTEMPTS, e, RETRY_AFTER * attempt)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=RETRY_AFTER * attempt)
+            log.warning("replay into %s: run %d failed: %s; trying again in %.1fs", ctx.name, attempts.retries, e,
+                        delay)
+            if not await ctx.sleep(delay):
+                raise
 
 
 def _interrupt(stopping: asyncio.Event, sig: signal.Signals) -> None:
