@@ -43,6 +43,10 @@ class PostgresAdvanced(Model):
     work_mem: str = Field(default="64MB", pattern=r"^[1-9][0-9]*(kB|MB|GB)$", description=(
         "Postgres work_mem of this task's sessions: the batch is sorted by key in memory instead of "
         "spilling to disk (10,000 documents of 500 bytes need about 8MB)."))
+    overlap: bool = Field(default=True, description=(
+        "Load the next batch on a second connection while Postgres merges the previous one, committing "
+        "them in order: `apply` then reports a batch durable on the next call (or at close), not at once. "
+        "Off: each batch is committed before `apply` returns, one connection at a time."))
     sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
         default=None, description="TLS mode as libpq names it; default: the DSN's, else prefer.")
 

@@ -20,6 +20,14 @@ plain read), so a worker paused mid-batch blocks nobody: the worker that takes o
 fences at once. A worker paused inside the final UPDATE..COMMIT window does hold those locks,
 until Postgres ends its idle transaction (``advanced.idle_in_transaction_timeout``).
 
+Overlap (``advanced.overlap``, on by default): a batch is loaded (BEGIN, checkpoints read, COPY)
+on a second connection while Postgres still merges the one before it; its merge, checkpoint
+update and COMMIT wait until that one committed, so commits stay in order per partition and each
+is still one fenced transaction. ``apply`` returns once the *previous* batch committed and says
+that one is durable; the last is reported by ``tick`` (an empty poll), ``close`` or the next
+``apply``. A rebalance, ``rewind`` and ``close`` first wait for the batch in flight; if it fails,
+the batch loaded behind it is rolled back and the error is raised by the next call.
+
 Batch size adapts to load by itself: the runtime hands over whatever one ``getmany`` returned
 (one document when idle, up to ``max_records`` when behind) and nothing here waits to fill a
 batch; writing a batch costs a few round trips whatever its size, so large batches are cheap.
@@ -82,6 +90,12 @@ class PostgresMaterialization(Materialization):
         self._revoked: set[TopicPartition] = set()
         self._lock = asyncio.Lock()  # a rebalance's fencing never interleaves with a batch
         self._holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._inflight: asyncio.Task[Applied] | None = None
+        """The batch loaded or merging in the background (``advanced.overlap``)."""
+        self._settled = Applied()
+        """Durable, not reported yet (a batch in flight that a rebalance or rewind waited for)."""
+        self._failure: Exception | None = None
+        """Why such a batch failed: raised by the next ``apply``, ``tick`` or ``close``."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -107,13 +121,20 @@ class PostgresMaterialization(Materialization):
         self.ctx.log.info("tables ready in %s: %s", cfg.where(), ", ".join(t.qualified for t in self._tables))
 
     async def close(self, failed: bool) -> Applied:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=10)
-            except TimeoutError:
-                pool.terminate()
-        return Applied()
+        try:
+            if failed:
+                await _drop(self._inflight)  # rolled back, as a crash would
+                self._inflight = None
+                return Applied()
+            async with self._lock:
+                return await self._outcome(self._inflight)
+        finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), timeout=10)
+                except TimeoutError:
+                    pool.terminate()
 
     @staticmethod
     async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -153,6 +174,7 @@ class PostgresMaterialization(Materialization):
     async def assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
         tps = sorted(partitions)
         async with self._lock:
+            await self._settle()
             if self._pool is None:  # a rebalance that arrives while the task closes fences nothing
                 raise EndpointError("partitions assigned after the postgres materialization was closed")
             rows = await self._retry("fence assigned partitions", lambda conn: conn.fetch(
@@ -168,6 +190,7 @@ class PostgresMaterialization(Materialization):
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         async with self._lock:  # waits for the batch in flight, which may still commit with its fence
+            await self._settle()
             for tp in partitions:
                 self._fences.pop(tp, None)
             self._revoked |= partitions
@@ -176,6 +199,7 @@ class PostgresMaterialization(Materialization):
 
     async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
+            self._raise_failure()
             tps = {r.tp for r in batch.records}
             if tps & self._revoked:
                 # Fetched before a rebalance moved these partitions away: their new owner reads them
@@ -188,14 +212,62 @@ class PostgresMaterialization(Materialization):
                                     "without a fence for them (fencing failed at assignment); the task restarts "
                                     "and fences again")
             if not batch.records:
-                return Applied()
+                return self._take()
             fences = {tp: self._fences[tp] for tp in tps}
             await self._ensure_partitions(batch)
-            return await self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences))
+            if not self.config.advanced.overlap:
+                return await self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences))
+            previous = self._inflight
+            self._inflight = asyncio.create_task(
+                self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences, previous)))
+            return await self._outcome(previous)
+
+    async def tick(self) -> Applied:
+        """An empty poll: the batch in flight is waited for and reported."""
+        async with self._lock:
+            return await self._outcome(self._inflight)
+
+    # ------------------------------------------------------------------ the batch in flight
+
+    async def _outcome(self, task: asyncio.Task[Applied] | None) -> Applied:
+        """What is durable once ``task`` committed, with what was settled before. If it failed, the
+        batch loaded behind it (the one in flight, if another) is dropped and its error raised."""
+        self._raise_failure()
+        if task is None:
+            return self._take()
+        try:
+            applied = await task
+        except BaseException:
+            later, self._inflight = self._inflight, None
+            if later is not task:
+                await _drop(later)
+            raise
+        if self._inflight is task:
+            self._inflight = None
+        return self._take(applied)
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight (a rebalance or rewind comes next); report it later."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            try:
+                self._settled = _sum(self._settled, await task)
+            except Exception as e:  # noqa: BLE001 - raised by the next apply, tick or close
+                self._failure = e
+
+    def _raise_failure(self) -> None:
+        error, self._failure = self._failure, None
+        if error is not None:
+            raise error
+
+    def _take(self, applied: Applied | None = None) -> Applied:
+        settled, self._settled = self._settled, Applied()
+        return settled if applied is None else _sum(settled, applied)
 
     async def rewind(self, offsets: Offsets) -> Offsets:
         """Stored offsets set back past a gap, under this worker's fences (the zombie guard of commits)."""
         async with self._lock:
+            await self._settle()
             order = sorted(tp for tp in offsets if tp in self._fences)
             if not order:
                 return {}
@@ -210,8 +282,20 @@ class PostgresMaterialization(Materialization):
 
             return await self._retry("rewind stored offsets past a gap", commit)
 
-    async def _apply(self, conn: asyncpg.Connection, batch: Batch, fences: dict[TopicPartition, int]) -> Applied:
+    async def _apply(self, conn: asyncpg.Connection, batch: Batch, fences: dict[TopicPartition, int],
+                     previous: asyncio.Task[Applied] | None = None) -> Applied:
+        """One batch, one transaction. With ``previous`` (the batch before it, still in flight), the
+        load runs at once and the merge waits for that one's COMMIT."""
         name, schema = self.ctx.name, self.config.schema_
+
+        async def committed_before() -> None:
+            if previous is None:
+                return
+            if not previous.done():
+                await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                raise _Dropped("the batch before it failed; this one was rolled back")
+
         tps = sorted(fences)
         topics, parts = [tp.topic for tp in tps], [tp.partition for tp in tps]
         async with conn.transaction():
@@ -228,7 +312,8 @@ class PostgresMaterialization(Materialization):
             todo = [r for r in batch.records if r.offset >= stored[r.tp][0] or r.tp in replaying]
             dead = [(r, r.error) for r in todo if r.error is not None]
             items = self._newest([(seq, r) for seq, r in enumerate(todo) if r.error is None], batch.bindings)
-            dead += await self._write(conn, batch.bindings, items)
+            dead += await self._write(conn, batch.bindings, items, committed_before)
+            await committed_before()
             ends = {tp: n for tp, n in batch.next_offsets().items() if n > stored[tp][0] or tp in replaying}
             if ends:
                 order = sorted(ends)
@@ -270,8 +355,8 @@ class PostgresMaterialization(Materialization):
             keep[(binding, r.key)] = j
         return [item for j, item in enumerate(items) if j not in dropped] if dropped else items
 
-    async def _write(self, conn: asyncpg.Connection, bindings: dict[str, int],
-                     items: list[tuple[int, Record]]) -> list[tuple[Record, str]]:
+    async def _write(self, conn: asyncpg.Connection, bindings: dict[str, int], items: list[tuple[int, Record]],
+                     before_merge: Callable[[], Awaitable[None]]) -> list[tuple[Record, str]]:
         """Load and merge ``items``; on a refused row, split in halves to find it. Returns the refused.
 
         Halves are applied in order inside savepoints, so the last document per key still wins.
@@ -283,6 +368,7 @@ class PostgresMaterialization(Materialization):
                 await conn.copy_records_to_table(
                     sql.LOAD, columns=sql.LOAD_COLUMNS,
                     records=[(bindings[r.topic], seq, r.timestamp_ms, r.value, *r.source) for seq, r in items])
+                await before_merge()
                 lo, hi = items[0][0], items[-1][0] + 1
                 for binding in sorted({bindings[r.topic] for _, r in items}):
                     for statement in self._merges[binding]:
@@ -295,7 +381,8 @@ class PostgresMaterialization(Materialization):
                 return [(items[0][1], f"Postgres refused the document for {table.qualified}: "
                                       f"{e.sqlstate} {e}{detail}")]
         mid = len(items) // 2
-        return await self._write(conn, bindings, items[:mid]) + await self._write(conn, bindings, items[mid:])
+        return (await self._write(conn, bindings, items[:mid], before_merge)
+                + await self._write(conn, bindings, items[mid:], before_merge))
 
     async def _dead_letter(self, batch: Batch, record: Record, error: str) -> None:
         binding = batch.bindings[record.topic]
@@ -371,6 +458,29 @@ class PostgresMaterialization(Materialization):
                     raise EndpointError(f"Postgres at {cfg.where()}: cannot {what} and the task is stopping: "
                                         f"{message}; nothing was applied, the next run resumes from the "
                                         "checkpoint") from None
+
+
+class _Dropped(EndpointError):
+    """A batch loaded behind one that failed: rolled back, never retried (the failure is what counts)."""
+
+
+def _sum(a: Applied, b: Applied) -> Applied:
+    """Two reports in commit order as one."""
+    if not a:
+        return b
+    documents = Counter(a.documents)
+    documents.update(b.documents)
+    return Applied({**a.offsets, **b.offsets}, documents=dict(documents), dead=a.dead + b.dead)
+
+
+async def _drop(task: asyncio.Task[Applied] | None) -> None:
+    """Cancel a batch in flight (its transaction rolls back) and wait until it is gone."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure of a dropped batch is not news
 
 
 async def _existing(conn: asyncpg.Connection, table: sql.Table) -> sql.Existing | None:

@@ -124,7 +124,8 @@ async def _read_s3(servers: Servers, endpoint: dict[str, Any], collection: str, 
 
 MATERIALIZATIONS: dict[str, MaterializationProfile] = {
     "postgres": MaterializationProfile(
-        endpoint=lambda s, name, buffered: {"url": s.postgres_url, "schema": name},
+        endpoint=lambda s, name, buffered: {"url": s.postgres_url, "schema": name,
+                                            "advanced": {"overlap": buffered}},  # overlap reports a batch late
         resource=lambda name, buffered: {"table": "docs"},
         read=_read_postgres,
         secret=lambda s, name: {"url": _with_password(s.postgres_url), "schema": name},
