@@ -21,7 +21,8 @@ input's own header when the input is itself derived, so chains keep the first cl
 endpoint that keeps state per key refuses a document whose source position is not newer than
 the one the key holds. Engine work runs on a thread of its own in slices, so heartbeats go on
 during a slow lambda, and a batch that runs past ``batch_seconds`` commits what it derived and
-leaves the rest for the next poll.
+leaves the rest for the next poll. A batch's acknowledgements and commit overlap the next poll
+and derivation (commits stay in batch order; a rebalance and a stop wait for them).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class DerivationTask(Task):
         super().__init__(ctx)
         self._batch_lock = asyncio.Lock()
         self._reader: CollectionReader | None = None
+        self._acked: asyncio.Future[None] | None = None
+        """The last batch's acknowledgements, then its commit (after the batches before it)."""
         # One thread for the engine: SQLite connections belong to the thread that opened them.
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine {ctx.name}")
 
@@ -106,22 +109,29 @@ class DerivationTask(Task):
             ctx.status.connected = True
             while not ctx.stopping.is_set():
                 records = await reader.batch(timeout_ms=self.poll_ms)
+                if self._acked is not None and self._acked.done():
+                    acked, self._acked = self._acked, None
+                    acked.result()  # a write that failed fails the task: nothing after it was committed
                 if not records:
                     continue
                 started = time.perf_counter()
                 async with self._batch_lock:  # a rebalance waits for this batch's commit
-                    done = await self._derive(records, routes, derived, engine, writer,
-                                              slice_records, started + batch_seconds)
-                    await self._commit(reader, records[:done])
+                    done, pending = await self._derive(records, routes, derived, engine, writer,
+                                                       slice_records, started + batch_seconds)
                     if done < len(records):
                         self._rewind(reader, records[done:])
+                    self._acked = asyncio.ensure_future(
+                        self._acknowledged(self._acked, pending, reader, records[:done]))
                 metrics.BATCH_SIZE.labels(ctx.name).observe(done)
                 metrics.BATCH_SECONDS.labels(ctx.name).observe(time.perf_counter() - started)
                 metrics.END_TO_END.labels(ctx.name, derived.name).observe(
                     max(0.0, time.time() - records[done - 1].timestamp_ms / 1000))
-                ctx.status.progressed(done)
+            if self._acked is not None:  # a stop: the last batch is committed
+                await self._acked
         finally:
             try:
+                if self._acked is not None and not self._acked.done():
+                    self._acked.cancel()
                 if self._reader is not None:
                     await self._reader.stop()
             finally:
@@ -132,11 +142,12 @@ class DerivationTask(Task):
                     self._engine_thread.shutdown(wait=False)
 
     async def _derive(self, records: list[Record], routes: dict[str, _Route], derived: Collection,
-                      engine: Engine, writer: CollectionWriter, slice_records: int, deadline: float) -> int:
+                      engine: Engine, writer: CollectionWriter, slice_records: int,
+                      deadline: float) -> tuple[int, list[asyncio.Future[Any]]]:
         """Transform and write the batch slice by slice, until done or past ``deadline``.
 
         Returns how many records (a prefix of ``records``, so a prefix of each partition) were
-        derived; it returns when every output and dead letter of those is acknowledged.
+        derived, and the writes of their outputs and dead letters (not yet acknowledged).
         """
         pending: list[asyncio.Future[Any]] = []
         done = 0
@@ -148,11 +159,23 @@ class DerivationTask(Task):
                 done += len(part)
                 if time.perf_counter() >= deadline:
                     break
+        except BaseException:
+            _cancel(pending)
+            raise
+        return done, pending
+
+    async def _acknowledged(self, before: asyncio.Future[None] | None, pending: list[asyncio.Future[Any]],
+                            reader: CollectionReader, records: list[Record]) -> None:
+        """Commit ``records`` once their writes are acknowledged and the batch ``before`` committed."""
+        try:
             await asyncio.gather(*pending)
-        finally:
-            for f in pending:  # a failed write fails the batch: nothing of it is left running
-                f.cancel()
-        return done
+        except BaseException:
+            _cancel(pending)  # a failed write fails the batch: nothing of it is left running
+            raise
+        if before is not None:
+            await before
+        await self._commit(reader, records)
+        self.ctx.status.progressed(len(records))
 
     async def _derive_topic(self, route: _Route, batch: list[Record], derived: Collection, engine: Engine,
                             writer: CollectionWriter, pending: list[asyncio.Future[Any]]) -> None:
@@ -217,7 +240,13 @@ class DerivationTask(Task):
     async def _revoked(self, partitions: set[TopicPartition]) -> None:
         """Let the batch in flight commit before its partitions move to another worker."""
         async with self._batch_lock:
-            pass
+            if self._acked is not None:  # its failure is raised by the task's loop
+                await asyncio.wait([self._acked])
+
+
+def _cancel(futures: list[asyncio.Future[Any]]) -> None:
+    for f in futures:
+        f.cancel()
 
 
 def _position(record: Record) -> bytes:
