@@ -85,6 +85,7 @@ class PostgresMaterialization(Materialization):
         self._pool: asyncpg.Pool | None = None
         self._tables: list[sql.Table] = []
         self._merges: list[list[str]] = []
+        self._unique_merges: list[list[str]] = []
         self._partitions: list[set[str]] = []
         self._fences: dict[TopicPartition, int] = {}
         self._revoked: set[TopicPartition] = set()
@@ -105,6 +106,7 @@ class PostgresMaterialization(Materialization):
         self._tables = [sql.table_of(catalog.schema(b.source), catalog.collections[b.source].key, b.parsed, cfg.schema_)
                         for b in self.spec.bindings]
         self._merges = [sql.merge(t, i) for i, t in enumerate(self._tables)]
+        self._unique_merges = [sql.merge(t, i, unique=True) for i, t in enumerate(self._tables)]
         settings = {
             "application_name": f"localflow {self.ctx.name} {os.getpid()}"[:63],
             "idle_in_transaction_session_timeout": str(int(cfg.advanced.idle_in_transaction_timeout * 1000)),
@@ -312,7 +314,8 @@ class PostgresMaterialization(Materialization):
             todo = [r for r in batch.records if r.offset >= stored[r.tp][0] or r.tp in replaying]
             dead = [(r, r.error) for r in todo if r.error is not None]
             items = self._newest([(seq, r) for seq, r in enumerate(todo) if r.error is None], batch.bindings)
-            dead += await self._write(conn, batch.bindings, items, committed_before)
+            unique = all(r.key is not None for _, r in items)  # then ``_newest`` left one row per key
+            dead += await self._write(conn, batch.bindings, items, committed_before, unique)
             await committed_before()
             ends = {tp: n for tp, n in batch.next_offsets().items() if n > stored[tp][0] or tp in replaying}
             if ends:
@@ -356,7 +359,7 @@ class PostgresMaterialization(Materialization):
         return [item for j, item in enumerate(items) if j not in dropped] if dropped else items
 
     async def _write(self, conn: asyncpg.Connection, bindings: dict[str, int], items: list[tuple[int, Record]],
-                     before_merge: Callable[[], Awaitable[None]]) -> list[tuple[Record, str]]:
+                     before_merge: Callable[[], Awaitable[None]], unique: bool = False) -> list[tuple[Record, str]]:
         """Load and merge ``items``; on a refused row, split in halves to find it. Returns the refused.
 
         Halves are applied in order inside savepoints, so the last document per key still wins.
@@ -370,10 +373,15 @@ class PostgresMaterialization(Materialization):
                     records=[(bindings[r.topic], seq, r.timestamp_ms, r.value, *r.source) for seq, r in items])
                 await before_merge()
                 lo, hi = items[0][0], items[-1][0] + 1
+                merges = self._unique_merges if unique else self._merges
                 for binding in sorted({bindings[r.topic] for _, r in items}):
-                    for statement in self._merges[binding]:
+                    for statement in merges[binding]:
                         await conn.execute(statement, lo, hi)
             return []
+        except asyncpg.CardinalityViolationError:
+            if not unique:
+                raise
+            return await self._write(conn, bindings, items, before_merge)  # two Kafka keys, one table key
         except REFUSED as e:
             if len(items) == 1:
                 table = self._tables[bindings[items[0][1].topic]]
@@ -381,8 +389,8 @@ class PostgresMaterialization(Materialization):
                 return [(items[0][1], f"Postgres refused the document for {table.qualified}: "
                                       f"{e.sqlstate} {e}{detail}")]
         mid = len(items) // 2
-        return (await self._write(conn, bindings, items[:mid], before_merge)
-                + await self._write(conn, bindings, items[mid:], before_merge))
+        return (await self._write(conn, bindings, items[:mid], before_merge, unique)
+                + await self._write(conn, bindings, items[mid:], before_merge, unique))
 
     async def _dead_letter(self, batch: Batch, record: Record, error: str) -> None:
         binding = batch.bindings[record.topic]
