@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sdk.context import Context
+from pipeline.sdk.context import Context, Task
 
 
 @dataclass
@@ -38,10 +38,11 @@ class Capture(ABC):
     set (use ``ctx.sleep`` for intervals). MUST NOT: write to Kafka itself.
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, task: Task) -> None:
         self.ctx = ctx
-        self.spec: Any = ctx.spec
-        self.config: Any = ctx.spec.config
+        self.task = task
+        self.spec: Any = task.spec
+        self.config: Any = task.spec.config
 
     async def open(self) -> None:
         """Connect or check the source; raise a clear error if it cannot work at all."""

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sdk.context import Context
+from pipeline.sdk.context import Context, Task
 from pipeline.sdk.records import Record, TopicPartition, next_offsets
 
 Offsets = dict[TopicPartition, int]
@@ -32,28 +32,15 @@ class Applied:
 
 
 @dataclass
-class ReplayPlan:
-    """What `localflow replay` asks of a materialization (``ctx.replay``; None in a normal run).
-
-    The runtime applies it (pipeline/runtime/materialization.py); a connector only needs
-    ``start_offsets``: records below its stored offset of those partitions are to be applied again.
-    """
-
-    start_offsets: Offsets = field(default_factory=dict)
-    """Where each partition starts when assigned, instead of the stored offset (dropped once durable)."""
-    stop_at_end: Offsets | None = None
-    """The task returns once the partitions it holds are read up to these offsets."""
-    progress: Offsets | None = None
-    """Filled in by the runtime: the next offset to read of each partition (for progress bars)."""
-
-
-@dataclass
 class Batch:
     """Records of one poll, in offset order per partition, with the binding of each topic."""
 
     records: list[Record]
     bindings: dict[str, int]
     """Topic -> index of the binding in the materialization spec."""
+    reapply: frozenset[TopicPartition] = frozenset()
+    """Partitions `localflow replay` re-reads on purpose: apply their records even below the stored
+    offset (elsewhere such records are a retry of what is already durable, and are skipped)."""
 
     def next_offsets(self) -> Offsets:
         """Per partition, the offset after the last record of this batch."""
@@ -74,10 +61,11 @@ class Materialization(ABC):
     ImplementationError stops the task).
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, task: Task) -> None:
         self.ctx = ctx
-        self.spec: Any = ctx.spec
-        self.config: Any = ctx.spec.config
+        self.task = task
+        self.spec: Any = task.spec
+        self.config: Any = task.spec.config
 
     async def open(self) -> None:
         """Connect and create what the bindings need (tables, buckets); idempotent."""
