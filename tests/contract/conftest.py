@@ -56,6 +56,8 @@ class MaterializationProfile:
     resource: Callable[[str, bool], dict[str, Any]]
     read: Callable[[Servers, dict[str, Any], str, dict[str, Any]], Awaitable[Held]]
     secret: Callable[[Servers, str], dict[str, Any]]
+    refused: dict[str, Any] | None = None
+    """A document valid for the collection that the endpoint itself cannot hold (None: there is none)."""
 
 
 class Servers:
@@ -128,6 +130,7 @@ MATERIALIZATIONS: dict[str, MaterializationProfile] = {
         resource=lambda name, buffered: {"table": "docs"},
         read=_read_postgres,
         secret=lambda s, name: {"url": _with_password(s.postgres_url), "schema": name},
+        refused={"id": "nul", "v": 1, "note": "a\x00b"},  # jsonb cannot hold \u0000
     ),
     "redis": MaterializationProfile(
         endpoint=lambda s, name, buffered: {"url": s.redis_url, "advanced": {"state_prefix": f"{name}:lf:"}},

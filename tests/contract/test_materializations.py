@@ -123,6 +123,24 @@ async def test_doctor_and_live_view_never_show_the_secret(materialization: Calla
     assert not [line for line in shown if SECRET in line], TASK
 
 
+async def test_a_document_the_endpoint_refuses_is_dead_lettered_and_the_batch_goes_on(
+        materialization: Callable[..., Endpoint]) -> None:
+    e = materialization()
+    if e.profile.refused is None:
+        pytest.skip(f"{e.connector} holds every valid document (its profile names none it refuses)")
+    ctx = e.context()
+    m = await e.started(ctx)
+    try:
+        await m.assigned({e.tp})
+        applied = await m.apply(e.batch((0, doc("a", 1)), (1, e.profile.refused), (2, doc("b", 1))))
+        applied.dead += (await m.close(failed=False)).dead
+    finally:
+        await ctx.aclose()
+    assert applied.dead == 1
+    assert await e.held() == {"a": doc("a", 1), "b": doc("b", 1)}
+    [letter] = await read_to_end(e.catalog.kafka, ctx.collection(e.collection).dead_topic, timeout=60)
+    assert orjson.loads(orjson.loads(letter.value)["original"])["id"] == e.profile.refused["id"]
+
 async def test_a_worker_killed_with_sigkill_resumes_with_nothing_lost(
         materialization: Callable[..., Endpoint], tmp_path: Path) -> None:
     """The real thing behind the crash test above: `localflow run` as its own process, SIGKILLed while
