@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sdk.context import Context, Task
+from pipeline.sdk.context import ConnectorBase
 
 
 @dataclass
@@ -30,19 +30,13 @@ class Captured:
     source_bytes: int = 0
 
 
-class Capture(ABC):
+class Capture(ConnectorBase, ABC):
     """A source reader. Build no state in ``__init__``: resume from the state passed to ``run``.
 
     MUST: set a deterministic ``metadata.id`` on every document; yield a state that covers
     exactly the documents yielded so far; return from ``run`` soon after ``ctx.stopping`` is
     set (use ``ctx.sleep`` for intervals). MUST NOT: write to Kafka itself.
     """
-
-    def __init__(self, ctx: Context, task: Task) -> None:
-        self.ctx = ctx
-        self.task = task
-        self.spec: Any = task.spec
-        self.config: Any = task.spec.config
 
     async def open(self) -> None:
         """Connect or check the source; raise a clear error if it cannot work at all."""

@@ -71,3 +71,15 @@ class Task:
     and ``bindings`` (each with ``parsed``, its validated resource)."""
     collections: Mapping[str, CollectionInfo]
     """Every collection a binding names (a capture's targets, a materialization's sources), by name."""
+
+
+class ConnectorBase:
+    """The base of the Capture and Materialization contracts: what the runtime built it with."""
+
+    def __init__(self, ctx: Context, task: Task) -> None:
+        self.ctx = ctx
+        self.task = task
+        self.spec: Any = task.spec
+        """The task's catalog entry (``task.spec``)."""
+        self.config: Any = task.spec.config
+        """The connector's validated config model."""

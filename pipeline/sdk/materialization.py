@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
 
-from pipeline.sdk.context import Context, Task
+from pipeline.sdk.context import ConnectorBase
 from pipeline.sdk.records import Record, TopicPartition, next_offsets
 
 Offsets = dict[TopicPartition, int]
@@ -47,7 +46,7 @@ class Batch:
         return next_offsets(self.records)
 
 
-class Materialization(ABC):
+class Materialization(ConnectorBase, ABC):
     """An endpoint kept in step with collections. Build no state in ``__init__``.
 
     MUST: make a batch's writes and its next offsets durable together, or neither;
@@ -60,12 +59,6 @@ class Materialization(ABC):
     partition resumed or was last made durable, nor beyond the records given (else an
     ImplementationError stops the task).
     """
-
-    def __init__(self, ctx: Context, task: Task) -> None:
-        self.ctx = ctx
-        self.task = task
-        self.spec: Any = task.spec
-        self.config: Any = task.spec.config
 
     async def open(self) -> None:
         """Connect and create what the bindings need (tables, buckets); idempotent."""
