@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from pipeline.control.client import LocalflowAPIError, LocalflowClient
-from tests.api_support import RAW_SCHEMA, api_worker
-from tests.cli_support import cli_env, localflow, write_catalog
+from tests.support.api import RAW_SCHEMA, api_worker
+from tests.support.cli import cli_env, localflow, write_catalog
 
 TOKEN = "lf-test-token-7f3a9c2e41"
 

@@ -34,9 +34,9 @@ from pipeline.embedded.services import Services
 from pipeline.runtime.catalog import KafkaConfig, load_catalog
 from pipeline.runtime.collection import Collection, CollectionWriter, original_of
 from pipeline.sdk.errors import ConfigError
-from tests.pipeline_harness import (
+from tests.support.census import Census, Endpoints, TopicContent
+from tests.support.pipeline import (
     AGENT_LOGS,
-    API_PATH,
     API_TASK,
     EXAMPLE,
     LOGS_TASK,
@@ -46,17 +46,12 @@ from tests.pipeline_harness import (
     PROCESSED,
     RAW,
     TASKS,
-    AgentLogs,
-    Census,
-    Endpoints,
     Pipeline,
-    SourceServer,
-    TopicContent,
-    abort_connection,
     pipeline_env,
     sophia_catalog,
     topic,
 )
+from tests.support.sources import API_PATH, AgentLogs, SourceServer, abort_connection
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 MANIFEST: dict[str, Any] = yaml.safe_load((CORPUS / "manifest.yaml").read_text(encoding="utf-8"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ from pipeline.runtime.derivation import DerivationTask
 from pipeline.runtime.task import TaskContext
 from pipeline.sdk.errors import ConfigError
 from pipeline.sdk.records import Record
-from tests.helpers import wait_for, wait_for_async
+from tests.support.waiting import wait_for_async
+from tests.support.workers import Worker, task_worker
 from transforms import sqlite as sqlite_engine
 from transforms.sophia import enrich
 
@@ -626,34 +626,23 @@ async def test_worker_killed_mid_stream_leaves_one_output_key_per_input_key(
     await ingest(catalog, raw_name, [raw(f"k{i}", {"type": kinds[i % 3], "n": i}) for i in range(total)])
     raw_topic = Collection.from_catalog(catalog, raw_name).topic
     group = f"localflow.{processed}"
-    options = orjson.dumps({"reader": {"max_records": 200, "session_timeout_ms": 6000}}).decode()
+    options = {"reader": {"max_records": 200, "session_timeout_ms": 6000}}
 
-    def worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "derivation_worker.py"),
-                                 str(catalog.path), processed, options], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("ab"))
+    def worker() -> Worker:
+        return task_worker(catalog.path, processed, tmp_path / "worker.log", options=options)
 
-    first = worker()
-    try:
+    with worker() as first:
         progress = await wait_for_async(
             lambda: _committed_total(catalog, group, raw_topic), timeout=60, interval=0.02,
             message="the first worker to commit some batches")
-        os.kill(first.pid, signal.SIGKILL)
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(10)
+        first.kill()
     assert progress < total, "the worker finished before it was killed: the test proved nothing"
 
-    second = worker()
-    try:
+    with worker() as second:
         await wait_for_async(lambda: _committed_total(catalog, group, raw_topic, total), timeout=120,
                              interval=0.2, message=f"the second worker to commit all {total} inputs")
         records = await read_to_end(catalog.kafka, Collection.from_catalog(catalog, processed).topic, timeout=60)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: second.poll() is not None, timeout=30, message="worker exit") is not None
-    assert second.returncode == 0
+        second.assert_exit(second.stop(timeout=30))
 
     keys = [r.doc["id"] for r in records]
     assert set(keys) == {f"k{i}" for i in range(total)}

@@ -26,7 +26,8 @@ from pipeline.runtime.collection import Collection, CollectionWriter, read_to_en
 from pipeline.telemetry import metrics
 from pipeline.telemetry.server import Telemetry
 from tests import policy_probe
-from tests.helpers import running, wait_for_async
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVERS = ("aiokafka", "asyncpg", "redis", "aioboto3", "botocore")

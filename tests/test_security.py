@@ -37,19 +37,10 @@ from pipeline.runtime.collection import CollectionReader, CollectionWriter, read
 from pipeline.runtime.registry import load_connector
 from pipeline.runtime.task import run_tasks
 from pipeline.sdk.errors import EndpointError
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
-    CAPTURES,
-    CONSUMERS,
-    EXAMPLE,
-    ROOT,
-    AgentLogs,
-    SourceServer,
-    TaskProcess,
-    api_records,
-    pipeline_env,
-    sophia_catalog,
-)
+from tests.support.pipeline import CAPTURES, CONSUMERS, EXAMPLE, TaskProcess, pipeline_env, sophia_catalog
+from tests.support.sources import AgentLogs, SourceServer, api_records
+from tests.support.waiting import wait_for_async
+from tests.support.workers import ROOT
 
 RAW_SCHEMA = str((EXAMPLE.parent / "schemas" / "raw.schema.yaml").resolve())
 PENDING = (OSError, asyncpg.PostgresError)

@@ -255,7 +255,7 @@ class _Served(Source):
     async def start(self) -> None:
         from aiohttp import web
 
-        from tests.helpers import serve_on_loopback
+        from tests.support.sources import serve_on_loopback
 
         async def answer(request: web.Request) -> web.Response:
             if self.spoiled:

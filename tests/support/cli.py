@@ -2,13 +2,14 @@
 
     result = localflow("status", str(path))                 # CompletedProcess, text
     with worker(path, "--metrics-port", "0") as w: ...      # `localflow run`, stopped by SIGTERM after
+    with command("preview", ..., log=err, stdout=out) as w: # any command in the background
+
+The processes are `tests.support.workers.Worker`s (the one launcher).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,9 +21,7 @@ import yaml
 
 from pipeline.runtime.catalog import Catalog, load_catalog
 from pipeline.runtime.collection import Collection, CollectionWriter
-from tests.helpers import wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.workers import ROOT, Worker, python_module
 
 DOC_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -43,10 +42,10 @@ def localflow(*args: str, env: dict[str, str] | None = None, timeout: float = 18
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def spawn(*args: str, stdout: Any, stderr: Any, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start `python -m pipeline ARGS` (the caller waits for it or signals it)."""
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env or cli_env(),
-                            stdout=stdout, stderr=stderr, text=True)
+def command(*args: str, log: Path, stdout: Path | int | None = None, env: dict[str, str] | None = None) -> Worker:
+    """Start `python -m pipeline ARGS` in the background, stderr to a fresh ``log`` (the caller waits
+    for it or signals it; leaving a ``with`` block ends it)."""
+    return Worker(python_module("pipeline", *args), log, env=env or cli_env(), stdout=stdout, append=False)
 
 
 def write_catalog(path: Path, catalog: dict[str, Any]) -> Path:
@@ -66,44 +65,12 @@ def redis_catalog(tmp_path: Path, name: str) -> Path:
     })
 
 
-class Worker:
-    """A `localflow run` process; stderr goes to a file the test can read while it runs."""
-
-    def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
-        self.proc, self.log = proc, log
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def url(self) -> str:
-        """The metrics endpoint, once the worker logged it (run with --metrics-port 0)."""
-        found = wait_for(lambda: re.search(r"on (http://127\.0\.0\.1:\d+) ", self.output()), timeout=30,
-                         message="the worker to log its metrics URL")
-        return found.group(1)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> int:
-        """Send ``sig`` and wait for the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-
 @contextmanager
 def worker(catalog: Path, *args: str, log: Path, env: dict[str, str] | None = None) -> Iterator[Worker]:
-    """`localflow run CATALOG ARGS` until the block ends (then SIGTERM, and SIGKILL if it hangs)."""
-    with log.open("w") as err:
-        proc = spawn("run", str(catalog), *args, stdout=subprocess.DEVNULL, stderr=err, env=env)
-    w = Worker(proc, log)
-    try:
+    """`localflow run CATALOG ARGS` until the block ends (then SIGTERM, and SIGKILL if it hangs);
+    its stderr goes to ``log``, which the test can read while it runs."""
+    with command("run", str(catalog), *args, log=log, stdout=subprocess.DEVNULL, env=env) as w:
         yield w
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 async def produce(catalog: Catalog | Path, collection: str, docs: list[dict[str, Any]]) -> None:
