@@ -9,9 +9,7 @@ workers as their own processes (tests/support/workers.py) or against private ser
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -593,7 +591,7 @@ async def test_worker_paused_past_a_rebalance_cannot_commit_the_partitions_it_lo
             if await pause_mid_batch(pg, flow, one):
                 stale_batch = True
                 break
-            one.send_signal(signal.SIGCONT)
+            one.resume()
         assert stale_batch, f"never caught worker one mid-batch\n{tail(log_one)}"
         fences = {p: r["fence"] for p, r in (await checkpoints(pg, flow)).items()}
 
@@ -604,7 +602,7 @@ async def test_worker_paused_past_a_rebalance_cannot_commit_the_partitions_it_lo
 
             await wait_for_async(taken_over, timeout=60, message=f"worker two took every partition\n{tail(log_two)}")
             await wait_caught_up(pg, flow, await topic_end(flow))
-            one.send_signal(signal.SIGCONT)
+            one.resume()
             await wait_for_async(lambda: "replaced by another worker" in log_one.read_text(), timeout=60,
                                  message=f"worker one reports it was replaced\n{tail(log_one)}")
             await write(1000)  # both workers run on, sharing the partitions again
@@ -631,7 +629,7 @@ async def pause_mid_batch(pg: asyncpg.Connection, flow: Flow, proc: Worker) -> b
     deadline = loop.time() + 20
     while loop.time() < deadline:
         if any(not r["checkpointing"] for r in await pg.fetch(sessions, app, flow.checkpoints)):
-            os.kill(proc.pid, signal.SIGSTOP)
+            proc.pause()
             # The server finishes what it was sent, then waits on the stopped client (ClientRead).
             (rows,) = await wait_for_async(lambda: quiet(pg, sessions, app, flow.checkpoints), timeout=5,
                                            message="the paused worker's sessions are waiting on it")

@@ -26,9 +26,8 @@ import yaml
 
 from pipeline.embedded.services import Services
 from tests.support.sources import API_PATH, INSTANCE_HEADER, METRICS_PATH, SourceServer
-from tests.support.workers import Worker, python_module
+from tests.support.workers import ROOT, Worker, python_module
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "sophia" / "flow.yaml"
 
 API_TASK, LOGS_TASK, METRICS_TASK = "sophia/sophia_ai_data", "sophia/agent_logs", "sophia/metrics"
@@ -52,9 +51,9 @@ REDIS_STREAM = "sophia:processed:stream"
 S3_BUCKET, S3_PREFIX = "sophia-intel-data", "estuary/"
 
 
-
 def topic(collection: str) -> str:
     return collection.replace("/", ".")
+
 
 def sophia_catalog(path: Path, *, s3_max_age: str = "2s", metrics_interval: str = "2s",
                    edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
