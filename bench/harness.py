@@ -33,8 +33,7 @@ from bench.common import RAW_KEY, RAW_SCHEMA, Sample, Sizes, chunks, sophia_docs
 from pipeline.embedded.services import Services
 from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog, topic_of
 from pipeline.runtime.collection import Admin, Collection
-from pipeline.runtime.task import STATUS, run_tasks
-from pipeline.sdk.materialization import ReplayPlan
+from pipeline.runtime.task import STATUS, ReplayPlan, run_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 SOPHIA_CATALOG = ROOT / "examples" / "sophia" / "flow.yaml"

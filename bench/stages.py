@@ -26,7 +26,7 @@ from bench.common import RAW_KEY, RAW_SCHEMA, Meter, Row, Sample, chunks, ratio_
 from bench.harness import PG_SCHEMA, Bench, BenchError, Source, documents_done, pg_ident, pg_table
 from pipeline.runtime.catalog import topic_of
 from pipeline.runtime.collection import Collection, CollectionReader, CollectionWriter, ReaderOptions
-from pipeline.sdk.materialization import ReplayPlan
+from pipeline.runtime.task import ReplayPlan
 
 WRITE_BATCH = 2_000
 """Documents per write call: what a capture hands the writer at once (the files capture's batch_lines)."""

@@ -1,5 +1,6 @@
 """A third-party connector for the runtime-policy tests: a capture and a materialization that break
-their contracts (or fail) on purpose, as the ``behaviour`` of their config says.
+their contracts (or fail) on purpose, as the ``behaviour`` of their config says, and a derivation
+engine that raises.
 
 It is not registered in pyproject.toml: ``install(site)`` writes the ``.dist-info`` of a package
 that declares it in the ``localflow.connectors`` entry-point group, as any installed connector
@@ -8,7 +9,7 @@ package would, and the test puts ``site`` on ``sys.path``. It imports only ``pip
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import Field
 from pipeline.sdk.capture import Capture, Captured
 from pipeline.sdk.config import Model
 from pipeline.sdk.connector import Connector
+from pipeline.sdk.engine import Engine, Transformed
 from pipeline.sdk.errors import Backpressure, ConfigError, EndpointError
 from pipeline.sdk.materialization import Applied, Batch, Materialization
 from pipeline.sdk.records import TopicPartition
@@ -81,10 +83,30 @@ MATERIALIZATION = Connector(name="probe-sink", kind="materialization", config=Pr
                             build=ProbeMaterialization)
 
 
+class ProbeEngine(Engine):
+    """A derivation engine that breaks its contract: it raises on a batch instead of listing the bad
+    input in ``failed``."""
+
+    def apply(self, transform: int, documents: Sequence[dict[str, Any]]) -> Transformed:
+        raise ZeroDivisionError("the probe engine divides by zero on purpose")
+
+
+class ProbeEngines:
+    """The engine module of the package (``build``, as ``transforms/<engine>.py`` exposes it)."""
+
+    @staticmethod
+    def build(catalog: Any, collection: str) -> Engine:
+        return ProbeEngine()
+
+
+ENGINE = ProbeEngines()
+
+
 def install(site: Path) -> None:
     """Write the metadata of a package ``localflow-policy-probe`` that registers both connectors."""
     info = site / "localflow_policy_probe-0.1.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: localflow-policy-probe\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[localflow.connectors]\nprobe = tests.policy_probe:CAPTURE\n"
-                                           "probe-sink = tests.policy_probe:MATERIALIZATION\n")
+                                           "probe-sink = tests.policy_probe:MATERIALIZATION\n"
+                                           "[localflow.engines]\nprobe = tests.policy_probe:ENGINE\n")

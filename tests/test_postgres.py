@@ -209,7 +209,7 @@ async def test_sophia_tables_are_created_as_specified(pg: asyncpg.Connection, po
     url = urllib.parse.urlsplit(postgres_url)._replace(path=f"/{database}").geturl()
     catalog = load_catalog(ROOT / "examples/sophia/flow.yaml", env={"POSTGRES_URL": url})
     ctx = TaskContext(catalog, "sophia/postgres", "materialization")
-    m = load_connector("postgres").build(ctx)
+    m = load_connector("postgres").build(*ctx.for_connector())
     await m.open()
     await m.close(False)
 
@@ -323,13 +323,13 @@ async def test_property_added_to_the_schema_becomes_a_column(pg: asyncpg.Connect
 
 async def test_incompatible_schema_change_names_table_column_and_types(make_flow: Callable[..., Flow]) -> None:
     flow = make_flow({"table": "docs"})
-    m = load_connector("postgres").build(TaskContext(flow.catalog, flow.task, "materialization"))
+    m = load_connector("postgres").build(*TaskContext(flow.catalog, flow.task, "materialization").for_connector())
     await m.open()
     await m.close(False)
 
     schema = {**DOC_SCHEMA, "properties": {**DOC_SCHEMA["properties"], "note": {"type": "integer"}}}
     catalog = replace(flow, schema=schema).write()
-    m = load_connector("postgres").build(TaskContext(catalog, flow.task, "materialization"))
+    m = load_connector("postgres").build(*TaskContext(catalog, flow.task, "materialization").for_connector())
     with pytest.raises(ConfigError) as error:
         await m.open()
     await m.close(True)
@@ -477,7 +477,7 @@ async def test_errors_while_postgres_is_unreachable_never_show_the_password(
     secret = "sw0rdfish-in-the-dsn"
     flow = make_flow({"table": "docs"}, postgres=f"postgresql://app:{secret}@127.0.0.1:{free_port()}/sophia")
     ctx = TaskContext(flow.catalog, flow.task, "materialization")
-    m = load_connector("postgres").build(ctx)
+    m = load_connector("postgres").build(*ctx.for_connector())
     opening = asyncio.create_task(m.open())
     await wait_for_async(lambda: "retrying in" in caplog.text, message="a retry is logged")
     ctx.stopping.set()

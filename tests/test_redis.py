@@ -237,8 +237,8 @@ async def test_replay_from_the_beginning_never_makes_a_key_older(materialized: M
 # -------------------------------------------------------------------------------- fencing, dead letters (no group)
 
 
-def build(catalog: Catalog, task: str) -> RedisMaterialization:
-    return load_connector("redis").build(TaskContext(catalog, task, "materialization"))
+def build(catalog: Catalog, task: str, ctx: TaskContext | None = None) -> RedisMaterialization:
+    return load_connector("redis").build(*(ctx or TaskContext(catalog, task, "materialization")).for_connector())
 
 
 def batch(topic: str, records: list[tuple[int, dict[str, Any]]]) -> Batch:
@@ -390,14 +390,15 @@ async def test_document_without_a_template_value_goes_to_dead_letters(
     catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
                             {"m": redis_task(redis_url, prefix, [binding])})
     topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
-    m = build(catalog, "m")
+    ctx = TaskContext(catalog, "m", "materialization")
+    m = build(catalog, "m", ctx)
     await m.open()
     try:
         await m.assigned({tp})
         await m.apply(batch(topic, [(0, doc("a", 1, region="eu")), (1, doc("b", 1)), (2, doc("c", 1, region="us"))]))
     finally:
         await m.close(failed=False)
-        await m.ctx.aclose()
+        await ctx.aclose()
     assert await json_values(r, [f"{prefix}:eu:a", f"{prefix}:us:c"]) == [doc("a", 1, region="eu"),
                                                                          doc("c", 1, region="us")]
     assert await checkpoint(r, prefix, "m") == {f"{topic}:0": 3}  # the bad document is not re-read forever

@@ -19,10 +19,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.runtime import registry
 from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
 from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.task import TaskContext
+from pipeline.sdk.context import CONTEXT_NAMES
 from pipeline.telemetry import metrics
 from pipeline.telemetry.server import Telemetry
 from tests import policy_probe
@@ -77,6 +80,22 @@ def test_the_runtime_finds_connectors_through_entry_points_only() -> None:
     assert registry.known_connectors("materialization") == ["postgres", "redis", "s3"]
 
 
+def test_a_connector_gets_a_context_of_six_names_and_uses_no_other(probe: None, tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path, "127.0.0.1:9", "narrow", sink="ok")
+    ctx, task = TaskContext(catalog, "narrow/out", "materialization").for_connector()
+    assert sorted(n for n in dir(ctx) if not n.startswith("_")) == sorted(CONTEXT_NAMES)
+    assert task.spec is catalog.materializations["narrow/out"]
+    assert list(task.collections) == ["narrow/docs"]
+    assert task.collections["narrow/docs"].topic == topic_of("narrow/docs")
+    # and no connector reaches past them (``ctx.X`` or ``self.ctx.X`` in its code)
+    wrong = [f"{path.relative_to(ROOT)}:{node.lineno}: ctx.{node.attr}"
+             for path in sorted((ROOT / "connectors").rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr not in CONTEXT_NAMES
+             and ((isinstance(node.value, ast.Name) and node.value.id == "ctx")
+                  or (isinstance(node.value, ast.Attribute) and node.value.attr == "ctx"))]
+    assert wrong == []
+
+
 # ---------------------------------------------------------------------------- errors drive the supervisor
 
 
@@ -93,12 +112,14 @@ def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _catalog(tmp_path: Path, kafka_bootstrap: str, name: str, *, capture: str | None = None,
-             sink: str | None = None, **extra: Any) -> Catalog:
+             sink: str | None = None, derived: dict[str, Any] | None = None, **extra: Any) -> Catalog:
     spec: dict[str, Any] = {"kafka": {"bootstrap_servers": kafka_bootstrap},
                             "collections": {f"{name}/docs": {"schema": SCHEMA, "key": ["/metadata/id"], "partitions": 1}}}
     if capture is not None:
         spec["captures"] = {f"{name}/in": {"interval": "100ms", "endpoint": {"probe": {"behaviour": capture}},
                                            "bindings": [{"target": f"{name}/docs", "resource": {}}]}}
+    if derived is not None:
+        spec["collections"][f"{name}/derived"] = derived
     if sink is not None:
         spec["materializations"] = {f"{name}/out": {"endpoint": {"probe-sink": {"behaviour": sink, **extra}},
                                                     "bindings": [{"source": f"{name}/docs", "resource": {}}]}}
@@ -190,6 +211,44 @@ async def _fill(catalog: Catalog, collection: str, count: int) -> None:
         await writer.write(c, [{"metadata": {"id": str(i)}} for i in range(count)])
     finally:
         await writer.stop()
+
+
+async def test_an_engine_that_raises_is_an_implementation_error_and_loses_nothing(
+        probe: None, tmp_path: Path, kafka_bootstrap: str, unique_name: Any) -> None:
+    name = unique_name("engine")
+    catalog = _catalog(tmp_path, kafka_bootstrap, name, derived={
+        "schema": SCHEMA, "key": ["/metadata/id"], "partitions": 1,
+        "derive": {"using": {"probe": {}}, "transforms": [{"name": "divide", "source": f"{name}/docs", "lambda": "x"}]}})
+    await _fill(catalog, f"{name}/docs", 5)
+    async with running(catalog, f"{name}/derived", restart_after=0.01) as ctx:
+        failed = await wait_for_async(lambda: ctx.status.failed, timeout=60, message="the derivation to stop as FAILED")
+    assert failed.startswith("ImplementationError: Implementation error: engine probe of ")
+    assert "ZeroDivisionError" in failed and "transform 'divide'" in failed and "MUST NOT raise" in failed
+    assert ctx.status.restarts == 0
+    assert await read_to_end(catalog.kafka, topic_of(f"{name}/derived"), timeout=30) == []
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"localflow.{name}/derived",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:  # the batch the engine failed on is not committed: a fixed engine derives the same documents
+        assert await consumer.committed(TopicPartition(topic_of(f"{name}/docs"), 0)) in (None, 0)
+    finally:
+        await consumer.stop()
+
+
+def test_an_unknown_engine_is_a_catalog_problem_naming_the_known_ones(tmp_path: Path) -> None:
+    spec = {"kafka": {"bootstrap_servers": "127.0.0.1:9"},
+            "collections": {"a/docs": {"schema": SCHEMA, "key": ["/metadata/id"]},
+                            "a/out": {"schema": SCHEMA, "key": ["/metadata/id"], "derive": {
+                                "using": {"sqlit": {}}, "transforms": [{"name": "t", "source": "a/docs",
+                                                                        "lambda": "SELECT 1"}]}}}}
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "collections.a/out.derive.using.sqlit" in text and "unknown engine 'sqlit'" in text, text
+    assert "sqlite" in text and "python" in text, text
 
 
 @pytest.mark.parametrize(("behaviour", "why"), [("beyond", "beyond the batch"), ("backwards", "went back")])

@@ -115,7 +115,7 @@ def ms(text: str) -> int:
 
 
 async def started(catalog: Catalog, task: str = TASK) -> Any:
-    m = load_connector("s3").build(TaskContext(catalog, task, "materialization"))
+    m = load_connector("s3").build(*TaskContext(catalog, task, "materialization").for_connector())
     await m.open()
     return m
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pipeline.sdk.connector import Described
 
@@ -28,7 +30,15 @@ def describe(config: PostgresConfig, resource: TableResource, collection: str) -
         if conn is not None:
             await conn.close(timeout=5)
 
-    return Described(f"{schema}.{table}", "rows", count, close)
+    return Described(f"{schema}.{table}", "rows", count, close, query=_psql(config, f"{schema}.{table}"))
+
+
+def _psql(config: PostgresConfig, table: str) -> str:
+    where = urlsplit(config.where())
+    cmd = shlex.join(["psql", "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 5432),
+                      "-U", unquote(where.username or "postgres"), "-d", where.path.lstrip("/") or "postgres",
+                      "-c", f"SELECT * FROM {table} LIMIT 5"])
+    return cmd + ("   # password: $POSTGRES_PASSWORD" if config.secrets() else "")
 
 
 def _ident(name: str) -> str:

@@ -37,7 +37,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from pipeline.sdk.context import Context
+from pipeline.sdk.context import Context, Task
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
 from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.records import Record, TopicPartition
@@ -72,8 +72,8 @@ class PostgresMaterialization(Materialization):
 
     config: PostgresConfig
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: Context, task: Task) -> None:
+        super().__init__(ctx, task)
         self._pool: asyncpg.Pool | None = None
         self._tables: list[sql.Table] = []
         self._merges: list[list[str]] = []
@@ -87,8 +87,8 @@ class PostgresMaterialization(Materialization):
 
     async def open(self) -> None:
         cfg = self.config
-        catalog = self.ctx.catalog
-        self._tables = [sql.table_of(catalog.schema(b.source), catalog.collections[b.source].key, b.parsed, cfg.schema_)
+        sources = self.task.collections
+        self._tables = [sql.table_of(sources[b.source].schema, sources[b.source].key, b.parsed, cfg.schema_)
                         for b in self.spec.bindings]
         self._merges = [sql.merge(t, i) for i, t in enumerate(self._tables)]
         settings = {
@@ -224,7 +224,7 @@ class PostgresMaterialization(Materialization):
                                  f"{current}, this worker holds {fences[tp]}); its batch for it was not applied")
             # Skip what a previous attempt already committed (its commit reply may have been lost),
             # except where `localflow replay` asks to re-apply from an earlier offset on purpose.
-            replaying = self.ctx.replay.start_offsets if self.ctx.replay is not None else {}
+            replaying = batch.reapply
             todo = [r for r in batch.records if r.offset >= stored[r.tp][0] or r.tp in replaying]
             dead = [(r, r.error) for r in todo if r.error is not None]
             items = self._newest([(seq, r) for seq, r in enumerate(todo) if r.error is None], batch.bindings)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.sdk.connector import Described
 
@@ -29,7 +31,15 @@ def describe(config: RedisConfig, resource: RedisBinding, collection: str) -> De
         if redis is not None:
             await redis.aclose()
 
-    return Described(pattern, "keys", count, close)
+    return Described(pattern, "keys", count, close, query=_redis_cli(config, pattern))
+
+
+def _redis_cli(config: RedisConfig, pattern: str) -> str:
+    where = urlsplit(config.where())
+    db = where.path.lstrip("/") or str(config.db)
+    args = ["redis-cli", "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379), "-n", db]
+    cmd = shlex.join([*args, *(["--tls"] if where.scheme == "rediss" else []), "--scan", "--pattern", pattern])
+    return cmd + ("   # add -a $REDIS_PASSWORD" if config.secrets() else "")
 
 
 def key_pattern(head: str) -> str:

@@ -143,7 +143,7 @@ class RedisMaterialization(Materialization):
                                 "the task retries with backoff") from e
 
     def _compile(self, collection: str, resource: RedisBinding) -> _Binding:
-        key = self.ctx.collection(collection).key
+        key = self.task.collections[collection].key
         template = parse_template(resource.key or default_template(collection, key))
         ttl_ms = round(resource.ttl * 1000) if resource.ttl else 0
         return _Binding(collection, template, "h" if resource.value == "hash" else "j", ttl_ms,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from pipeline.sdk.connector import Described
@@ -34,4 +35,10 @@ def describe(config: S3Config, resource: S3Resource, collection: str) -> Describ
         if cm is not None:
             await cm.__aexit__(None, None, None)
 
-    return Described(f"s3://{config.bucket}/{prefix}", "objects", count, close)
+    return Described(f"s3://{config.bucket}/{prefix}", "objects", count, close, query=_aws(config, prefix))
+
+
+def _aws(config: S3Config, prefix: str) -> str:
+    endpoint = ["--endpoint-url", config.endpoint_url] if config.endpoint_url else []
+    cmd = shlex.join(["aws", *endpoint, "s3", "ls", "--recursive", f"s3://{config.bucket}/{prefix}"])
+    return cmd + ("   # with the catalog's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" if config.aws_access_key_id else "")

@@ -104,7 +104,7 @@ class S3Materialization(Materialization):
         self._dead_letters = 0
         for i, b in enumerate(self.spec.bindings):
             layout = Layout.of_binding(cfg, b.source, b.parsed)
-            self._bindings[self.ctx.collection(b.source).topic] = _Binding(b.source, layout, b.parsed, i)
+            self._bindings[self.task.collections[b.source].topic] = _Binding(b.source, layout, b.parsed, i)
         self._stack = contextlib.AsyncExitStack()
         try:
             s3 = await self._stack.enter_async_context(client(cfg))

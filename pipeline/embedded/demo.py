@@ -94,6 +94,8 @@ class Target:
     """The collection the binding reads (a row of the live view)."""
     unit: str = "docs"
     close: Callable[[], Awaitable[None]] | None = None
+    query: str | None = None
+    """A command line that shows what the binding wrote (from the connector's ``describe``)."""
 
 
 class Endpoints:
@@ -120,7 +122,8 @@ class Endpoints:
         described = describe(config, binding.parsed, binding.source) if describe is not None else None
         if described is None:
             return Target(name, connector, f"{binding.source} (documents applied)", lambda: _applied(name))
-        return Target(name, connector, described.label, described.count, unit=described.unit, close=described.close)
+        return Target(name, connector, described.label, described.count, unit=described.unit, close=described.close,
+                      query=described.query)
 
     async def counts(self) -> dict[tuple[str, str], int | None]:
         """Every target's count (None where it cannot be counted now); one at a time, as they share connections."""
@@ -416,7 +419,7 @@ async def run_demo(opts: DemoOptions, services: Services) -> int:
         snap = take_snapshot(catalog, final, sources.stats())
         console.print(render(catalog, snap, first, f"{title}: ran {time.monotonic() - started:.0f}s "
                                                    "(rates are averages)", endpoints.targets))
-        _print_how_to_query(catalog, services, endpoints, opts.keep_services)
+        _print_how_to_query(services, endpoints, opts.keep_services)
         return _verdict(catalog, baseline, final, snap)
     finally:
         if telemetry is not None:
@@ -501,26 +504,13 @@ def print_exports(services: Services, path: Path, catalog: Catalog, telemetry: T
     console.print("then: " + " · ".join(uses), highlight=False, markup=False, soft_wrap=True)
 
 
-def _print_how_to_query(catalog: Catalog, services: Services, endpoints: Endpoints, kept: bool) -> None:
-    """Command lines that read what the run wrote, with the real hosts and ports (never a password)."""
-    lines = []
-    for name, spec in catalog.materializations.items():
-        labels = [t.label for t in endpoints.targets if t.materialization == name]
-        if spec.connector == "postgres" and labels:
-            pg = urlsplit(services.postgres.url)
-            cmd = shlex.join(["psql", "-h", pg.hostname or "127.0.0.1", "-p", str(pg.port or 5432),
-                              "-U", unquote(pg.username or "postgres"), "-d", pg.path.lstrip("/") or "postgres",
-                              "-c", f"SELECT * FROM {labels[0]} LIMIT 5"])
-            lines.append((name, cmd + ("   # password: $POSTGRES_PASSWORD" if pg.password else "")))
-        elif spec.connector == "redis" and labels:
-            rd = urlsplit(services.redis.url)
-            cmd = shlex.join(["redis-cli", "-h", rd.hostname or "127.0.0.1", "-p", str(rd.port or 6379),
-                              "-n", str(getattr(spec.config, "db", 0)), "--scan", "--pattern", labels[0]])
-            lines.append((name, cmd + ("   # add -a $REDIS_PASSWORD" if rd.password else "")))
-        elif spec.connector == "s3" and getattr(spec.config, "bucket", None):
-            creds = "" if services.s3.external else "AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test "
-            lines.append((name, f"{creds}aws --endpoint-url {services.s3.endpoint_url} s3 ls --recursive "
-                                f"s3://{spec.config.bucket}/{spec.config.prefix}"))
+def _print_how_to_query(services: Services, endpoints: Endpoints, kept: bool) -> None:
+    """Command lines that read what the run wrote, as each connector's ``describe`` says (the first
+    binding of each materialization; real hosts and ports, never a password)."""
+    lines: list[tuple[str, str]] = []
+    for t in endpoints.targets:
+        if t.query and t.materialization not in {name for name, _ in lines}:
+            lines.append((t.materialization, t.query))
     if not lines:
         return
     width = max(len(name) for name, _ in lines) + 2

@@ -65,7 +65,7 @@ class CaptureTask(Task):
         collections = [ctx.collection(b.target) for b in spec.bindings]
         maskers = self._maskers(spec)
         store = KafkaCheckpoints(ctx.kafka, replication_factor=max(c.replication_factor for c in collections))
-        capture: Capture = load_connector(spec.connector).build(ctx)
+        capture: Capture = load_connector(spec.connector).build(*ctx.for_connector())
         # In a cluster the lease picks the one worker that runs the capture; presence stays on too, so a
         # capture started outside the cluster (a per-task container of the same catalog) is refused.
         lease = ctx.lease

@@ -120,8 +120,9 @@ class TransformSpec(Model):
 class DeriveSpec(Model):
     """How a derived collection is computed; ``using`` names the engine and its options."""
 
-    using: dict[Literal["sqlite", "python"], dict[str, Any]] = Field(
-        description="Exactly one engine: {sqlite: {migrations: [...]}} or {python: {}}.",
+    using: dict[str, dict[str, Any]] = Field(
+        description="Exactly one engine and its options: {sqlite: {migrations: [...]}}, {python: {}}, or an installed "
+                    "engine's name (a package with a `localflow.engines` entry point).",
         examples=[{"sqlite": {}}, {"python": {}}],
     )
     transforms: list[TransformSpec] = Field(min_length=1, description="The transforms; each reads one collection.",
@@ -132,7 +133,7 @@ class DeriveSpec(Model):
     @classmethod
     def _one_engine(cls, v: dict[str, Any]) -> dict[str, Any]:
         if len(v) != 1:
-            raise ValueError(f"name exactly one engine (sqlite or python), got {sorted(v) or 'none'}")
+            raise ValueError(f"name exactly one engine (e.g. sqlite or python), got {sorted(v) or 'none'}")
         return {k: (o or {}) for k, o in v.items()}
 
     @property
@@ -561,7 +562,7 @@ def _resolve_schema_files(raw: dict[str, Any], base: Path, positions: Positions,
 def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
     """Cross-checks that pydantic cannot express; appends to ``problems``. A reference to a collection
     that is declared but was set aside as invalid is not reported again (its own problems are)."""
-    from pipeline.runtime.registry import check_derivation, known_connectors, load_connector
+    from pipeline.runtime.registry import check_derivation, known_connectors, known_engines, load_connector
 
     declared = catalog._declared | set(catalog.collections)
 
@@ -629,7 +630,11 @@ def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
         place = f"collections.{name}.derive"
         for i, t in enumerate(coll.derive.transforms):
             undeclared(t.source, f"{place}.transforms[{i}].source")
-        if all(t.source in catalog.collections for t in coll.derive.transforms):
+        engines = known_engines()
+        if coll.derive.engine not in engines:
+            problems.append(Problem(f"{place}.using.{coll.derive.engine}", f"unknown engine {coll.derive.engine!r}",
+                                    did_you_mean=closest(coll.derive.engine, engines), valid=engines, at_key=True))
+        elif all(t.source in catalog.collections for t in coll.derive.transforms):
             problems.extend(check_derivation(catalog, name, place))
 
     for name, steps in catalog.tests.items():

@@ -79,7 +79,7 @@ class MaterializationTask(Task):
         spec: MaterializationSpec = ctx.spec
         collections: list[Collection] = [ctx.collection(b.source) for b in spec.bindings]
         bindings = {c.topic: i for i, c in enumerate(collections)}
-        m: Materialization = load_connector(spec.connector).build(ctx)
+        m: Materialization = load_connector(spec.connector).build(*ctx.for_connector())
         await m.open()
         ctx.status.connected = True
         reader = CollectionReader(ctx.kafka, f"localflow.{ctx.name}", collections,
@@ -93,7 +93,7 @@ class MaterializationTask(Task):
                 records = await reader.batch(timeout_ms=self.poll_ms)
                 if records:
                     started = time.perf_counter()
-                    batch = Batch(records, bindings)
+                    batch = Batch(records, bindings, frozenset(replay.start_offsets) if replay is not None else frozenset())
                     self._read.update(batch.next_offsets())
                     try:
                         applied = await self._apply(m, reader, batch)

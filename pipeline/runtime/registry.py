@@ -52,6 +52,11 @@ def known_connectors(kind: str | None = None) -> list[str]:
     return out
 
 
+def known_engines() -> list[str]:
+    """Names of the registered derivation engines."""
+    return sorted(_entries(ENGINES))
+
+
 @cache
 def engine_module(name: str) -> ModuleType:
     """The module implementing derivation engine ``name`` (``sqlite``, ``python``); KeyError if none.

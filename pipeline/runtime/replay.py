@@ -47,9 +47,8 @@ from pipeline.runtime.offsets import (
     partitions_of,
     probe_consumer,
 )
-from pipeline.runtime.task import TaskContext, build_task
+from pipeline.runtime.task import ReplayPlan, TaskContext, build_task
 from pipeline.sdk.errors import ConfigError, LocalflowError
-from pipeline.sdk.materialization import ReplayPlan
 from pipeline.sdk.retry import Retry
 
 log = logging.getLogger("localflow.replay")

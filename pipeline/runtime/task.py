@@ -12,15 +12,16 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
 from pipeline.runtime.catalog import Catalog
 from pipeline.runtime.collection import Collection, CollectionWriter
+from pipeline.sdk.context import Task as ConnectorTask
 from pipeline.sdk.errors import ConfigError, LocalflowError, describe
-from pipeline.sdk.materialization import ReplayPlan
+from pipeline.sdk.materialization import Offsets
 from pipeline.sdk.retry import Backoff
 from pipeline.telemetry import metrics
 from pipeline.telemetry.logs import current_task
@@ -61,6 +62,36 @@ class TaskStatus:
         self.last_error, self.last_error_at = describe(e), time.time()
 
 
+@dataclass
+class ReplayPlan:
+    """What `localflow replay` asks of a materialization (``TaskContext.replay``; None in a normal
+    run).
+
+    The runtime applies it (pipeline/runtime/materialization.py); a connector sees only its effect,
+    ``Batch.reapply``: the partitions whose records below the stored offset are to be applied again.
+    """
+
+    start_offsets: Offsets = field(default_factory=dict)
+    """Where each partition starts when assigned, instead of the stored offset (dropped once durable)."""
+    stop_at_end: Offsets | None = None
+    """The task returns once the partitions it holds are read up to these offsets."""
+    progress: Offsets | None = None
+    """Filled in by the runtime: the next offset to read of each partition (for progress bars)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """What a connector gets of its task (``pipeline.sdk.context.Context``): these six names and nothing
+    of the runtime, so a connector cannot reach the catalog, the Kafka clients or the task's status."""
+
+    name: str
+    log: logging.LoggerAdapter[logging.Logger]
+    stopping: asyncio.Event
+    sleep: Callable[[float], Awaitable[bool]]
+    report: Callable[..., None]
+    dead_letter: Callable[..., Awaitable[None]]
+
+
 STATUS: dict[str, TaskStatus] = {}
 """Status of every task running in this process, by task name."""
 
@@ -99,6 +130,13 @@ class TaskContext:
         if self.kind == "materialization":
             return self.catalog.materializations[self.name]
         return self.catalog.collections[self.name]
+
+    def for_connector(self) -> tuple[ConnectorContext, ConnectorTask]:
+        """The narrow context and the ``Task`` a connector is built with (``Connector.build(ctx, task)``)."""
+        spec = self.spec
+        sources = {getattr(b, "target", None) or b.source for b in spec.bindings}
+        ctx = ConnectorContext(self.name, self.log, self.stopping, self.sleep, self.report, self.dead_letter)
+        return ctx, ConnectorTask(spec, {name: self.collection(name) for name in sorted(sources)})
 
     def collection(self, name: str) -> Collection:
         """The compiled collection (cached per task)."""

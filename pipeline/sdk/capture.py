@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sdk.context import Context
+from pipeline.sdk.context import ConnectorBase
 
 
 @dataclass
@@ -30,18 +30,13 @@ class Captured:
     source_bytes: int = 0
 
 
-class Capture(ABC):
+class Capture(ConnectorBase, ABC):
     """A source reader. Build no state in ``__init__``: resume from the state passed to ``run``.
 
     MUST: set a deterministic ``metadata.id`` on every document; yield a state that covers
     exactly the documents yielded so far; return from ``run`` soon after ``ctx.stopping`` is
     set (use ``ctx.sleep`` for intervals). MUST NOT: write to Kafka itself.
     """
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.spec: Any = ctx.spec
-        self.config: Any = ctx.spec.config
 
     async def open(self) -> None:
         """Connect or check the source; raise a clear error if it cannot work at all."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from pipeline.sdk.context import Context
+    from pipeline.sdk.context import Context, Task
 
 Problems = list[tuple[str, str]]
 
@@ -31,12 +31,15 @@ Binding = Any
 class Described:
     """One binding's output as a person counts it (the demo's live view): ``label`` names it (a table,
     a key pattern, an object prefix), ``unit`` says what ``count`` counts (None: nothing to count
-    yet); ``close`` releases the connection ``count`` opened."""
+    yet); ``close`` releases the connection ``count`` opened; ``query`` is printed after the run."""
 
     label: str
     unit: str
     count: Callable[[], Awaitable[int | None]]
     close: Callable[[], Awaitable[None]] | None = None
+    query: str | None = None
+    """A command line that shows what the binding wrote (psql, redis-cli, aws s3 ls...), with the real
+    host and port and never a secret (a comment may name the variable that holds it)."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class Connector:
     kind: Literal["capture", "materialization"]
     config: type[BaseModel]
     resource: type[BaseModel]
-    build: Callable[[Context], Any]
-    """Builds the Capture or Materialization for ``ctx.spec`` (e.g. the class itself)."""
+    build: Callable[[Context, Task], Any]
+    """Builds the Capture or Materialization of ``task`` (e.g. the class itself)."""
     check: Callable[[Any, Any, str], Problems] | None = None
     """Catalog-time checks beyond the models (e.g. identifiers Postgres cannot hold), given the catalog,
     the task's spec and its place in the catalog."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
 
-from pipeline.sdk.context import Context
+from pipeline.sdk.context import ConnectorBase
 from pipeline.sdk.records import Record, TopicPartition, next_offsets
 
 Offsets = dict[TopicPartition, int]
@@ -32,35 +31,22 @@ class Applied:
 
 
 @dataclass
-class ReplayPlan:
-    """What `localflow replay` asks of a materialization (``ctx.replay``; None in a normal run).
-
-    The runtime applies it (pipeline/runtime/materialization.py); a connector only needs
-    ``start_offsets``: records below its stored offset of those partitions are to be applied again.
-    """
-
-    start_offsets: Offsets = field(default_factory=dict)
-    """Where each partition starts when assigned, instead of the stored offset (dropped once durable)."""
-    stop_at_end: Offsets | None = None
-    """The task returns once the partitions it holds are read up to these offsets."""
-    progress: Offsets | None = None
-    """Filled in by the runtime: the next offset to read of each partition (for progress bars)."""
-
-
-@dataclass
 class Batch:
     """Records of one poll, in offset order per partition, with the binding of each topic."""
 
     records: list[Record]
     bindings: dict[str, int]
     """Topic -> index of the binding in the materialization spec."""
+    reapply: frozenset[TopicPartition] = frozenset()
+    """Partitions `localflow replay` re-reads on purpose: apply their records even below the stored
+    offset (elsewhere such records are a retry of what is already durable, and are skipped)."""
 
     def next_offsets(self) -> Offsets:
         """Per partition, the offset after the last record of this batch."""
         return next_offsets(self.records)
 
 
-class Materialization(ABC):
+class Materialization(ConnectorBase, ABC):
     """An endpoint kept in step with collections. Build no state in ``__init__``.
 
     MUST: make a batch's writes and its next offsets durable together, or neither;
@@ -73,11 +59,6 @@ class Materialization(ABC):
     partition resumed or was last made durable, nor beyond the records given (else an
     ImplementationError stops the task).
     """
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.spec: Any = ctx.spec
-        self.config: Any = ctx.spec.config
 
     async def open(self) -> None:
         """Connect and create what the bindings need (tables, buckets); idempotent."""

@@ -56,6 +56,8 @@ class MaterializationProfile:
     resource: Callable[[str, bool], dict[str, Any]]
     read: Callable[[Servers, dict[str, Any], str, dict[str, Any]], Awaitable[Held]]
     secret: Callable[[Servers, str], dict[str, Any]]
+    refused: dict[str, Any] | None = None
+    """A document valid for the collection that the endpoint itself cannot hold (None: there is none)."""
 
 
 class Servers:
@@ -128,6 +130,7 @@ MATERIALIZATIONS: dict[str, MaterializationProfile] = {
         resource=lambda name, buffered: {"table": "docs"},
         read=_read_postgres,
         secret=lambda s, name: {"url": _with_password(s.postgres_url), "schema": name},
+        refused={"id": "nul", "v": 1, "note": "a\x00b"},  # jsonb cannot hold \u0000
     ),
     "redis": MaterializationProfile(
         endpoint=lambda s, name, buffered: {"url": s.redis_url, "advanced": {"state_prefix": f"{name}:lf:"}},
@@ -173,16 +176,17 @@ class Endpoint:
 
     async def started(self, ctx: TaskContext | None = None) -> Any:
         """A new worker of the task, opened (each one is a separate instance, as after a restart)."""
-        m = load_connector(self.connector).build(ctx or self.context())
+        m = load_connector(self.connector).build(*(ctx or self.context()).for_connector())
         await m.open()
         return m
 
-    def batch(self, *docs: tuple[int, dict[str, Any] | bytes]) -> Batch:
-        """Records at the given offsets of partition 0; bytes are raw values (not JSON: poison)."""
+    def batch(self, *docs: tuple[int, dict[str, Any] | bytes], reapply: bool = False) -> Batch:
+        """Records at the given offsets of partition 0; bytes are raw values (not JSON: poison);
+        ``reapply``: as `localflow replay` gives them (applied even below the stored offset)."""
         records = [Record(self.topic, 0, offset, TS, None, d, error="value is not JSON")
                    if isinstance(d, bytes) else Record(self.topic, 0, offset, TS, d["id"].encode(), orjson.dumps(d), d)
                    for offset, d in docs]
-        return Batch(records, {self.topic: 0})
+        return Batch(records, {self.topic: 0}, frozenset({self.tp}) if reapply else frozenset())
 
     async def held(self) -> Held:
         return await self.profile.read(self.servers, self.endpoint, self.collection, self.resource)
@@ -352,7 +356,7 @@ class Origin:
         return TaskContext(load_catalog(self.path, env={}), CAPTURE, "capture")
 
     def build(self, ctx: TaskContext) -> Any:
-        return load_connector(self.connector).build(ctx)
+        return load_connector(self.connector).build(*ctx.for_connector())
 
 
 @pytest.fixture

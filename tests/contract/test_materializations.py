@@ -4,7 +4,9 @@ the flush on close, and secrets kept out of the doctor's and the live view's out
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -12,8 +14,9 @@ import pytest
 from pipeline.runtime.collection import read_to_end
 from pipeline.runtime.registry import load_connector
 from pipeline.sdk.errors import Fenced
-from pipeline.sdk.materialization import ReplayPlan
+from tests.cli_support import produce, worker
 from tests.contract.conftest import SECRET, TASK, Endpoint
+from tests.helpers import wait_for_async
 
 
 def doc(id_: str, v: int) -> dict[str, object]:
@@ -62,30 +65,33 @@ async def test_replay_from_an_earlier_offset_never_makes_a_key_older(materializa
     await m.apply(e.batch((1, doc("k", 2))))
     await m.close(failed=False)
 
-    ctx = e.context()
-    ctx.replay = ReplayPlan(start_offsets={e.tp: 0})
-    replaying = await e.started(ctx)
+    replaying = await e.started()
     await replaying.assigned({e.tp})
-    await replaying.apply(e.batch((0, doc("k", 1))))
+    await replaying.apply(e.batch((0, doc("k", 1)), reapply=True))
     await replaying.close(failed=False)
     assert await e.held() == {"k": doc("k", 2)}
 
 
+@pytest.mark.parametrize("poison", ["not JSON", "refused by the endpoint"])
 async def test_a_poison_document_is_dead_lettered_and_the_batch_goes_on(
-        materialization: Callable[..., Endpoint]) -> None:
+        materialization: Callable[..., Endpoint], poison: str) -> None:
     e = materialization()
+    bad: bytes | dict[str, object] | None = b"not json" if poison == "not JSON" else e.profile.refused
+    if bad is None:
+        pytest.skip(f"{e.connector} holds every valid document (its profile names none it refuses)")
     ctx = e.context()
     m = await e.started(ctx)
     try:
         await m.assigned({e.tp})
-        applied = await m.apply(e.batch((0, doc("a", 1)), (1, b"not json"), (2, doc("b", 1))))
+        applied = await m.apply(e.batch((0, doc("a", 1)), (1, bad), (2, doc("b", 1))))
         applied.dead += (await m.close(failed=False)).dead
     finally:
         await ctx.aclose()
     assert applied.dead == 1
     assert await e.held() == {"a": doc("a", 1), "b": doc("b", 1)}
     [letter] = await read_to_end(e.catalog.kafka, ctx.collection(e.collection).dead_topic, timeout=60)
-    assert orjson.loads(letter.value)["original"] == "not json"
+    original = orjson.loads(letter.value)["original"]
+    assert original == "not json" if isinstance(bad, bytes) else orjson.loads(original) == bad
 
 
 async def test_close_flushes_what_is_buffered(materialization: Callable[..., Endpoint]) -> None:
@@ -120,3 +126,24 @@ async def test_doctor_and_live_view_never_show_the_secret(materialization: Calla
             await described.close()
     assert shown, f"{e.connector} has neither doctor nor describe"
     assert not [line for line in shown if SECRET in line], TASK
+
+
+async def test_a_worker_killed_with_sigkill_resumes_with_nothing_lost(
+        materialization: Callable[..., Endpoint], tmp_path: Path) -> None:
+    """The real thing behind the crash test above: `localflow run` as its own process, SIGKILLed while
+    it applies, then started again; the endpoint ends up holding every document, each at its last value."""
+    e = materialization()
+    first, second = [doc(f"d{i}", i) for i in range(40)], [doc(f"d{i}", 1000 + i) for i in range(20, 60)]
+    await produce(e.catalog, e.collection, first)
+    args = ("--task", TASK, "--metrics-port", "0")
+    with worker(e.catalog.path, *args, log=tmp_path / "killed.log") as w:
+        await wait_for_async(e.held, timeout=120, message="the first worker to write something")
+        assert w.stop(signal.SIGKILL) == -signal.SIGKILL
+    await produce(e.catalog, e.collection, second)
+    expected = {d["id"]: d for d in first + second}
+    with worker(e.catalog.path, *args, log=tmp_path / "resumed.log") as w:
+        async def complete() -> bool:
+            return await e.held() == expected
+
+        await wait_for_async(complete, timeout=180, message=f"all {len(expected)} documents at their last value")
+        assert w.stop() == 0, w.output()
