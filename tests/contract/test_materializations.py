@@ -14,9 +14,9 @@ import pytest
 from pipeline.runtime.collection import read_to_end
 from pipeline.runtime.registry import load_connector
 from pipeline.sdk.errors import Fenced
-from tests.cli_support import produce, worker
 from tests.contract.conftest import SECRET, TASK, Endpoint
-from tests.helpers import wait_for_async
+from tests.support.cli import produce, worker
+from tests.support.waiting import wait_for_async
 
 
 def doc(id_: str, v: int) -> dict[str, object]:
