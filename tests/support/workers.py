@@ -149,7 +149,7 @@ class Worker:
         assert code == expected, f"{self} exited {code}, not {expected}\n{self.tail()}"
 
     def __str__(self) -> str:
-        return f"process {self.pid} ({' '.join(self.argv[1:4])})"
+        return f"process {self.pid} ({' '.join(self.argv[2:5])})"
 
     def __enter__(self) -> Worker:
         return self
