@@ -9,8 +9,9 @@ from pathlib import Path
 
 import orjson
 
-from tests.support.cli import DOC_SCHEMA, cli_env, command, localflow, produce, worker, write_catalog
+from tests.support.cli import DOC_SCHEMA, cli_env, command, localflow, worker, write_catalog
 from tests.support.waiting import wait_for, wait_for_async
+from tests.support.writing import produce
 
 
 def redis_catalog(tmp_path: Path, name: str, redis_url: str) -> Path:

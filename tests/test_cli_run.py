@@ -19,9 +19,10 @@ import pipeline.telemetry.metrics  # noqa: F401 - registers every metric, to com
 from pipeline.embedded.services import free_port
 from pipeline.runtime.catalog import load_catalog
 from pipeline.runtime.collection import Collection, read_to_end
-from tests.support.cli import DOC_SCHEMA, localflow, produce, worker, write_catalog
+from tests.support.cli import DOC_SCHEMA, localflow, worker, write_catalog
 from tests.support.waiting import wait_for, wait_for_async
 from tests.support.workers import Worker
+from tests.support.writing import produce
 
 RAW_SCHEMA: dict[str, Any] = {
     "type": "object",

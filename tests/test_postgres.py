@@ -37,6 +37,7 @@ from pipeline.sdk.errors import ConfigError, EndpointError
 from tests.support.tasks import running
 from tests.support.waiting import wait_for_async
 from tests.support.workers import READER, Worker, task_worker
+from tests.support.writing import produce as write
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"reader": READER}
@@ -137,9 +138,7 @@ async def pg(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def produce(flow: Flow, docs: list[dict[str, Any]], binding: int = 0) -> None:
-    async with CollectionWriter(flow.catalog.kafka, "test") as writer:
-        result = await writer.write(flow.collection(binding), docs)
-    assert result.dead == 0
+    await write(flow.catalog, flow.collection(binding).name, docs)
 
 
 async def create_topics(flow: Flow) -> None:

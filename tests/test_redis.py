@@ -30,7 +30,7 @@ from connectors.redis.config import RedisConfig
 from connectors.redis.materialization import RedisMaterialization, doctor
 from pipeline.embedded.services import Redis as RedisServer
 from pipeline.runtime.catalog import Catalog, load_catalog
-from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.collection import Collection, read_to_end
 from pipeline.runtime.registry import load_connector
 from pipeline.runtime.task import TaskContext
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced
@@ -40,6 +40,7 @@ from pipeline.sdk.retry import Backoff
 from tests.support.tasks import running
 from tests.support.waiting import wait_for_async
 from tests.support.workers import READER, Worker, task_worker
+from tests.support.writing import produce
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,12 +83,6 @@ def last_per_id(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------- broker and Redis helpers
-
-
-async def ingest(catalog: Catalog, collection: str, docs: list[dict[str, Any]]) -> None:
-    async with CollectionWriter(catalog.kafka, "test") as writer:
-        result = await writer.write(Collection.from_catalog(catalog, collection), docs)
-    assert result.written == len(docs)
 
 
 async def topic_ends(catalog: Catalog, collection: str) -> dict[str, int]:
@@ -181,8 +176,8 @@ async def materialized(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap
     row_versions = [doc(i, v, meta={"tags": ["x", v], "nested": {"ok": v > 1}}, score=v / 4, flag=v == 2,
                         **({"region": "eu"} if v == 1 else {}))
                     for v in (1, 2) for i in ids]
-    await ingest(catalog, docs, doc_versions)
-    await ingest(catalog, rows, row_versions)
+    await produce(catalog, docs, doc_versions)
+    await produce(catalog, rows, row_versions)
     ends = await topic_ends(catalog, docs) | await topic_ends(catalog, rows)
     async with Redis.from_url(redis_url, socket_timeout=60) as client, supervised(catalog, f"{prefix}/redis"):
         await wait_checkpointed(client, prefix, f"{prefix}/redis", ends)
@@ -456,7 +451,7 @@ async def test_kill_9_at_random_points_leaves_the_last_document_per_key(
     flow = streamed(tmp_path, kafka_bootstrap, redis_url, unique_name(), partitions=3)
     ids = [f"{ODD_IDS[k % len(ODD_IDS)]}:{k}" for k in range(5_000)]
     docs = [doc(ids[i % len(ids)], i) for i in range(100_000)]
-    await ingest(flow.catalog, flow.coll, docs)
+    await produce(flow.catalog, flow.coll, docs)
     ends = await flow.ends()
 
     seed = random.randrange(1 << 30)
@@ -495,11 +490,11 @@ async def crash_while_streaming(tmp_path: Path, kafka: str, server: RedisServer,
     flow = streamed(tmp_path, kafka, server.url, prefix, partitions=3, retry={"give_up_after": "2m"})
     waves = [[doc(f"k{i % 500}", w * 10_000 + i) for i in range(3_000)] for w in (0, 1)]
     async with Redis.from_url(server.url, socket_timeout=60) as client, supervised(flow.catalog, flow.task) as ctx:
-        await ingest(flow.catalog, flow.coll, waves[0])
+        await produce(flow.catalog, flow.coll, waves[0])
         await wait_checkpointed(client, prefix, flow.task, await flow.ends())
         failures = errors_of(flow.task, "endpoint")
         server.kill()
-        await ingest(flow.catalog, flow.coll, waves[1])
+        await produce(flow.catalog, flow.coll, waves[1])
         await wait_for_async(lambda: errors_of(flow.task, "endpoint") > failures, timeout=30,
                              message="the task to meet the dead Redis")
         server.start()
@@ -538,7 +533,7 @@ async def test_two_workers_share_partitions_and_a_paused_one_is_fenced(
 
     async def wave() -> None:
         new = [doc(f"k{i % 2_000}", len(docs) + i) for i in range(5_000)]
-        await ingest(flow.catalog, flow.coll, new)
+        await produce(flow.catalog, flow.coll, new)
         docs.extend(new)
         await wait_checkpointed(r, flow.prefix, flow.task, await flow.ends(), within=60)
 

@@ -44,6 +44,7 @@ from pipeline.sdk.records import Record
 from tests.support.tasks import running
 from tests.support.waiting import wait_for_async
 from tests.support.workers import READER, Worker, task_worker
+from tests.support.writing import produce
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
@@ -89,11 +90,6 @@ def env(kafka_bootstrap: str, s3_endpoint_url: str, unique_name: Callable[..., s
 
 def docs(tag: str, n: int, pad: int = 0) -> list[dict[str, Any]]:
     return [{"id": f"{tag}-{i}", "n": i, **({"pad": "x" * pad} if pad else {})} for i in range(n)]
-
-
-async def produce(catalog: Catalog, collection: str, documents: list[dict[str, Any]]) -> None:
-    async with CollectionWriter(catalog.kafka, "test") as writer:
-        await writer.write(Collection.from_catalog(catalog, collection), documents)
 
 
 async def produce_at(catalog: Catalog, collection: str, values: list[tuple[bytes, int]]) -> None:

@@ -187,13 +187,18 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
             shown = {"metrics": [], "status": []}
             async with httpx.AsyncClient() as client:
                 for w in workers:
-                    url = re.search(r"on (http://127\.0\.0\.1:\d+) ", w.output()).group(1)
+                    url = w.current.worker.url()
                     shown["metrics"].append((await client.get(url + "/metrics")).text)
                     shown["status"].append((await client.get(url + "/status")).text)
         finally:
             await redis.aclose()
-        for w in workers:
-            assert w.terminate() == 0, w.output()[-3000:]
+            try:
+                codes = [w.terminate() for w in workers]
+            finally:
+                for w in workers:
+                    w.close()
+        for w, code in zip(workers, codes, strict=True):
+            assert code == 0, w.output()[-3000:]
         shown["logs"] = [w.output() for w in workers]
         assert '"level":"debug"' in shown["logs"][0] and " DEBUG " in shown["logs"][1], "debug logs, the most verbose"
         shown["topics"] = await _all_topics(services.kafka.bootstrap_servers)

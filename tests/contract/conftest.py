@@ -58,6 +58,8 @@ class MaterializationProfile:
     secret: Callable[[Servers, str], dict[str, Any]]
     refused: dict[str, Any] | None = None
     """A document valid for the collection that the endpoint itself cannot hold (None: there is none)."""
+    reapplies: bool = True
+    """Whether a replay writes records below the stored offset again (an archive keeps what it sealed)."""
 
 
 class Servers:
@@ -147,6 +149,7 @@ MATERIALIZATIONS: dict[str, MaterializationProfile] = {
         read=_read_s3,
         secret=lambda s, name: {"bucket": name, "endpoint_url": s.s3_endpoint_url, "aws_access_key_id": "test",
                                 "aws_secret_access_key": SECRET},
+        reapplies=False,
     ),
 }
 

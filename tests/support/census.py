@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,15 +65,6 @@ def _key_value(raw: bytes | None) -> Any:
     except orjson.JSONDecodeError:
         return raw
     return values[0] if isinstance(values, list) and len(values) == 1 else orjson.dumps(values).decode()
-
-
-async def read_topics(bootstrap: str, collections: Iterable[str] = COLLECTIONS) -> dict[str, TopicContent]:
-    """Every record and dead letter of the collections, read from the start."""
-    kafka, nexts = KafkaConfig(bootstrap_servers=bootstrap), {}
-    out = {c: TopicContent() for c in collections}
-    for c, content in out.items():
-        await _read_new(kafka, c, content, nexts)
-    return out
 
 
 async def _read_to_end_retried(kafka: KafkaConfig, name: str, from_offsets: dict[int, int]) -> list[Record]:

@@ -19,8 +19,6 @@ from typing import Any
 
 import yaml
 
-from pipeline.runtime.catalog import Catalog, load_catalog
-from pipeline.runtime.collection import Collection, CollectionWriter
 from tests.support.workers import ROOT, Worker, python_module
 
 DOC_SCHEMA: dict[str, Any] = {
@@ -72,9 +70,3 @@ def worker(catalog: Path, *args: str, log: Path, env: dict[str, str] | None = No
     with command("run", str(catalog), *args, log=log, stdout=subprocess.DEVNULL, env=env) as w:
         yield w
 
-
-async def produce(catalog: Catalog | Path, collection: str, docs: list[dict[str, Any]]) -> None:
-    """Write documents into a collection of the catalog, as a capture would."""
-    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
-    async with CollectionWriter(cat.kafka, "test-writer") as writer:
-        await writer.write(Collection.from_catalog(cat, collection), docs)

@@ -211,13 +211,14 @@ async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.
         census = Census(infra.kafka.bootstrap_servers, ends.postgres.url, ends.redis.url, ends.s3.endpoint_url)
         pipeline.start()
         yield Sophia(infra, ends, sources, proxy, logs, pipeline, census, table, random.Random(SEED))
-    finally:
-        if pipeline is not None:
-            pipeline.stop()
-        if sources is not None:
-            sources.close()
-        ends.stop()
-        infra.stop()
+    finally:  # every step runs even when one before it fails (in reverse order of these lines)
+        with contextlib.ExitStack() as teardown:
+            teardown.callback(infra.stop)
+            teardown.callback(ends.stop)
+            if sources is not None:
+                teardown.callback(sources.close)
+            if pipeline is not None:
+                teardown.callback(pipeline.stop)
 
 
 def bad_input(s: Sophia) -> None:

@@ -153,6 +153,11 @@ class TaskProcess:
             run.worker.kill()
             raise AssertionError(f"{self.name} did not stop within {timeout:g}s of SIGTERM; log: {run.log}") from None
 
+    def close(self) -> None:
+        """End whatever incarnation still runs (SIGTERM, then SIGKILL after its grace): a teardown."""
+        for run in self.runs:
+            run.worker.close()
+
     def output(self, all_runs: bool = True) -> str:
         runs = self.runs if all_runs else self.runs[-1:]
         return "".join(r.worker.output() for r in runs)
@@ -188,7 +193,14 @@ class Pipeline:
         running = [t for t in self.tasks.values() if t.running]
         for task in running:
             task.signal_stop()
-        return {task.name: task.terminate() for task in running}
+        codes: dict[str, int] = {}
+        try:
+            for task in running:
+                codes[task.name] = task.terminate()
+        finally:  # one that did not stop must not leave the others running
+            for task in running:
+                task.close()
+        return codes
 
     def unexpected_exits(self) -> list[str]:
         return [f"{name}: {e}" for name, t in self.tasks.items() for e in t.exited_unexpectedly()]

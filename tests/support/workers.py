@@ -135,7 +135,8 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def url(self, pattern: str = r"on (http://127\.0\.0\.1:\d+) ", what: str = "its metrics URL") -> str:
+    def url(self, pattern: str = r"metrics, health and status on (http://127\.0\.0\.1:\d+) ",
+            what: str = "its metrics URL") -> str:
         """The first URL the process logged that ``pattern`` matches (`localflow run --metrics-port 0`)."""
         found = wait_for(lambda: re.search(pattern, self.output()), timeout=30, message=f"{self} to log {what}")
         return found.group(1)
