@@ -23,9 +23,9 @@ from pipeline.control.client import LocalflowClient
 from pipeline.embedded.services import free_port
 from pipeline.runtime.catalog import load_catalog
 from pipeline.runtime.collection import read_to_end
-from tests.api_support import RAW_SCHEMA, Source, api_url, api_worker
-from tests.cli_support import cli_env, localflow, worker, write_catalog
-from tests.helpers import wait_for, wait_for_async
+from tests.support.api import RAW_SCHEMA, Source, api_url, api_worker
+from tests.support.cli import cli_env, localflow, worker, write_catalog
+from tests.support.waiting import wait_for, wait_for_async
 
 SOPHIA = Path(__file__).resolve().parent.parent / "examples/sophia/flow.yaml"
 

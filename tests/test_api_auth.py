@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from pipeline.control.client import LocalflowAPIError, LocalflowClient
-from tests.api_support import RAW_SCHEMA, api_worker
-from tests.cli_support import cli_env, localflow, write_catalog
+from tests.support.api import RAW_SCHEMA, api_worker
+from tests.support.cli import cli_env, localflow, write_catalog
 
 TOKEN = "lf-test-token-7f3a9c2e41"
 
@@ -55,19 +55,13 @@ async def test_without_the_token_or_with_a_wrong_one_every_route_answers_401(
             answers = [health, made, await client.list_tasks(), await client.list_collections(),
                        await client.task_status(f"{prefix}/cap")]
         assert repr(LocalflowClient(url, token=TOKEN)) == f"LocalflowClient({url!r})"
-        metrics_url = _metrics_url(w.output())
+        metrics_url = w.url()
         async with httpx.AsyncClient() as raw:
             status = (await raw.get(f"{metrics_url}/status")).text
         assert f"{prefix}/cap" in status
     assert "every request must carry LOCALFLOW_API_TOKEN" in w.output()
     for shown in (w.output(), status, *map(str, answers)):
         assert TOKEN not in shown
-
-
-def _metrics_url(log: str) -> str:
-    found = re.search(r"metrics, health and status on (http://127\.0\.0\.1:\d+) ", log)
-    assert found, log
-    return found.group(1)
 
 
 def test_a_bind_beyond_loopback_without_a_token_is_refused_at_startup(tmp_path: Path, kafka_bootstrap: str,

@@ -17,9 +17,9 @@ import yaml
 from pipeline.control.client import LocalflowClient
 from pipeline.runtime.catalog import load_catalog
 from pipeline.runtime.collection import read_to_end
-from tests.api_support import RAW_SCHEMA, Source, api_worker
-from tests.cli_support import cli_env, localflow, write_catalog
-from tests.helpers import wait_for, wait_for_async
+from tests.support.api import RAW_SCHEMA, Source, api_worker
+from tests.support.cli import cli_env, localflow, write_catalog
+from tests.support.waiting import wait_for, wait_for_async
 
 
 def capture(url: str, target: str, interval: str = "200ms") -> dict[str, Any]:

@@ -34,9 +34,9 @@ from pipeline.embedded.services import Services
 from pipeline.runtime.catalog import KafkaConfig, load_catalog
 from pipeline.runtime.collection import Collection, CollectionWriter, original_of
 from pipeline.sdk.errors import ConfigError
-from tests.pipeline_harness import (
+from tests.support.census import Census, Endpoints, TopicContent
+from tests.support.pipeline import (
     AGENT_LOGS,
-    API_PATH,
     API_TASK,
     EXAMPLE,
     LOGS_TASK,
@@ -46,17 +46,13 @@ from tests.pipeline_harness import (
     PROCESSED,
     RAW,
     TASKS,
-    AgentLogs,
-    Census,
-    Endpoints,
     Pipeline,
-    SourceServer,
-    TopicContent,
-    abort_connection,
     pipeline_env,
     sophia_catalog,
     topic,
 )
+from tests.support.sources import API_PATH, AgentLogs, SourceServer, abort_connection
+from tests.support.tasks import running
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 MANIFEST: dict[str, Any] = yaml.safe_load((CORPUS / "manifest.yaml").read_text(encoding="utf-8"))
@@ -668,7 +664,6 @@ async def test_isolated_case(case_id: str, tmp_path: Path, services_env: dict[st
                              unique_name: Callable[..., str], request: pytest.FixtureRequest) -> None:
     """A log line that must not be fed to the shared run: the files capture alone, then a sentinel."""
     from pipeline.runtime.collection import read_to_end
-    from pipeline.runtime.task import run_tasks
 
     case = CASES[case_id]
     if case.get("known_issue"):
@@ -690,10 +685,8 @@ async def test_isolated_case(case_id: str, tmp_path: Path, services_env: dict[st
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(catalog_doc))
     catalog = load_catalog(path)
-    stopping = asyncio.Event()
-    runner = asyncio.create_task(run_tasks(catalog, None, stopping))
     kafka = catalog.kafka
-    try:
+    async with running(catalog, f"{name}/tail"):
         deadline = time.monotonic() + 15
         while True:
             docs = [orjson.loads(r.value) for r in await read_to_end(kafka, topic(collection))]
@@ -701,9 +694,6 @@ async def test_isolated_case(case_id: str, tmp_path: Path, services_env: dict[st
                 break
             await asyncio.sleep(0.5)  # polling the topic, bounded by the deadline
         dead = [orjson.loads(r.value) for r in await read_to_end(kafka, topic(collection) + ".dead")]
-    finally:
-        stopping.set()
-        await asyncio.wait_for(runner, 30)
     assert any((d.get("data") or {}).get("sentinel") == "after" for d in docs), "the line after it was captured"
     expect = case["expect"]
     assert [d for d in dead if all(p in d["error"] for p in expect["error_contains"])], [d["error"] for d in dead]

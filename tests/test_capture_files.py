@@ -11,17 +11,16 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.files_support import Flow, running, write_lines
-from tests.helpers import wait_for_async
+from tests.support.files import Flow, write_lines
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.workers import task_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ID = re.compile(r"^[0-9a-f]{16}(\.\d+)?:\d+$")
@@ -61,7 +60,7 @@ async def test_json_and_plain_lines_become_raw_documents(flow: Flow) -> None:
         "ts=now level=debug msg=probe",
         "no level here",
     ])
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         await wait_for_messages(flow, 5)
     docs = await flow.documents()
 
@@ -86,7 +85,7 @@ async def test_json_and_plain_lines_become_raw_documents(flow: Flow) -> None:
 async def test_partial_last_line_is_held_until_its_newline(flow: Flow) -> None:
     log = flow.logs / "agent.log"
     log.write_text("first\nsecond, still being writ")
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         await wait_for_checkpoint(flow, lambda s: any(e["offset"] == 6 for e in s["files"].values()))
         with log.open("a") as f:
             f.write("ten\nthird\n")
@@ -96,7 +95,7 @@ async def test_partial_last_line_is_held_until_its_newline(flow: Flow) -> None:
 
 async def test_periodic_rescan_finds_lines_without_file_events(flow: Flow) -> None:
     catalog = flow.catalog(globs=["**/*.log"], interval="300ms", advanced={"watch": False})
-    async with running(catalog, flow.task):
+    async with running(catalog, flow.task, check_errors=True):
         await wait_for_checkpoint(flow)
         write_lines(flow.logs / "agent.log", ["found by the rescan"])
         (flow.logs / "sub").mkdir()
@@ -107,7 +106,7 @@ async def test_periodic_rescan_finds_lines_without_file_events(flow: Flow) -> No
 
 async def test_rename_rotation_finishes_the_old_file_then_reads_the_new_one(flow: Flow) -> None:
     log = flow.logs / "agent.log"
-    async with running(flow.catalog(globs=["*.log"]), flow.task):
+    async with running(flow.catalog(globs=["*.log"]), flow.task, check_errors=True):
         with log.open("a") as writer:  # the agent's open file, kept across the rotation
             writer.write("old 1\nold 2\n")
             writer.flush()
@@ -131,7 +130,7 @@ async def test_fast_rename_rotation_with_deletion_loses_no_line(flow: Flow) -> N
                 (flow.logs / f"agent.log.{n}").rename(flow.logs / f"agent.log.{n + 1}")
         log.rename(flow.logs / "agent.log.1")
 
-    async with running(flow.catalog(globs=["*.log"]), flow.task):
+    async with running(flow.catalog(globs=["*.log"]), flow.task, check_errors=True):
         for start in range(0, total, 80):  # about 800 lines a second, a new file every 2 seconds
             if start and start % per_file == 0:
                 rotate()
@@ -145,7 +144,7 @@ async def test_copytruncate_reads_the_file_again_from_zero_under_new_keys(flow: 
     log = flow.logs / "agent.log"
     header = "# sophia agent log"  # same first line after the truncation: same fingerprint
     write_lines(log, [header, "before 1", "before 2", "before 3"])
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         await wait_for_messages(flow, 4)
         shutil.copy(log, flow.logs / "agent.log.1")
         with log.open("r+") as f:
@@ -159,7 +158,7 @@ async def test_copytruncate_reads_the_file_again_from_zero_under_new_keys(flow: 
 async def test_file_that_vanishes_and_reappears_resumes_at_its_offset(flow: Flow, tmp_path: Path) -> None:
     log = flow.logs / "agent.log"
     write_lines(log, ["line 1", "line 2"])
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         await wait_for_messages(flow, 2)
         away = tmp_path / "elsewhere.log"
         log.rename(away)
@@ -173,7 +172,7 @@ async def test_file_that_vanishes_and_reappears_resumes_at_its_offset(flow: Flow
 
 async def test_start_at_end_skips_history_but_not_new_lines_or_new_files(flow: Flow) -> None:
     write_lines(flow.logs / "old.log", ["history 1", "history 2"])
-    async with running(flow.catalog(start_at="end"), flow.task):
+    async with running(flow.catalog(start_at="end"), flow.task, check_errors=True):
         await wait_for_checkpoint(flow)
         write_lines(flow.logs / "old.log", ["appended"])
         write_lines(flow.logs / "new.log", ["new file 1", "new file 2"])
@@ -184,7 +183,7 @@ async def test_start_at_end_skips_history_but_not_new_lines_or_new_files(flow: F
 async def test_line_over_max_line_bytes_is_a_dead_letter_and_reading_goes_on(flow: Flow) -> None:
     log = flow.logs / "agent.log"
     write_lines(log, ["before", "x" * 5000, "after"])
-    async with running(flow.catalog(max_line_bytes=1000), flow.task):
+    async with running(flow.catalog(max_line_bytes=1000), flow.task, check_errors=True):
         messages = await wait_for_messages(flow, 2)
         dead = await wait_for_async(flow.dead_letters, timeout=30, message="a dead letter")
     assert messages == ["before", "after"]
@@ -195,7 +194,7 @@ async def test_line_over_max_line_bytes_is_a_dead_letter_and_reading_goes_on(flo
 
 async def test_invalid_utf8_is_kept_with_replacement_characters(flow: Flow) -> None:
     (flow.logs / "agent.log").write_bytes(b"caf\xe9 ERROR\nok\n")
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         messages = await wait_for_messages(flow, 2)
     assert messages == ["caf\ufffd ERROR", "ok"]
 
@@ -209,7 +208,7 @@ async def test_symlink_out_of_the_directory_is_not_read(flow: Flow, tmp_path: Pa
     write_lines(tmp_path / "outside_dir" / "deep.log", ["behind a directory link"])
     (flow.logs / "sub" / "linked").symlink_to(tmp_path / "outside_dir")
     write_lines(flow.logs / "inside.log", ["inside 1"])
-    async with running(flow.catalog(globs=["**/*.log"]), flow.task):
+    async with running(flow.catalog(globs=["**/*.log"]), flow.task, check_errors=True):
         await wait_for_messages(flow, 1)
         write_lines(secret, ["more outside"])
         write_lines(tmp_path / "outside_dir" / "deep.log", ["more behind the link"])  # an event, via the link
@@ -232,7 +231,7 @@ async def test_thousand_files_are_all_read_with_few_open_files(flow: Flow) -> No
     before = len(os.listdir("/proc/self/fd"))
     sampler = asyncio.create_task(sample())
     try:
-        async with running(flow.catalog(advanced={"max_open_files": 32}), flow.task):
+        async with running(flow.catalog(advanced={"max_open_files": 32}), flow.task, check_errors=True):
             for name in names[500:]:
                 write_lines(flow.logs / name, [f"{name} a"])
             for name in names:
@@ -248,10 +247,10 @@ async def test_thousand_files_are_all_read_with_few_open_files(flow: Flow) -> No
 async def test_restart_resumes_from_the_checkpoint_without_duplicates(flow: Flow) -> None:
     log = flow.logs / "agent.log"
     write_lines(log, [f"first run {i}" for i in range(10)])
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         await wait_for_messages(flow, 10)
     write_lines(log, [f"while stopped {i}" for i in range(10)])
-    async with running(flow.catalog(), flow.task):
+    async with running(flow.catalog(), flow.task, check_errors=True):
         write_lines(log, [f"second run {i}" for i in range(10)])
         messages = await wait_for_messages(flow, 30)
     assert messages == ([f"first run {i}" for i in range(10)] + [f"while stopped {i}" for i in range(10)]
@@ -262,28 +261,19 @@ async def test_kill_9_mid_stream_resends_at_most_the_last_batch_with_the_same_ke
     batch, total = 200, 20_000
     catalog = flow.catalog(advanced={"batch_lines": batch})
     log = flow.logs / "agent.log"
-    with (flow.root / "worker.log").open("wb") as worker_log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests/files_support.py"), str(flow.root / "flow.yaml"), flow.task,
-            cwd=ROOT, stdout=worker_log, stderr=subprocess.STDOUT)
-    try:
+    with task_worker(flow.root / "flow.yaml", flow.task, flow.root / "worker.log") as proc:
         written = 0
         while written < total:
             write_lines(log, [f"line {i:06d} " + "x" * 40 for i in range(written, written + 500)])
             written += 500
             if written == 5000:
                 await wait_for_messages(flow, 2000)
-                os.kill(proc.pid, signal.SIGKILL)  # mid-stream: lines are still being read and written
-                await asyncio.wait_for(proc.wait(), timeout=30)
+                proc.kill()  # mid-stream: lines are still being read and written
             await asyncio.sleep(0.005)  # a steady writer, not one burst
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), timeout=30)
     before_restart = len(await flow.messages())
     assert before_restart < total, "the kill should have come mid-stream"
 
-    async with running(catalog, flow.task):
+    async with running(catalog, flow.task, check_errors=True):
         await wait_for_async(lambda: _distinct_keys(flow, total), timeout=120, interval=0.3,
                              message=f"{total} distinct keys")
     docs = await flow.documents()

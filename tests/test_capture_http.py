@@ -31,8 +31,10 @@ from pipeline.runtime.checkpoint import KafkaCheckpoints, Presence
 from pipeline.runtime.collection import read_to_end
 from pipeline.runtime.registry import load_connector
 from pipeline.sdk.errors import ConfigError
-from tests.cli_support import cli_env, worker
-from tests.helpers import running, serve_on_loopback, wait_for_async
+from tests.support.cli import cli_env, worker
+from tests.support.sources import serve_on_loopback
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
 """The SPEC's raw document schema, which every capture writes."""

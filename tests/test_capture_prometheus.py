@@ -24,7 +24,8 @@ from connectors.prometheus.parse import series_id
 from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
 from pipeline.runtime.collection import read_to_end
 from pipeline.runtime.registry import load_connector
-from tests.helpers import running, wait_for_async
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
 
 RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
 """The SPEC's raw document schema, which every capture writes."""

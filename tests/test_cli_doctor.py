@@ -11,7 +11,8 @@ from pathlib import Path
 import orjson
 
 from pipeline.embedded.services import free_port
-from tests.cli_support import ROOT, cli_env, localflow, redis_catalog
+from tests.support.cli import cli_env, localflow, redis_catalog
+from tests.support.workers import ROOT
 
 
 def jwt(**claims: int) -> str:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
-from tests.cli_support import DOC_SCHEMA, cli_env, localflow, produce, spawn, worker, write_catalog
-from tests.helpers import wait_for, wait_for_async
+from tests.support.cli import DOC_SCHEMA, cli_env, command, localflow, worker, write_catalog
+from tests.support.waiting import wait_for, wait_for_async
+from tests.support.writing import produce
 
 
 def redis_catalog(tmp_path: Path, name: str, redis_url: str) -> Path:
@@ -55,19 +55,12 @@ async def test_preview_without_from_beginning_prints_only_documents_written_afte
     name = unique_name()
     catalog = redis_catalog(tmp_path, name, redis_url)
     await produce(catalog, f"{name}/events", [{"id": f"old{i}", "n": i} for i in range(20)])
-    err = tmp_path / "preview.err"
-    with err.open("w") as stderr:
-        proc = spawn("preview", f"{name}/events", "-c", str(catalog), "--limit", "3",
-                     stdout=subprocess.PIPE, stderr=stderr)
-    try:
+    err, out = tmp_path / "preview.err", tmp_path / "preview.out"
+    with command("preview", f"{name}/events", "-c", str(catalog), "--limit", "3", log=err, stdout=out) as proc:
         wait_for(lambda: "waiting for new documents" in err.read_text(), timeout=30, message="preview to start")
         await produce(catalog, f"{name}/events", [{"id": f"new{i}", "n": i} for i in range(3)])
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0
-    assert sorted(orjson.loads(line)["id"] for line in out.splitlines()) == ["new0", "new1", "new2"]
+        assert proc.wait(timeout=30) == 0
+    assert sorted(orjson.loads(line)["id"] for line in out.read_text().splitlines()) == ["new0", "new1", "new2"]
 
 
 def test_preview_of_an_unknown_collection_exits_2_listing_the_collections(
@@ -163,14 +156,8 @@ async def test_status_watch_refreshes_until_interrupted(
     catalog = redis_catalog(tmp_path, name, redis_url)
     await produce(catalog, f"{name}/events", [{"id": "k", "n": 1}])
     out = tmp_path / "watch.out"
-    with out.open("w") as stdout:
-        proc = spawn("status", str(catalog), "--watch", "--interval", "0.2", stdout=stdout,
-                     stderr=subprocess.STDOUT)
-    try:
+    with command("status", str(catalog), "--watch", "--interval", "0.2", log=out) as proc:
         await wait_for_async(lambda: out.read_text().count(f"{name}/cache (materialization)") >= 1, timeout=30,
                              message="a first status table")
-        proc.send_signal(signal.SIGINT)
+        proc.send(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, out.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -12,7 +12,8 @@ from aiokafka import AIOKafkaProducer
 
 from pipeline.runtime.catalog import load_catalog
 from pipeline.runtime.collection import Collection, read_to_end
-from tests.cli_support import DOC_SCHEMA, localflow, produce, write_catalog
+from tests.support.cli import DOC_SCHEMA, localflow, write_catalog
+from tests.support.writing import produce
 
 
 @pytest.fixture

@@ -19,8 +19,10 @@ import pipeline.telemetry.metrics  # noqa: F401 - registers every metric, to com
 from pipeline.embedded.services import free_port
 from pipeline.runtime.catalog import load_catalog
 from pipeline.runtime.collection import Collection, read_to_end
-from tests.cli_support import DOC_SCHEMA, Worker, localflow, produce, worker, write_catalog
-from tests.helpers import wait_for, wait_for_async
+from tests.support.cli import DOC_SCHEMA, localflow, worker, write_catalog
+from tests.support.waiting import wait_for, wait_for_async
+from tests.support.workers import Worker
+from tests.support.writing import produce
 
 RAW_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -198,7 +200,7 @@ def test_sigterm_abandons_a_hung_poll_after_its_grace_and_exits_0(
 def test_a_second_signal_exits_at_once(
         tmp_path: Path, services_env: dict[str, str], unique_name: Callable[..., str]) -> None:
     with worker_stuck_in_a_request(tmp_path, unique_name(), "120") as w:
-        w.proc.send_signal(signal.SIGTERM)
+        w.send(signal.SIGTERM)
         wait_for(lambda: "received SIGTERM" in w.output(), timeout=30, message="the first signal logged")
         assert w.stop(signal.SIGINT, timeout=10) == 128 + signal.SIGINT
     assert "received SIGINT again: exiting at once" in w.output()

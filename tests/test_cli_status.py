@@ -10,8 +10,8 @@ from pathlib import Path
 import orjson
 
 from pipeline.embedded.services import free_port
-from tests.cli_support import cli_env, localflow, redis_catalog, worker
-from tests.helpers import wait_for
+from tests.support.cli import cli_env, localflow, redis_catalog, worker
+from tests.support.waiting import wait_for
 
 HINT = "no broker? try localflow demo --keep-services"
 

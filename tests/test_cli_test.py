@@ -10,7 +10,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.embedded.services import free_port
 from pipeline.runtime.catalog import KafkaConfig
-from tests.cli_support import DOC_SCHEMA, ROOT, cli_env, localflow, write_catalog
+from tests.support.cli import DOC_SCHEMA, cli_env, localflow, write_catalog
+from tests.support.workers import ROOT
 
 
 def catalog_with_tests(tmp_path: Path, name: str, tests: dict[str, Any]) -> Path:

@@ -12,9 +12,7 @@ little while, and two workers polling one capture at once would overlap there.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,19 +29,12 @@ from aiohttp import web
 from pipeline.runtime.catalog import KafkaConfig
 from pipeline.runtime.checkpoint import CHECKPOINT_PREFIX, CaptureCheckpoint, KafkaCheckpoints, next_epoch
 from pipeline.runtime.collection import CollectionWriter, read_to_end
-from tests.faults_support import Sophia, open_sophia
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
-    API_PATH,
-    API_TASK,
-    CAPTURES,
-    CONSUMERS,
-    METRICS_PATH,
-    ROOT,
-    Pipeline,
-    TaskProcess,
-    settle,
-)
+from tests.support.faults import Sophia, open_sophia
+from tests.support.judge import settle
+from tests.support.pipeline import API_TASK, CAPTURES, CONSUMERS, Pipeline, TaskProcess
+from tests.support.sources import API_PATH, METRICS_PATH
+from tests.support.waiting import wait_for_async
+from tests.support.workers import ROOT
 
 CLUSTER = "sophia"
 WORKERS = 3
@@ -287,7 +278,7 @@ async def test_a_worker_stopped_past_the_session_timeout_cannot_move_the_checkpo
         proc = s.pipeline.tasks[victim].current
         assert proc is not None
         before = len(await checkpoints_of(kafka, API_TASK))
-        os.kill(proc.proc.pid, signal.SIGSTOP)
+        proc.worker.pause()
         try:
             successor = await held_by_one(s, API_TASK, not_by=victim)
 
@@ -296,7 +287,7 @@ async def test_a_worker_stopped_past_the_session_timeout_cannot_move_the_checkpo
 
             await wait_for_async(successor_saved, timeout=60, message="the successor's checkpoints")
         finally:
-            os.kill(proc.proc.pid, signal.SIGCONT)
+            proc.worker.resume()
         stopped_at = len(s.pipeline.tasks[victim].output(all_runs=False))
 
         def noticed() -> bool:  # the woken worker learns it lost the lease: its capture stops

@@ -29,7 +29,7 @@ import redis
 import yaml
 
 from tests.compose.engine import ROOT, Compose, docker_engine
-from tests.helpers import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]  # a cold cache builds every image
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.embedded.demo_sources import RECORD_TYPES, AgentLogWriter, DemoMetrics, DemoSources
-from tests.helpers import wait_for_async
+from tests.support.waiting import wait_for_async
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

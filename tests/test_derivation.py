@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,12 +22,14 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog
-from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.collection import Collection, read_to_end
 from pipeline.runtime.derivation import DerivationTask
 from pipeline.runtime.task import TaskContext
 from pipeline.sdk.errors import ConfigError
 from pipeline.sdk.records import Record
-from tests.helpers import wait_for, wait_for_async
+from tests.support.waiting import wait_for_async
+from tests.support.workers import Worker, task_worker
+from tests.support.writing import produce
 from transforms import sqlite as sqlite_engine
 from transforms.sophia import enrich
 
@@ -78,12 +79,6 @@ def derived_by(prefix: str, engine: str, transforms: list[dict[str, str]],
 
 
 # -------------------------------------------------------------------------------- broker helpers
-
-
-async def ingest(catalog: Catalog, collection: str, docs: list[dict[str, Any]]) -> None:
-    async with CollectionWriter(catalog.kafka, "test") as writer:
-        result = await writer.write(Collection.from_catalog(catalog, collection), docs)
-    assert result.written == len(docs)
 
 
 async def produce_unvalidated(catalog: Catalog, collection: str, key: list[Any], value: bytes) -> None:
@@ -166,7 +161,7 @@ async def test_sophia_derivation_enriches_each_data_type(tmp_path: Path, kafka_b
     p = unique_name()
     catalog = write_catalog(tmp_path, kafka_bootstrap, sophia_collections(p))
     raw_name, processed = f"{p}/sophia_raw_data", f"{p}/sophia_processed_data"
-    await ingest(catalog, raw_name, [
+    await produce(catalog, raw_name, [
         raw("a", {"type": "agent_interaction", "agent_id": "research", "confidence": 0.9}),
         raw("m", {"type": "system_metric", "name": "cpu", "value": 0.7, "confidence": 1.5}),
         raw("u", {"type": "user_query", "query": "status?", "confidence": "high"}),
@@ -204,7 +199,7 @@ async def test_output_that_breaks_the_schema_is_a_dead_letter_naming_the_transfo
     raw_name, processed = f"{p}/sophia_raw_data", Collection.from_catalog(catalog, f"{p}/sophia_processed_data")
     no_metadata = {"timestamp": "2025-01-06T10:00:00Z", "source": "old-writer", "data": {"type": "user_query"}}
     await produce_unvalidated(catalog, raw_name, ["old"], orjson.dumps(no_metadata))
-    await ingest(catalog, raw_name, [raw("ok", {"type": "user_query"})])
+    await produce(catalog, raw_name, [raw("ok", {"type": "user_query"})])
 
     async with derivation(catalog, processed.name) as task:
         [dead] = await read_docs(catalog, processed.dead_topic, task, 1)
@@ -222,7 +217,7 @@ async def test_stopped_worker_has_committed_every_input(tmp_path: Path, kafka_bo
     catalog = write_catalog(tmp_path, kafka_bootstrap, sophia_collections(p))
     raw_name, processed = f"{p}/sophia_raw_data", f"{p}/sophia_processed_data"
     docs = [raw(f"k{i}", {"type": "user_query", "n": i}) for i in range(30)]
-    await ingest(catalog, raw_name, docs)
+    await produce(catalog, raw_name, docs)
 
     async with derivation(catalog, processed) as task:
         await read_docs(catalog, Collection.from_catalog(catalog, processed).topic, task, 30)
@@ -426,7 +421,7 @@ def shout_catalog(tmp_path: Path, kafka_bootstrap: str, p: str) -> Catalog:
 async def shouted(tmp_path: Path, kafka_bootstrap: str, p: str) -> tuple[Catalog, list[Record]]:
     """The shout derivation's outputs of inputs a (two words, offset 0), b (none) and c (one, offset 2)."""
     catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
-    await ingest(catalog, f"{p}/in", [raw("a", {"text": "hello world"}), raw("b", {}), raw("c", {"text": "hi"})])
+    await produce(catalog, f"{p}/in", [raw("a", {"text": "hello world"}), raw("b", {}), raw("c", {"text": "hi"})])
     async with derivation(catalog, f"{p}/out") as task:
         return catalog, await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
 
@@ -464,7 +459,7 @@ async def test_a_lambda_slower_than_the_session_keeps_its_partitions_and_commits
         f"{p}/in": {"schema": RAW_SCHEMA, "key": ["/metadata/id"]},
         **derived_by(p, "python", [{"name": "slow", "source": f"{p}/in", "lambda": f"{p}_slow:slow"}]),
     })
-    await ingest(catalog, f"{p}/in", [raw("slow", {}), raw("a", {})])
+    await produce(catalog, f"{p}/in", [raw("slow", {}), raw("a", {})])
     in_topic = Collection.from_catalog(catalog, f"{p}/in").topic
 
     ticks: list[float] = []
@@ -494,7 +489,7 @@ async def test_a_batch_past_its_time_bound_commits_what_it_derived_and_reads_the
         tmp_path: Path, kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
     p = unique_name()
     catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
-    await ingest(catalog, f"{p}/in", [raw(f"k{i}", {"text": f"w{i}"}) for i in range(9)])
+    await produce(catalog, f"{p}/in", [raw(f"k{i}", {"text": f"w{i}"}) for i in range(9)])
     out = Collection.from_catalog(catalog, f"{p}/out")
 
     async with derivation(catalog, out.name, {"batch_seconds": 0, "slice_records": 2}) as task:
@@ -511,7 +506,7 @@ async def test_python_transform_that_raises_dead_letters_its_input(tmp_path: Pat
     p = unique_name()
     catalog = shout_catalog(tmp_path, kafka_bootstrap, p)
     out = Collection.from_catalog(catalog, f"{p}/out")
-    await ingest(catalog, f"{p}/in", [raw("a", {"text": "x"}), raw("bad", {"text": "boom"}), raw("c", {"text": "y"})])
+    await produce(catalog, f"{p}/in", [raw("a", {"text": "x"}), raw("bad", {"text": "boom"}), raw("c", {"text": "y"})])
 
     async with derivation(catalog, out.name) as task:
         records = await read_docs(catalog, out.topic, task, 2)
@@ -536,7 +531,7 @@ async def test_sql_runtime_error_dead_letters_only_the_failing_input(tmp_path: P
     })
     out = Collection.from_catalog(catalog, f"{p}/out")
     good = [raw(f"g{i}", {"payload": f'{{"n": {i}}}'}) for i in range(7)]
-    await ingest(catalog, f"{p}/in", [*good[:3], raw("bad", {"payload": "not json"}), *good[3:]])
+    await produce(catalog, f"{p}/in", [*good[:3], raw("bad", {"payload": "not json"}), *good[3:]])
 
     async with derivation(catalog, out.name) as task:
         records = await read_docs(catalog, out.topic, task, 7)
@@ -560,8 +555,8 @@ async def test_two_sources_feed_one_derived_collection(tmp_path: Path, kafka_boo
             {"name": "from_metrics", "source": f"{p}/metrics", "lambda": shape.format(tag="metric", table="metrics")},
         ]),
     })
-    await ingest(catalog, f"{p}/logs", [raw("1", {"line": "started"}, "agent-logs")])
-    await ingest(catalog, f"{p}/metrics", [raw("1", {"cpu": 0.5}, "prometheus"), raw("2", {"cpu": 0.6}, "prometheus")])
+    await produce(catalog, f"{p}/logs", [raw("1", {"line": "started"}, "agent-logs")])
+    await produce(catalog, f"{p}/metrics", [raw("1", {"cpu": 0.5}, "prometheus"), raw("2", {"cpu": 0.6}, "prometheus")])
 
     async with derivation(catalog, f"{p}/out") as task:
         records = await read_docs(catalog, Collection.from_catalog(catalog, f"{p}/out").topic, task, 3)
@@ -580,7 +575,7 @@ async def test_rerun_of_inputs_whose_commit_was_lost_rewrites_the_same_keys(
     p = unique_name()
     catalog = write_catalog(tmp_path, kafka_bootstrap, sophia_collections(p))
     raw_name, processed = f"{p}/sophia_raw_data", f"{p}/sophia_processed_data"
-    await ingest(catalog, raw_name, [raw(f"k{i}", {"type": "system_metric", "n": i}) for i in range(50)])
+    await produce(catalog, raw_name, [raw(f"k{i}", {"type": "system_metric", "n": i}) for i in range(50)])
     topic = Collection.from_catalog(catalog, processed).topic
     # A short session: Tansu numbers the first generation 0, after which aiokafka does not send
     # LeaveGroup, so the rewind below waits for this member's session to expire.
@@ -623,37 +618,26 @@ async def test_worker_killed_mid_stream_leaves_one_output_key_per_input_key(
     raw_name, processed = f"{p}/sophia_raw_data", f"{p}/sophia_processed_data"
     total = 20_000
     kinds = ["agent_interaction", "system_metric", "user_query"]
-    await ingest(catalog, raw_name, [raw(f"k{i}", {"type": kinds[i % 3], "n": i}) for i in range(total)])
+    await produce(catalog, raw_name, [raw(f"k{i}", {"type": kinds[i % 3], "n": i}) for i in range(total)])
     raw_topic = Collection.from_catalog(catalog, raw_name).topic
     group = f"localflow.{processed}"
-    options = orjson.dumps({"reader": {"max_records": 200, "session_timeout_ms": 6000}}).decode()
+    options = {"reader": {"max_records": 200, "session_timeout_ms": 6000}}
 
-    def worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "derivation_worker.py"),
-                                 str(catalog.path), processed, options], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("ab"))
+    def worker() -> Worker:
+        return task_worker(catalog.path, processed, tmp_path / "worker.log", options=options)
 
-    first = worker()
-    try:
+    with worker() as first:
         progress = await wait_for_async(
             lambda: _committed_total(catalog, group, raw_topic), timeout=60, interval=0.02,
             message="the first worker to commit some batches")
-        os.kill(first.pid, signal.SIGKILL)
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(10)
+        first.kill()
     assert progress < total, "the worker finished before it was killed: the test proved nothing"
 
-    second = worker()
-    try:
+    with worker() as second:
         await wait_for_async(lambda: _committed_total(catalog, group, raw_topic, total), timeout=120,
                              interval=0.2, message=f"the second worker to commit all {total} inputs")
         records = await read_to_end(catalog.kafka, Collection.from_catalog(catalog, processed).topic, timeout=60)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: second.poll() is not None, timeout=30, message="worker exit") is not None
-    assert second.returncode == 0
+        second.assert_exit(second.stop(timeout=30))
 
     keys = [r.doc["id"] for r in records]
     assert set(keys) == {f"k{i}" for i in range(total)}

@@ -25,8 +25,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -43,11 +41,10 @@ from redis.exceptions import RedisError
 
 from pipeline.runtime.catalog import Catalog, load_catalog
 from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
-from pipeline.runtime.task import run_tasks
-from tests.derivation_worker import HOLD
-from tests.faults_support import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, pipeline_fixture
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
+from tests.support.census import Endpoints, TopicContent
+from tests.support.faults import CHAOS_ROUNDS, SEED, Sophia, _rows, _wait_rows, bad_input, pipeline_fixture
+from tests.support.judge import Expected, Verdict, judge
+from tests.support.pipeline import (
     AGENT_LOGS,
     API_TASK,
     CONSUMERS,
@@ -55,15 +52,12 @@ from tests.pipeline_harness import (
     POSTGRES,
     PROCESSED,
     RAW,
-    ROOT,
     TASKS,
-    Endpoints,
-    Expected,
     TaskProcess,
-    TopicContent,
-    Verdict,
-    judge,
 )
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.workers import HOLD, READER, Worker, task_worker
 
 sophia = pipeline_fixture()
 
@@ -125,8 +119,7 @@ async def test_sigterm_during_a_busy_batch_flushes_commits_and_exits_0(sophia: S
 
 
 ZOMBIE_KEYS = 40
-ZOMBIE_OPTIONS = orjson.dumps({"reader": {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300},
-                               "batch_seconds": 1}).decode()
+ZOMBIE_OPTIONS = {"reader": READER, "batch_seconds": 1}
 """A short session, so the group gives up on a paused worker within seconds."""
 
 
@@ -138,25 +131,22 @@ async def test_derivation_worker_stalled_past_its_session_never_makes_a_key_olde
     started = time.monotonic()
     z = Zombie.create(sophia, tmp_path)
     await z.ingest(1)
-    stopping = asyncio.Event()
-    ends = asyncio.create_task(run_tasks(z.catalog, [z.postgres, z.redis], stopping,
-                                         {"reader": {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}}))
-    with z.workers():
-        stalled = z.spawn("stalled", hold=True)
-        await wait_for_async(lambda: (z.hold / "holding").exists(), timeout=60,
-                             message="the first worker to hold its first batch")
-        os.kill(stalled.pid, signal.SIGSTOP)
-        z.spawn("other")
-        await z.wait_versions(1, "the other worker to take over and derive v1")
-        await z.ingest(2)
-        await z.wait_versions(2, "the other worker to derive v2")
-        (z.hold / "released").touch()
-        os.kill(stalled.pid, signal.SIGCONT)
-        late = await wait_for_async(lambda: z.late_writes(stalled.pid), timeout=60,
-                                    message="the resumed worker's late v1 outputs in the derived topic")
-        await z.wait_applied()
-    stopping.set()
-    await asyncio.wait_for(ends, 30)
+    async with running(z.catalog, z.postgres, options={"reader": READER}), \
+            running(z.catalog, z.redis, options={"reader": READER}):
+        with z.workers():
+            stalled = z.spawn("stalled", hold=True)
+            await wait_for_async(lambda: (z.hold / "holding").exists(), timeout=60,
+                                 message="the first worker to hold its first batch")
+            stalled.pause()
+            z.spawn("other")
+            await z.wait_versions(1, "the other worker to take over and derive v1")
+            await z.ingest(2)
+            await z.wait_versions(2, "the other worker to derive v2")
+            (z.hold / "released").touch()
+            stalled.resume()
+            late = await wait_for_async(lambda: z.late_writes(stalled.pid), timeout=60,
+                                        message="the resumed worker's late v1 outputs in the derived topic")
+            await z.wait_applied()
 
     pg, redis = await z.versions()
     verdict = Verdict(source_records=2 * ZOMBIE_KEYS, keys=ZOMBIE_KEYS, resent=late,
@@ -182,7 +172,7 @@ class Zombie:
     dir: Path
     name: str
     catalog: Catalog
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    procs: dict[str, Worker] = field(default_factory=dict)
 
     @classmethod
     def create(cls, s: Sophia, tmp: Path) -> Zombie:
@@ -192,7 +182,7 @@ class Zombie:
         raw = {"kafka": {"bootstrap_servers": s.infra.kafka.bootstrap_servers}, "collections": {
             f"{name}/raw": {"schema": schema, "key": ["/id"]},
             f"{name}/derived": {"schema": schema, "key": ["/id"], "derive": {"using": {"python": {}}, "transforms": [
-                {"name": "held", "source": f"{name}/raw", "lambda": "tests.derivation_worker:held"}]}},
+                {"name": "held", "source": f"{name}/raw", "lambda": "tests.support.workers:held"}]}},
         }, "materializations": {
             f"{name}/postgres": {"endpoint": {"postgres": {"url": s.ends.postgres.url, "schema": name}},
                                  "bindings": [{"source": f"{name}/derived", "resource": {"table": "derived"}}]},
@@ -228,15 +218,12 @@ class Zombie:
             await writer.write(Collection.from_catalog(self.catalog, f"{self.name}/raw"),
                                [{"id": k, "version": version} for k in self.keys])
 
-    def spawn(self, role: str, *, hold: bool = False) -> subprocess.Popen[bytes]:
+    def spawn(self, role: str, *, hold: bool = False) -> Worker:
         """A derivation worker process; with ``hold``, it stalls in its first batch (``held``)."""
         env = {**os.environ, **({HOLD: str(self.hold)} if hold else {})}
-        with (self.dir / f"{role}.log").open("ab") as log:
-            proc = self.procs[role] = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "derivation_worker.py"), str(self.dir / "flow.yaml"),
-                 f"{self.name}/derived", ZOMBIE_OPTIONS], cwd=ROOT, env=env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        return proc
+        self.procs[role] = task_worker(self.dir / "flow.yaml", f"{self.name}/derived", self.dir / f"{role}.log",
+                                       options=ZOMBIE_OPTIONS, env=env, grace=30)
+        return self.procs[role]
 
     @contextlib.contextmanager
     def workers(self) -> Iterator[None]:
@@ -245,15 +232,10 @@ class Zombie:
             yield
         finally:
             for proc in self.procs.values():
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGCONT)
-                    proc.terminate()
+                proc.resume()
+                proc.send(signal.SIGTERM)
             for proc in self.procs.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=30)
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                proc.close()
 
     async def versions(self) -> tuple[dict[str, int], dict[str, int]]:
         """Each key's version in Postgres and in Redis (absent keys are left out)."""

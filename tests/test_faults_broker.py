@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tests.faults_support import Sophia, bad_input, pipeline_fixture
+from tests.support.faults import Sophia, bad_input, pipeline_fixture
 
 sophia = pipeline_fixture(durable_broker=True)  # the trial restarts the broker: its log on S3 storage
 

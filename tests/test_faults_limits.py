@@ -24,16 +24,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from connectors.postgres.sql import CHECKPOINTS
 from pipeline.runtime.catalog import KafkaConfig, load_catalog, topic_of
 from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
-from tests.cli_support import cli_env, localflow, worker
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
-    EXAMPLE,
-    PROCESSED,
-    RAW,
-    FaultTable,
-    TableReport,
-    Verdict,
-)
+from tests.support.cli import cli_env, localflow, worker
+from tests.support.faults import FaultTable, TableReport
+from tests.support.judge import Verdict
+from tests.support.pipeline import EXAMPLE, PROCESSED, RAW
+from tests.support.waiting import wait_for_async
 
 # ---------------------------------------------------------------------------- limits and gaps
 # Smaller pipelines on the session servers (one task process each): their faults (a topic

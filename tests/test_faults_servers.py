@@ -4,12 +4,8 @@ mid-stream and come back; nothing lost, nothing doubled (test_faults.py says how
 
 from __future__ import annotations
 
-from tests.faults_support import Sophia, _wait_rows, bad_input, pipeline_fixture
-from tests.pipeline_harness import (
-    POSTGRES,
-    REDIS,
-    S3,
-)
+from tests.support.faults import Sophia, _wait_rows, bad_input, pipeline_fixture
+from tests.support.pipeline import POSTGRES, REDIS, S3
 
 sophia = pipeline_fixture()
 

@@ -4,11 +4,9 @@ answer slowly; nothing lost, nothing doubled (test_faults.py says how a trial ju
 
 from __future__ import annotations
 
-from tests.faults_support import Sophia, bad_input, pipeline_fixture
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
-    CAPTURES,
-)
+from tests.support.faults import Sophia, bad_input, pipeline_fixture
+from tests.support.pipeline import CAPTURES
+from tests.support.waiting import wait_for_async
 
 sophia = pipeline_fixture()
 

@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from pipeline.runtime.capture import MASK_KEY_ENV
-from tests.files_support import Flow, running, write_lines
-from tests.helpers import wait_for_async
+from tests.support.files import Flow, write_lines
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
 
 KEY = "test-masking-key"
 
@@ -51,7 +52,7 @@ async def test_masked_values_never_reach_kafka(flow: Flow, mask_key: str) -> Non
         line(event="query", user_email="grace@example.com", contacts=["alan@example.com"]),
     ])
     catalog = flow.catalog(mask=["/data/user_email", "/data/contacts/0"])
-    async with running(catalog, flow.task):
+    async with running(catalog, flow.task, check_errors=True):
         docs = await captured(flow, 2)
     raw = await flow.raw_values()
     assert all(b"@example.com" not in value for value in raw)
@@ -66,7 +67,7 @@ async def test_equal_values_get_equal_keyed_hashes(flow: Flow, mask_key: str) ->
         line(n=2, user_email="grace@example.com"),
         line(n=3, user_email="ada@example.com"),
     ])
-    async with running(flow.catalog(mask=["/data/user_email"]), flow.task):
+    async with running(flow.catalog(mask=["/data/user_email"]), flow.task, check_errors=True):
         docs = await captured(flow, 3)
     emails = [d["data"]["user_email"] for d in docs]
     assert emails[0] == emails[2] != emails[1]
@@ -80,7 +81,7 @@ async def test_dead_letter_of_a_masking_binding_withholds_the_raw_line(flow: Flo
         line(user_email="ada@example.com", padding="x" * 2000),  # too long: a dead letter
         line(user_email="grace@example.com"),
     ])
-    async with running(flow.catalog(mask=["/data/user_email"], max_line_bytes=1000), flow.task):
+    async with running(flow.catalog(mask=["/data/user_email"], max_line_bytes=1000), flow.task, check_errors=True):
         await captured(flow, 1)
         dead = await wait_for_async(flow.dead_letters, timeout=30, message="a dead letter")
     assert "longer than max_line_bytes" in dead[0]["error"]
@@ -92,7 +93,7 @@ async def test_mask_without_the_key_in_the_environment_is_a_config_error(
         flow: Flow, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(MASK_KEY_ENV, raising=False)
     write_lines(flow.logs / "agent.log", [line(user_email="ada@example.com")])
-    async with running(flow.catalog(mask=["/data/user_email"]), flow.task, expect_errors=True) as ctx:
+    async with running(flow.catalog(mask=["/data/user_email"]), flow.task) as ctx:
         error = await wait_for_async(lambda: ctx.status.last_error, timeout=30, message="the task's error")
     assert error.startswith("ConfigError")
     assert f"captures.{flow.task}" in error and MASK_KEY_ENV in error

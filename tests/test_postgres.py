@@ -3,22 +3,19 @@
 What a user sees: the tables and their columns, the rows (last document per key, or every
 document in delta mode), `localflow_checkpoints` at the end of each topic, dead letters, and
 error messages. Fault injection (kill -9, SIGSTOP of a worker, a Postgres restart) runs the
-workers as their own processes (tests/materialization_worker.py) or against private servers.
+workers as their own processes (tests/support/workers.py) or against private servers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import urllib.parse
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -35,13 +32,15 @@ from pipeline.embedded.services import free_port
 from pipeline.runtime.catalog import Catalog, load_catalog
 from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
 from pipeline.runtime.registry import load_connector
-from pipeline.runtime.task import STATUS, TaskContext, run_tasks
+from pipeline.runtime.task import STATUS, TaskContext
 from pipeline.sdk.errors import ConfigError, EndpointError
-from tests.helpers import wait_for_async
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.workers import READER, Worker, task_worker
+from tests.support.writing import produce as write
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "materialization_worker.py"
-READER = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
+OPTIONS = {"reader": READER}
 
 DOC_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -139,9 +138,7 @@ async def pg(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def produce(flow: Flow, docs: list[dict[str, Any]], binding: int = 0) -> None:
-    async with CollectionWriter(flow.catalog.kafka, "test") as writer:
-        result = await writer.write(flow.collection(binding), docs)
-    assert result.dead == 0
+    await write(flow.catalog, flow.collection(binding).name, docs)
 
 
 async def create_topics(flow: Flow) -> None:
@@ -193,39 +190,7 @@ def last_per_key(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {d["id"]: d for d in docs}
 
 
-@asynccontextmanager
-async def running(flow: Flow) -> AsyncIterator[None]:
-    """The materialization task in this process until the block ends (then stopped cleanly)."""
-    stopping = asyncio.Event()
-    task = asyncio.create_task(run_tasks(flow.catalog, [flow.task], stopping, {"reader": READER}))
-    try:
-        yield
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, 30)
-
-
-@contextmanager
-def worker(flow: Flow, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The materialization task as its own process (killed at the end of the block if still alive)."""
-    with log.open("ab") as err:
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(flow.path), flow.task], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait()
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=30)
-
-
-def holder(proc: subprocess.Popen[bytes]) -> str:
+def holder(proc: Worker) -> str:
     return f"{socket.gethostname()}:{proc.pid}"
 
 
@@ -291,7 +256,7 @@ async def test_upsert_keeps_last_document_per_key_with_typed_columns(pg: asyncpg
     before = datetime.now(UTC)
     await produce(flow, docs)
     after = datetime.now(UTC)
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
 
     expected = last_per_key(docs)
@@ -332,7 +297,7 @@ async def test_a_derived_document_older_at_its_source_never_replaces_a_newer_row
     v1, v2 = doc("k", 1, ts="2024-05-06T07:08:09Z"), doc("k", 2, ts="2024-06-06T07:08:09Z")
     rounds = [[(v1, b"raw:0:10"), (v2, b"raw:0:11"), (v1, b"raw:0:10")],
               [(v1, b"raw:0:10"), (doc("j", 1), b"raw:1:3"), (doc("j", 2), b"raw:1:2")]]
-    async with CollectionWriter(flow.catalog.kafka, "test") as writer, running(flow):
+    async with CollectionWriter(flow.catalog.kafka, "test") as writer, running(flow.catalog, flow.task, options=OPTIONS):
         for docs in rounds:
             for binding in range(2):
                 await writer.write(flow.collection(binding), [d for d, _ in docs], positions=[p for _, p in docs])
@@ -349,7 +314,7 @@ async def test_delta_updates_append_every_document(pg: asyncpg.Connection, make_
     flow = make_flow({"table": "events", "delta_updates": True})
     docs = [doc(f"k{i % 10}", seq=i) for i in range(300)]
     await produce(flow, docs)
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
 
     rows = await pg.fetch(f"SELECT id, seq FROM {flow.table()} ORDER BY seq")
@@ -360,14 +325,14 @@ async def test_property_added_to_the_schema_becomes_a_column(pg: asyncpg.Connect
                                                              make_flow: Callable[..., Flow]) -> None:
     flow = make_flow({"table": "docs"})
     await produce(flow, [doc("old", 1)])
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
 
     schema = {**DOC_SCHEMA, "properties": {**DOC_SCHEMA["properties"], "level": {"type": "integer"}}}
     flow = replace(flow, schema=schema)
     flow.write()
     await produce(flow, [doc("new", 2, level=5)])
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
 
     rows = await pg.fetch(f"SELECT id, level FROM {flow.table()} ORDER BY id")
@@ -399,7 +364,7 @@ async def test_partitioned_table_has_periods_ahead_and_for_old_data(pg: asyncpg.
             doc("c", 3, ts="2021-03-31T23:30:00-05:00"),  # April in UTC
             doc("a", 4, ts="2022-07-01T00:00:00Z")]  # a document whose month changed moves its row
     await produce(flow, docs)
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
 
     rows = await pg.fetch(f"SELECT id, seq, tableoid::regclass::text AS part FROM {flow.table()} ORDER BY id")
@@ -419,7 +384,7 @@ async def test_partitioned_table_has_periods_ahead_and_for_old_data(pg: asyncpg.
 async def test_indexes_of_the_binding_are_created(pg: asyncpg.Connection, make_flow: Callable[..., Flow]) -> None:
     flow = make_flow({"table": "docs", "indexes": [
         "note", {"columns": ["attrs"], "method": "gin"}, {"columns": ["ts", "version"], "name": "by_time"}]})
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_for_async(lambda: pg.fetchval("SELECT to_regclass($1)", flow.table()),
                              message="the table is created")
     definitions = {r["indexname"]: r["indexdef"] for r in await pg.fetch(
@@ -459,7 +424,7 @@ async def test_poison_document_is_dead_lettered_and_its_neighbours_applied(pg: a
     docs[11] = doc("too-big", seq=2**63)  # beyond bigint
     docs[29] = doc("nul", seq=29, note="a\x00b")  # jsonb cannot hold \u0000
     await produce(flow, docs)
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
 
     good = {d["id"]: d for d in docs if d["id"] not in ("too-big", "nul")}
@@ -480,7 +445,7 @@ async def test_postgres_restart_loses_nothing_and_the_task_stays_up(make_flow: C
     conn = await asyncpg.connect(services.postgres.url)
     first = [doc(f"k{i}", seq=i) for i in range(200)]
     await produce(flow, first)
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(conn, flow, await topic_end(flow))
         await conn.close()
         services.postgres.kill()
@@ -564,20 +529,20 @@ async def kill_and_restart(pg: asyncpg.Connection, flow: Flow, log: Path, *, doc
         # it is killed, so every kill hits a running worker.
         target = min(await progress() + rng.randint(1, documents // (kills + 1)), documents)
 
-        async def worked(proc: subprocess.Popen[bytes], target: int = target) -> bool:
+        async def worked(proc: Worker, target: int = target) -> bool:
             done = await progress()
             return done >= target and (done < documents or await all_held_by(pg, flow, holder(proc)))
 
-        with worker(flow, log) as proc:
+        with task_worker(flow.path, flow.task, log, grace=0) as proc:
             await wait_for_async(lambda p=proc: worked(p), timeout=60,
                                  message=f"progress to {target} before kill -9\n{tail(log)}")
             await asyncio.sleep(rng.uniform(0, 0.15))  # fault injection: land the kill anywhere in a batch
             proc.kill()
-    with worker(flow, log) as proc:
+    with task_worker(flow.path, flow.task, log, grace=0) as proc:
         await wait_for_async(lambda: all_held_by(pg, flow, holder(proc)), timeout=60,
                              message=f"the last worker holds every partition\n{tail(log)}")
         await wait_caught_up(pg, flow, end)
-        assert stop(proc) == 0, tail(log)
+        assert proc.stop(timeout=30) == 0, tail(log)
 
     assert await rows_by_key(pg, flow) == last_per_key(docs)
     assert {p: r["next_offset"] for p, r in (await checkpoints(pg, flow)).items()} == end
@@ -602,7 +567,7 @@ async def test_two_workers_share_partitions_and_apply_each_document_once(
     flow = make_flow({"table": "events", "delta_updates": True}, partitions=4)
     await create_topics(flow)
     log = tmp_path / "workers.log"
-    with worker(flow, log) as one, worker(flow, log) as two:
+    with task_worker(flow.path, flow.task, log, grace=0) as one, task_worker(flow.path, flow.task, log, grace=0) as two:
         async def both_hold_partitions() -> bool:
             holders = {r["holder"] for r in (await checkpoints(pg, flow)).values()}
             return holders == {holder(one), holder(two)}
@@ -612,7 +577,7 @@ async def test_two_workers_share_partitions_and_apply_each_document_once(
         await produce(flow, docs)
         end = await topic_end(flow)
         await wait_caught_up(pg, flow, end)
-        assert stop(one) == 0 and stop(two) == 0, tail(log)
+        assert one.stop(timeout=30) == 0 and two.stop(timeout=30) == 0, tail(log)
 
     total, distinct = await pg.fetchrow(f"SELECT count(*), count(DISTINCT seq) FROM {flow.table()}")
     assert (total, distinct) == (len(docs), len(docs))
@@ -633,7 +598,7 @@ async def test_worker_paused_past_a_rebalance_cannot_commit_the_partitions_it_lo
         await produce(flow, [doc(f"k{i % 5000}", seq=i) for i in range(written, written + n)])
         written += n
 
-    with worker(flow, log_one) as one:
+    with task_worker(flow.path, flow.task, log_one, grace=0) as one:
         await wait_for_async(lambda: all_held_by(pg, flow, holder(one)), timeout=60,
                              message=f"worker one holds every partition\n{tail(log_one)}")
         # Pause worker one while it holds a batch mid-apply: inside a transaction that already wrote
@@ -644,23 +609,23 @@ async def test_worker_paused_past_a_rebalance_cannot_commit_the_partitions_it_lo
             if await pause_mid_batch(pg, flow, one):
                 stale_batch = True
                 break
-            one.send_signal(signal.SIGCONT)
+            one.resume()
         assert stale_batch, f"never caught worker one mid-batch\n{tail(log_one)}"
         fences = {p: r["fence"] for p, r in (await checkpoints(pg, flow)).items()}
 
-        with worker(flow, log_two) as two:
+        with task_worker(flow.path, flow.task, log_two, grace=0) as two:
             async def taken_over() -> bool:
                 now = await checkpoints(pg, flow)
                 return all(r["holder"] == holder(two) and r["fence"] > fences[p] for p, r in now.items())
 
             await wait_for_async(taken_over, timeout=60, message=f"worker two took every partition\n{tail(log_two)}")
             await wait_caught_up(pg, flow, await topic_end(flow))
-            one.send_signal(signal.SIGCONT)
+            one.resume()
             await wait_for_async(lambda: "replaced by another worker" in log_one.read_text(), timeout=60,
                                  message=f"worker one reports it was replaced\n{tail(log_one)}")
             await write(1000)  # both workers run on, sharing the partitions again
             await wait_caught_up(pg, flow, await topic_end(flow))
-            assert stop(one) == 0 and stop(two) == 0, tail(log_one) + tail(log_two)
+            assert one.stop(timeout=30) == 0 and two.stop(timeout=30) == 0, tail(log_one) + tail(log_two)
 
     total, distinct = await pg.fetchrow(f"SELECT count(*), count(DISTINCT seq) FROM {flow.table()}")
     assert (total, distinct) == (written, written), "a document is missing or was applied twice"
@@ -671,7 +636,7 @@ async def all_held_by(pg: asyncpg.Connection, flow: Flow, who: str) -> bool:
     return len(rows) == flow.partitions and all(r["holder"] == who for r in rows.values())
 
 
-async def pause_mid_batch(pg: asyncpg.Connection, flow: Flow, proc: subprocess.Popen[bytes]) -> bool:
+async def pause_mid_batch(pg: asyncpg.Connection, flow: Flow, proc: Worker) -> bool:
     """SIGSTOP ``proc`` while one of its sessions is inside a transaction that wrote rows but has not
     touched its checkpoints; True if it is stopped in such a state (else the caller resumes it)."""
     sessions = ("SELECT a.wait_event = 'ClientRead' AS quiet, EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid "
@@ -682,7 +647,7 @@ async def pause_mid_batch(pg: asyncpg.Connection, flow: Flow, proc: subprocess.P
     deadline = loop.time() + 20
     while loop.time() < deadline:
         if any(not r["checkpointing"] for r in await pg.fetch(sessions, app, flow.checkpoints)):
-            os.kill(proc.pid, signal.SIGSTOP)
+            proc.pause()
             # The server finishes what it was sent, then waits on the stopped client (ClientRead).
             (rows,) = await wait_for_async(lambda: quiet(pg, sessions, app, flow.checkpoints), timeout=5,
                                            message="the paused worker's sessions are waiting on it")

@@ -9,15 +9,11 @@ tests that crash Redis start their own.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +30,19 @@ from connectors.redis.config import RedisConfig
 from connectors.redis.materialization import RedisMaterialization, doctor
 from pipeline.embedded.services import Redis as RedisServer
 from pipeline.runtime.catalog import Catalog, load_catalog
-from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.collection import Collection, read_to_end
 from pipeline.runtime.registry import load_connector
-from pipeline.runtime.task import TaskContext, supervise
+from pipeline.runtime.task import TaskContext
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced
 from pipeline.sdk.materialization import Batch
 from pipeline.sdk.records import SOURCE_HEADER, Record
 from pipeline.sdk.retry import Backoff
-from tests.helpers import wait_for_async
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.workers import READER, Worker, task_worker
+from tests.support.writing import produce
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "materialization_worker.py"
-READER = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
-"""Same as the subprocess worker: a short session, so partitions of a dead worker move quickly."""
 
 SCHEMA = {
     "type": "object",
@@ -87,12 +83,6 @@ def last_per_id(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------- broker and Redis helpers
-
-
-async def ingest(catalog: Catalog, collection: str, docs: list[dict[str, Any]]) -> None:
-    async with CollectionWriter(catalog.kafka, "test") as writer:
-        result = await writer.write(Collection.from_catalog(catalog, collection), docs)
-    assert result.written == len(docs)
 
 
 async def topic_ends(catalog: Catalog, collection: str) -> dict[str, int]:
@@ -138,16 +128,9 @@ def errors_of(task: str, kind: str) -> float:
     return REGISTRY.get_sample_value("localflow_errors_total", {"task": task, "kind": kind}) or 0.0
 
 
-@asynccontextmanager
-async def running(catalog: Catalog, task: str) -> AsyncIterator[TaskContext]:
-    """The materialization supervised in this process, as `localflow run` would; stopped on exit."""
-    ctx = TaskContext(catalog, task, "materialization", options={"reader": READER})
-    job = asyncio.create_task(supervise(ctx, Backoff(initial=0.2, maximum=2.0)))
-    try:
-        yield ctx
-    finally:
-        ctx.stopping.set()
-        await asyncio.wait_for(job, 30)
+def supervised(catalog: Catalog, task: str) -> AbstractAsyncContextManager[TaskContext]:
+    """The materialization supervised in this process as a worker process runs it (short session and backoff)."""
+    return running(catalog, task, options={"reader": READER}, backoff=Backoff(initial=0.2, maximum=2.0))
 
 
 @pytest.fixture
@@ -193,10 +176,10 @@ async def materialized(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap
     row_versions = [doc(i, v, meta={"tags": ["x", v], "nested": {"ok": v > 1}}, score=v / 4, flag=v == 2,
                         **({"region": "eu"} if v == 1 else {}))
                     for v in (1, 2) for i in ids]
-    await ingest(catalog, docs, doc_versions)
-    await ingest(catalog, rows, row_versions)
+    await produce(catalog, docs, doc_versions)
+    await produce(catalog, rows, row_versions)
     ends = await topic_ends(catalog, docs) | await topic_ends(catalog, rows)
-    async with Redis.from_url(redis_url, socket_timeout=60) as client, running(catalog, f"{prefix}/redis"):
+    async with Redis.from_url(redis_url, socket_timeout=60) as client, supervised(catalog, f"{prefix}/redis"):
         await wait_checkpointed(client, prefix, f"{prefix}/redis", ends)
     return Materialized(catalog, prefix, f"{prefix}/redis", docs, last_per_id(doc_versions),
                         len(doc_versions), ends)
@@ -239,7 +222,7 @@ async def test_checkpoint_holds_the_end_of_every_partition(materialized: Materia
 async def test_replay_from_the_beginning_never_makes_a_key_older(materialized: Materialized, r: Redis) -> None:
     m = materialized
     replay = f"{m.prefix}/replay"  # same keyspace, no checkpoint of its own: reads every topic from offset 0
-    async with running(m.catalog, replay):
+    async with supervised(m.catalog, replay):
         await wait_checkpointed(r, m.prefix, replay, m.ends)
     assert await json_values(r, [f"{m.docs}:{i}" for i in m.last_docs]) == list(m.last_docs.values())
     assert (await r.hgetall(f"{m.prefix}:row:plain"))[b"v"] == b"2"
@@ -459,21 +442,6 @@ async def assert_last_per_key(r: Redis, flow: Flow, docs: list[dict[str, Any]]) 
     assert await stream_versions(r, flow.stream) == versions
 
 
-def start_worker(flow: Flow, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, str(WORKER), str(flow.path), flow.task], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop_worker(proc: subprocess.Popen[bytes], log: Path) -> None:
-    """SIGTERM, and the worker must flush and exit 0."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)
-    code = proc.wait(30)
-    assert code == 0, f"worker exited {code}:\n{log.read_text()[-3000:]}"
-
-
 def assignments(log: Path) -> int:
     return log.read_text().count("INFO assigned ")
 
@@ -483,30 +451,29 @@ async def test_kill_9_at_random_points_leaves_the_last_document_per_key(
     flow = streamed(tmp_path, kafka_bootstrap, redis_url, unique_name(), partitions=3)
     ids = [f"{ODD_IDS[k % len(ODD_IDS)]}:{k}" for k in range(5_000)]
     docs = [doc(ids[i % len(ids)], i) for i in range(100_000)]
-    await ingest(flow.catalog, flow.coll, docs)
+    await produce(flow.catalog, flow.coll, docs)
     ends = await flow.ends()
 
     seed = random.randrange(1 << 30)
     targets = sorted(random.Random(seed).sample(range(2_000, 98_000), 6))
     log = tmp_path / "worker.log"
     for target in targets:
-        proc = start_worker(flow, log)
+        proc = task_worker(flow.path, flow.task, log)
         try:
-            async def progressed(target: int = target, proc: subprocess.Popen[bytes] = proc) -> bool:
-                assert proc.poll() is None, f"worker died on its own:\n{log.read_text()[-3000:]}"
+            async def progressed(target: int = target, proc: Worker = proc) -> bool:
+                assert proc.alive, f"worker died on its own:\n{proc.tail()}"
                 return sum((await checkpoint(r, flow.prefix, flow.task)).values()) >= target
 
             await wait_for_async(progressed, timeout=60, interval=0.01, message=f"{target} documents (seed {seed})")
         finally:
             proc.kill()
-            proc.wait()
     started = assignments(log)
-    proc = start_worker(flow, log)
+    proc = task_worker(flow.path, flow.task, log)
     try:  # the last killed worker may have finished already: SIGTERM only once this one runs
         await wait_for_async(lambda: assignments(log) > started, timeout=60, message="the last worker to start")
         await wait_checkpointed(r, flow.prefix, flow.task, ends, within=90)
     finally:
-        stop_worker(proc, log)
+        proc.assert_exit(proc.stop(timeout=30))
     await assert_last_per_key(r, flow, docs)
     assert await checkpoint(r, flow.prefix, flow.task) == ends
 
@@ -522,12 +489,12 @@ async def crash_while_streaming(tmp_path: Path, kafka: str, server: RedisServer,
     """Materialize a wave, kill Redis, write a second wave while it is down, start it again; check Redis."""
     flow = streamed(tmp_path, kafka, server.url, prefix, partitions=3, retry={"give_up_after": "2m"})
     waves = [[doc(f"k{i % 500}", w * 10_000 + i) for i in range(3_000)] for w in (0, 1)]
-    async with Redis.from_url(server.url, socket_timeout=60) as client, running(flow.catalog, flow.task) as ctx:
-        await ingest(flow.catalog, flow.coll, waves[0])
+    async with Redis.from_url(server.url, socket_timeout=60) as client, supervised(flow.catalog, flow.task) as ctx:
+        await produce(flow.catalog, flow.coll, waves[0])
         await wait_checkpointed(client, prefix, flow.task, await flow.ends())
         failures = errors_of(flow.task, "endpoint")
         server.kill()
-        await ingest(flow.catalog, flow.coll, waves[1])
+        await produce(flow.catalog, flow.coll, waves[1])
         await wait_for_async(lambda: errors_of(flow.task, "endpoint") > failures, timeout=30,
                              message="the task to meet the dead Redis")
         server.start()
@@ -566,26 +533,26 @@ async def test_two_workers_share_partitions_and_a_paused_one_is_fenced(
 
     async def wave() -> None:
         new = [doc(f"k{i % 2_000}", len(docs) + i) for i in range(5_000)]
-        await ingest(flow.catalog, flow.coll, new)
+        await produce(flow.catalog, flow.coll, new)
         docs.extend(new)
         await wait_checkpointed(r, flow.prefix, flow.task, await flow.ends(), within=60)
 
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    a = start_worker(flow, logs[0])
+    a = task_worker(flow.path, flow.task, logs[0])
     b = None
     try:
         await wave()
-        b = start_worker(flow, logs[1])
+        b = task_worker(flow.path, flow.task, logs[1])
         await wait_for_async(lambda: assignments(logs[1]) > 0, timeout=30, message="worker b to get partitions")
         await wave()
-        a.send_signal(signal.SIGSTOP)  # a zombie: its session expires, b takes everything over
+        a.pause()  # a zombie: its session expires, b takes everything over
         await wave()
-        a.send_signal(signal.SIGCONT)
+        a.resume()
         await wave()
     finally:
-        stop_worker(a, logs[0])
+        a.assert_exit(a.stop(timeout=30))
         if b is not None:
-            stop_worker(b, logs[1])
+            b.assert_exit(b.stop(timeout=30))
     assert all(assignments(log) for log in logs)
     await assert_last_per_key(r, flow, docs)  # handovers neither lose nor repeat a stream entry
 

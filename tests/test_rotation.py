@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.files_support import Flow, end_process, start_process, writer_number
-from tests.helpers import wait_for_async
+from tests.support.files import Flow, log_writer, writer_number
+from tests.support.waiting import wait_for_async
+from tests.support.workers import task_worker
 
 pytestmark = pytest.mark.system
 
@@ -85,33 +86,32 @@ async def wait_until_finished(flow: Flow) -> None:
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 async def test_logrotate_loses_and_doubles_no_line(flow: Flow, scheme: str, killed: bool) -> None:
     flow.catalog(interval="300ms")
-    task_args = (str(flow.root / "flow.yaml"), flow.task)
     proc_log = flow.root / "processes.log"
-    writer = await start_process("write", str(flow.logs / "agent.log"), str(TOTAL), str(RATE), log=proc_log)
-    capture = await start_process(*task_args, log=proc_log)
+    writer = log_writer(flow.logs / "agent.log", TOTAL, RATE, output=proc_log)
+    capture = task_worker(flow.root / "flow.yaml", flow.task, proc_log)
     try:
         await wait_for_async(lambda: _captured_at_least(flow, TOTAL // 4), timeout=60, interval=0.2,
                              message="the capture under way")
         if killed:
-            await end_process(capture)  # kill -9, mid-stream
+            await capture.ended()  # kill -9, mid-stream
         pause = "copytruncate" in scheme
         if pause:
-            writer.send_signal(signal.SIGSTOP)
+            writer.pause()
         try:
             rotate(flow, logrotate_conf(flow, scheme, writer.pid))
         finally:
             if pause:
-                writer.send_signal(signal.SIGCONT)
+                writer.resume()
         rotated = sorted(p.name for p in flow.logs.iterdir())
         assert len(rotated) == 2, rotated  # agent.log and one rotated copy
         if killed:
             await asyncio.sleep(0.5)  # the writer goes on while the capture is down (a real gap)
-            capture = await start_process(*task_args, log=proc_log)
-        await asyncio.wait_for(writer.wait(), timeout=60)
+            capture = task_worker(flow.root / "flow.yaml", flow.task, proc_log)
+        await writer.exited(timeout=60)
         await wait_until_finished(flow)
     finally:
-        await end_process(writer)
-        await end_process(capture, signal.SIGTERM)
+        await writer.ended()
+        await capture.ended(signal.SIGTERM)
 
     keys = await count_lines(flow)
     lost = sorted(set(range(TOTAL)) - set(keys))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.files_support import Flow, running, write_lines
-from tests.helpers import wait_for_async
+from tests.support.files import Flow, write_lines
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
 
 HEADER = "# sophia agent log v1"  # every file starts with it: the same head, told apart by content
 
@@ -42,7 +43,7 @@ async def capture_until(flow: Flow, expected: list[str], **catalog: object) -> d
         keys = await keys_by_message(flow)
         return keys if set(expected) <= set(keys) else None
 
-    async with running(flow.catalog(interval="300ms", **catalog), flow.task):
+    async with running(flow.catalog(interval="300ms", **catalog), flow.task, check_errors=True):
         keys = await wait_for_async(arrived, timeout=60, interval=0.2, message=f"{len(expected)} lines")
         await wait_for_async(lambda: _checkpointed(flow), timeout=30, interval=0.2, message="a checkpoint")
     keys = await keys_by_message(flow)

@@ -23,13 +23,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.runtime import registry
 from pipeline.runtime.catalog import Catalog, load_catalog, topic_of
-from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
+from pipeline.runtime.collection import read_to_end
 from pipeline.runtime.task import TaskContext
 from pipeline.sdk.context import CONTEXT_NAMES
 from pipeline.telemetry import metrics
 from pipeline.telemetry.server import Telemetry
 from tests import policy_probe
-from tests.helpers import running, wait_for_async
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.writing import produce
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVERS = ("aiokafka", "asyncpg", "redis", "aioboto3", "botocore")
@@ -49,22 +51,31 @@ def test_the_sdk_imports_no_driver_and_nothing_else_of_pipeline() -> None:
     assert [m for m in loaded if m.startswith("pipeline.") and not m.startswith("pipeline.sdk")] == []
 
 
-def _pipeline_imports(path: Path) -> Iterator[tuple[int, str]]:
-    """Every ``pipeline.*`` module a file imports, at any depth (TYPE_CHECKING blocks included)."""
+def _localflow_imports(path: Path) -> Iterator[tuple[int, str]]:
+    """Every module of localflow (``pipeline``, ``connectors``, ``transforms``) a file imports, at any
+    depth (TYPE_CHECKING blocks and imports inside functions included)."""
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.ImportFrom) and node.level >= 2:  # out of its own package: `from ..other`
+            names = ["connectors." + "." * node.level + (node.module or "")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] if node.module != "pipeline" else [f"pipeline.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         else:
             continue
-        yield from ((node.lineno, n) for n in names if n == "pipeline" or n.startswith("pipeline."))
+        yield from ((node.lineno, n) for n in names if n.split(".")[0] in ("pipeline", "connectors", "transforms"))
 
 
 @pytest.mark.parametrize("package", ["connectors", "transforms", "pipeline/sdk"])
 def test_connectors_and_engines_import_only_the_sdk(package: str) -> None:
+    def own(path: Path, name: str) -> bool:  # of its own package: connectors.<its folder>, transforms
+        parts = name.split(".")
+        if package == "connectors":
+            return "" not in parts and parts[:2] == list(path.relative_to(ROOT).parts[:2])
+        return package == "transforms" and parts[0] == "transforms"
+
     wrong = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in sorted((ROOT / package).rglob("*.py"))
-             for line, name in _pipeline_imports(path) if not name.startswith("pipeline.sdk")]
+             for line, name in _localflow_imports(path) if not name.startswith("pipeline.sdk") and not own(path, name)]
     assert wrong == [], "these import more of localflow than pipeline.sdk:\n" + "\n".join(wrong)
 
 
@@ -159,7 +170,12 @@ async def _localflow_status(tmp_path: Path, catalog: Catalog, worker: str) -> st
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pipeline", "status", str(catalog.path), "--worker", worker, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    finally:
+        if process.returncode is None:  # timed out: not left running
+            process.kill()
+            await process.wait()
     return out.decode()
 
 
@@ -201,24 +217,13 @@ async def test_a_capture_item_with_documents_but_no_state_is_an_implementation_e
         "nothing is written without a checkpoint"
 
 
-async def _fill(catalog: Catalog, collection: str, count: int) -> None:
-    writer = CollectionWriter(catalog.kafka, "test")
-    await writer.start()
-    try:
-        c = Collection.from_catalog(catalog, collection)
-        await writer.ensure([c])
-        await writer.write(c, [{"metadata": {"id": str(i)}} for i in range(count)])
-    finally:
-        await writer.stop()
-
-
 async def test_an_engine_that_raises_is_an_implementation_error_and_loses_nothing(
         probe: None, tmp_path: Path, kafka_bootstrap: str, unique_name: Any) -> None:
     name = unique_name("engine")
     catalog = _catalog(tmp_path, kafka_bootstrap, name, derived={
         "schema": SCHEMA, "key": ["/metadata/id"], "partitions": 1,
         "derive": {"using": {"probe": {}}, "transforms": [{"name": "divide", "source": f"{name}/docs", "lambda": "x"}]}})
-    await _fill(catalog, f"{name}/docs", 5)
+    await produce(catalog, f"{name}/docs", [{"metadata": {"id": str(i)}} for i in range(5)])
     async with running(catalog, f"{name}/derived", restart_after=0.01) as ctx:
         failed = await wait_for_async(lambda: ctx.status.failed, timeout=60, message="the derivation to stop as FAILED")
     assert failed.startswith("ImplementationError: Implementation error: engine probe of ")
@@ -255,11 +260,11 @@ async def test_durable_offsets_outside_what_was_read_are_an_implementation_error
         probe: None, tmp_path: Path, kafka_bootstrap: str, unique_name: Any, behaviour: str, why: str) -> None:
     name = unique_name(behaviour)
     catalog = _catalog(tmp_path, kafka_bootstrap, name, sink=behaviour)
-    await _fill(catalog, f"{name}/docs", 5)
+    await produce(catalog, f"{name}/docs", [{"metadata": {"id": str(i)}} for i in range(5)])
     async with running(catalog, f"{name}/out") as ctx:
         if behaviour == "backwards":  # a second batch, whose offsets the probe turns back
             await wait_for_async(lambda: policy_probe.CALLS.get(f"{name}/out"), timeout=60, message="a first batch")
-            await _fill(catalog, f"{name}/docs", 5)
+            await produce(catalog, f"{name}/docs", [{"metadata": {"id": str(i)}} for i in range(5)])
         failed = await wait_for_async(lambda: ctx.status.failed, timeout=60, message="the task to stop as FAILED")
     assert failed.startswith("ImplementationError: Implementation error: ") and why in failed, failed
     assert ctx.status.restarts == 0
@@ -269,7 +274,7 @@ async def test_backpressure_retries_the_same_batch_without_a_restart(
         probe: None, tmp_path: Path, kafka_bootstrap: str, unique_name: Any) -> None:
     name = unique_name("busy")
     catalog = _catalog(tmp_path, kafka_bootstrap, name, sink="backpressure")
-    await _fill(catalog, f"{name}/docs", 5)
+    await produce(catalog, f"{name}/docs", [{"metadata": {"id": str(i)}} for i in range(5)])
     task = f"{name}/out"
     async with running(catalog, task) as ctx:
         await wait_for_async(lambda: ctx.status.documents == 5, timeout=60, message="the batch to be applied")

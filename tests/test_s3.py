@@ -15,8 +15,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,12 +37,14 @@ from pipeline.embedded.services import S3, Services, free_port
 from pipeline.runtime.catalog import Catalog, load_catalog
 from pipeline.runtime.collection import Collection, CollectionWriter, read_to_end
 from pipeline.runtime.registry import load_connector
-from pipeline.runtime.task import STATUS, TaskContext, run_tasks
+from pipeline.runtime.task import STATUS, TaskContext
 from pipeline.sdk.errors import ConfigError, Fenced
 from pipeline.sdk.materialization import Applied, Batch
 from pipeline.sdk.records import Record
-from tests.helpers import wait_for_async
-from tests.materialization_worker import READER
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.workers import READER, Worker, task_worker
+from tests.support.writing import produce
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
@@ -90,11 +90,6 @@ def env(kafka_bootstrap: str, s3_endpoint_url: str, unique_name: Callable[..., s
 
 def docs(tag: str, n: int, pad: int = 0) -> list[dict[str, Any]]:
     return [{"id": f"{tag}-{i}", "n": i, **({"pad": "x" * pad} if pad else {})} for i in range(n)]
-
-
-async def produce(catalog: Catalog, collection: str, documents: list[dict[str, Any]]) -> None:
-    async with CollectionWriter(catalog.kafka, "test") as writer:
-        await writer.write(Collection.from_catalog(catalog, collection), documents)
 
 
 async def produce_at(catalog: Catalog, collection: str, values: list[tuple[bytes, int]]) -> None:
@@ -572,30 +567,15 @@ async def test_verify_reads_overlapping_objects_once_by_offset(env: Env, unique_
 # ------------------------------------------------------------------ the running task: stop, outages, kill -9
 
 
-class Running:
-    """The materialization task running in this process, as `localflow run` would run it."""
-
-    def __init__(self, catalog: Catalog, task: str) -> None:
-        self.stopping = asyncio.Event()
-        self.task = asyncio.create_task(run_tasks(catalog, [task], self.stopping, {"reader": READER}))
-
-    async def stop(self) -> None:
-        self.stopping.set()
-        await asyncio.wait_for(self.task, timeout=60)
-
-
 async def test_stopping_uploads_open_batches(env: Env, unique_name: Callable[..., str]) -> None:
     coll = unique_name("c")
     task = f"s3/{coll}"
     cat = env.catalog({coll: 2}, {"max_age": "1h"}, task=task)
     await produce(cat, coll, docs("d", 300))
-    running = Running(cat, task)
-    try:
+    async with running(cat, task, options={"reader": READER}, stop_within=60):
         await wait_for_async(lambda: counter("localflow_input_documents_total", {"task": task, "collection": coll}) >= 300,
                              timeout=60, message="the task reading all 300 documents")
         assert await archived(env.s3, env.bucket) == []
-    finally:
-        await running.stop()
 
     assert_exactly_once(await archived(env.s3, env.bucket), {f"d-{i}" for i in range(300)})
 
@@ -620,8 +600,7 @@ async def test_archive_catches_up_after_s3_restarts_empty(
     coll = unique_name("c")
     task = f"s3/{coll}"
     cat = outage_catalog(env, coll, task)
-    running = Running(cat, task)
-    try:
+    async with running(cat, task, options={"reader": READER}, stop_within=60):
         await produce(cat, coll, docs("before", 600))
         before = await kafka_ends(cat, coll)
         await wait_archived(env.s3, env.bucket, before)
@@ -637,8 +616,6 @@ async def test_archive_catches_up_after_s3_restarts_empty(
         after = await kafka_ends(cat, coll)
         await wait_archived(env.s3, env.bucket, after, timeout=60 + outage)
         assert STATUS[task].restarts == 0 and STATUS[task].running
-    finally:
-        await running.stop()
 
     objects = await archived(env.s3, env.bucket)
     assert {p: min(o.span[1] for o in objects if o.span[0] == p) for p in before} == before
@@ -656,10 +633,9 @@ async def test_archive_catches_up_after_s3_freezes(
     coll = unique_name("c")
     task = f"s3/{coll}"
     cat = outage_catalog(env, coll, task)
-    running = Running(cat, task)
     pid = s3.pid
     assert pid is not None
-    try:
+    async with running(cat, task, options={"reader": READER}, stop_within=60):
         await produce(cat, coll, docs("before", 600))
         await wait_archived(env.s3, env.bucket, await kafka_ends(cat, coll))
         errors = counter("localflow_errors_total", {"task": task, "kind": "endpoint"})
@@ -676,8 +652,6 @@ async def test_archive_catches_up_after_s3_freezes(
         await produce(cat, coll, docs("after", 600))
         await wait_archived(env.s3, env.bucket, await kafka_ends(cat, coll), timeout=60 + outage)
         assert STATUS[task].restarts == 0 and STATUS[task].running
-    finally:
-        await running.stop()
 
     assert_exactly_once(await archived(env.s3, env.bucket),
                         {f"{tag}-{i}" for tag in ("before", "during", "after") for i in range(600)})
@@ -707,15 +681,13 @@ async def test_every_document_is_archived_exactly_once_across_kill_9(
                     return True
         return False
 
-    def spawn(log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, str(ROOT / "tests" / "materialization_worker.py"), str(cat.path), "kill9"],
-                                    stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    def spawn(log: Path) -> Worker:
+        return task_worker(cat.path, "kill9", log)
 
     log = env.tmp / "worker.log"
     producer = asyncio.create_task(producing())
     kills = 0
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Worker | None = None
     try:
         while kills < 6:
             proc = spawn(log)
@@ -723,19 +695,16 @@ async def test_every_document_is_archived_exactly_once_across_kill_9(
                                  message=f"worker {proc.pid} claiming a partition (seed {seed})")
             await asyncio.sleep(rng.uniform(0.0, 2.0))  # a random point of its work
             proc.kill()
-            proc.wait()
             kills += 1
         await producer
         ends = await kafka_ends(cat, coll)
         assert sum(ends.values()) == total
         proc = spawn(log)
         await wait_archived(env.s3, env.bucket, ends, timeout=180)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        proc.assert_exit(proc.stop(timeout=60))
     finally:
         producer.cancel()
-        if proc is not None and proc.poll() is None:
+        if proc is not None:
             proc.kill()
-            proc.wait()
 
     assert_exactly_once(await archived(env.s3, env.bucket), {f"d-{i}" for i in range(total)})

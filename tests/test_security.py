@@ -35,21 +35,12 @@ from pipeline.embedded.services import Redis as RedisServer
 from pipeline.runtime.catalog import KafkaConfig, load_catalog
 from pipeline.runtime.collection import CollectionReader, CollectionWriter, read_to_end
 from pipeline.runtime.registry import load_connector
-from pipeline.runtime.task import run_tasks
 from pipeline.sdk.errors import EndpointError
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
-    CAPTURES,
-    CONSUMERS,
-    EXAMPLE,
-    ROOT,
-    AgentLogs,
-    SourceServer,
-    TaskProcess,
-    api_records,
-    pipeline_env,
-    sophia_catalog,
-)
+from tests.support.pipeline import CAPTURES, CONSUMERS, EXAMPLE, TaskProcess, pipeline_env, sophia_catalog
+from tests.support.sources import AgentLogs, SourceServer, api_records
+from tests.support.tasks import running
+from tests.support.waiting import wait_for_async
+from tests.support.workers import ROOT
 
 RAW_SCHEMA = str((EXAMPLE.parent / "schemas" / "raw.schema.yaml").resolve())
 PENDING = (OSError, asyncpg.PostgresError)
@@ -196,13 +187,18 @@ async def test_secrets_appear_nowhere_in_logs_metrics_status_dead_letters_topics
             shown = {"metrics": [], "status": []}
             async with httpx.AsyncClient() as client:
                 for w in workers:
-                    url = re.search(r"on (http://127\.0\.0\.1:\d+) ", w.output()).group(1)
+                    url = w.current.worker.url()
                     shown["metrics"].append((await client.get(url + "/metrics")).text)
                     shown["status"].append((await client.get(url + "/status")).text)
         finally:
             await redis.aclose()
-        for w in workers:
-            assert w.terminate() == 0, w.output()[-3000:]
+            try:
+                codes = [w.terminate() for w in workers]
+            finally:
+                for w in workers:
+                    w.close()
+        for w, code in zip(workers, codes, strict=True):
+            assert code == 0, w.output()[-3000:]
         shown["logs"] = [w.output() for w in workers]
         assert '"level":"debug"' in shown["logs"][0] and " DEBUG " in shown["logs"][1], "debug logs, the most verbose"
         shown["topics"] = await _all_topics(services.kafka.bootstrap_servers)
@@ -296,19 +292,14 @@ async def test_sql_identifiers_are_quoted_and_document_values_never_reach_sql_te
 
     async with CollectionWriter(catalog.kafka, "test") as writer:
         await writer.write(Collection.from_catalog(catalog, f"{name}/docs"), docs)
-    stopping = asyncio.Event()
-    runner = asyncio.create_task(run_tasks(catalog, None, stopping))
     qualified = '"' + schema.replace('"', '""') + '"."' + table.replace('"', '""') + '"'
-    try:
+    async with running(catalog, f"{name}/pg", stop_within=60):
         async def landed() -> bool:
             try:
                 return await conn.fetchval(f"SELECT count(*) FROM {qualified}") == 2
             except asyncpg.UndefinedTableError:
                 return False
         await wait_for_async(landed, timeout=120, message="both documents in the table", ignore=PENDING)
-    finally:
-        stopping.set()
-        await asyncio.wait_for(runner, 60)
     rows = {r["id"]: dict(r) for r in await conn.fetch(f"SELECT * FROM {qualified}")}
     assert await conn.fetchval("SELECT to_regclass('public.victim') IS NOT NULL"), "the victim table survived"
     await conn.close()
@@ -348,11 +339,9 @@ async def test_the_file_capture_never_follows_a_symlink_out_of_its_directory(
                                       "bindings": [{"target": collection, "resource": {"globs": ["**/*.log"]}}]}},
     }))
     catalog = load_catalog(path)
-    stopping = asyncio.Event()
     caplog.set_level(logging.WARNING)
-    runner = asyncio.create_task(run_tasks(catalog, None, stopping))
     topic = collection.replace("/", ".")
-    try:
+    async with running(catalog, f"{name}/tail"):
         async def messages() -> list[str]:
             return [r.doc["data"]["message"] for r in await read_to_end(catalog.kafka, topic)]
 
@@ -367,9 +356,6 @@ async def test_the_file_capture_never_follows_a_symlink_out_of_its_directory(
         await wait_for_async(lambda: _has(messages, "inside three"), timeout=60,
                              message="a file created after the swap")
         got = await messages()
-    finally:
-        stopping.set()
-        await asyncio.wait_for(runner, 30)
     assert sorted(got) == ["inside line", "inside three", "inside two"]
     warned = "\n".join(r.getMessage() for r in caplog.records)
     for link in ("escape.log", "relative.log", "late.log"):

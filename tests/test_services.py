@@ -29,7 +29,7 @@ from pipeline.embedded.services import (
     ServiceError,
     Services,
 )
-from tests.helpers import wait_for, wait_for_async
+from tests.support.waiting import wait_for, wait_for_async
 
 ROOT = Path(__file__).resolve().parent.parent
 AWS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}

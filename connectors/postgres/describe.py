@@ -30,7 +30,7 @@ def describe(config: PostgresConfig, resource: TableResource, collection: str) -
         if conn is not None:
             await conn.close(timeout=5)
 
-    return Described(f"{schema}.{table}", "rows", count, close, query=_psql(config, f"{schema}.{table}"))
+    return Described(f"{schema}.{table}", "rows", count, close, query=_psql(config, f"{_ident(schema)}.{_ident(table)}"))
 
 
 def _psql(config: PostgresConfig, table: str) -> str:
@@ -38,7 +38,7 @@ def _psql(config: PostgresConfig, table: str) -> str:
     cmd = shlex.join(["psql", "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 5432),
                       "-U", unquote(where.username or "postgres"), "-d", where.path.lstrip("/") or "postgres",
                       "-c", f"SELECT * FROM {table} LIMIT 5"])
-    return cmd + ("   # password: $POSTGRES_PASSWORD" if config.secrets() else "")
+    return cmd + ("   # password: $POSTGRES_PASSWORD" if config.password or config._url_password() else "")
 
 
 def _ident(name: str) -> str:

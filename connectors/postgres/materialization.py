@@ -45,7 +45,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from pipeline.sdk.context import Context, Task
+from pipeline.sdk.context import ConnectorTask, Context
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
 from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.records import Record, TopicPartition
@@ -80,7 +80,7 @@ class PostgresMaterialization(Materialization):
 
     config: PostgresConfig
 
-    def __init__(self, ctx: Context, task: Task) -> None:
+    def __init__(self, ctx: Context, task: ConnectorTask) -> None:
         super().__init__(ctx, task)
         self._pool: asyncpg.Pool | None = None
         self._tables: list[sql.Table] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pipeline.sdk.connector import Described
 
@@ -36,10 +36,14 @@ def describe(config: RedisConfig, resource: RedisBinding, collection: str) -> De
 
 def _redis_cli(config: RedisConfig, pattern: str) -> str:
     where = urlsplit(config.where())
+    url = urlsplit(config.url.get_secret_value()) if config.url is not None else None
+    user = config.username or (url.username if url is not None else None)
     db = where.path.lstrip("/") or str(config.db)
-    args = ["redis-cli", "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379), "-n", db]
-    cmd = shlex.join([*args, *(["--tls"] if where.scheme == "rediss" else []), "--scan", "--pattern", pattern])
-    return cmd + ("   # add -a $REDIS_PASSWORD" if config.secrets() else "")
+    args = ["redis-cli", "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379), "-n", db,
+            *(["--user", unquote(user)] if user else []), *(["--tls"] if where.scheme == "rediss" else [])]
+    cmd = shlex.join([*args, "--scan", "--pattern", pattern])
+    password = config.password is not None or (url is not None and url.password)
+    return cmd + ("   # add -a $REDIS_PASSWORD" if password else "")
 
 
 def key_pattern(head: str) -> str:

@@ -507,10 +507,11 @@ def print_exports(services: Services, path: Path, catalog: Catalog, telemetry: T
 def _print_how_to_query(services: Services, endpoints: Endpoints, kept: bool) -> None:
     """Command lines that read what the run wrote, as each connector's ``describe`` says (the first
     binding of each materialization; real hosts and ports, never a password)."""
-    lines: list[tuple[str, str]] = []
+    first: dict[str, str] = {}
     for t in endpoints.targets:
-        if t.query and t.materialization not in {name for name, _ in lines}:
-            lines.append((t.materialization, t.query))
+        if t.query:
+            first.setdefault(t.materialization, t.query)
+    lines = list(first.items())
     if not lines:
         return
     width = max(len(name) for name, _ in lines) + 2

@@ -625,12 +625,12 @@ def check_catalog(catalog: Catalog, problems: list[tuple[str, str]]) -> None:
             if connector.check is not None and task._config is not None:
                 problems.extend(connector.check(catalog, task, place))
 
+    engines = known_engines()
     for name, coll in catalog.derivations.items():
         assert coll.derive is not None
         place = f"collections.{name}.derive"
         for i, t in enumerate(coll.derive.transforms):
             undeclared(t.source, f"{place}.transforms[{i}].source")
-        engines = known_engines()
         if coll.derive.engine not in engines:
             problems.append(Problem(f"{place}.using.{coll.derive.engine}", f"unknown engine {coll.derive.engine!r}",
                                     did_you_mean=closest(coll.derive.engine, engines), valid=engines, at_key=True))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pipeline.runtime.catalog import Catalog
 from pipeline.runtime.collection import Collection, CollectionWriter
-from pipeline.sdk.context import Task as ConnectorTask
+from pipeline.sdk.context import ConnectorTask
 from pipeline.sdk.errors import ConfigError, LocalflowError, describe
 from pipeline.sdk.materialization import Offsets
 from pipeline.sdk.retry import Backoff
@@ -81,8 +81,10 @@ class ReplayPlan:
 
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
-    """What a connector gets of its task (``pipeline.sdk.context.Context``): these six names and nothing
-    of the runtime, so a connector cannot reach the catalog, the Kafka clients or the task's status."""
+    """What a connector gets of its task (``pipeline.sdk.context.Context``): these six names, none of
+    them the catalog, a Kafka client or the task's status. Python cannot seal an object (a bound
+    method still leads to its TaskContext); that connectors use only these is a checked rule
+    (tests/test_runtime_policies.py walks their code)."""
 
     name: str
     log: logging.LoggerAdapter[logging.Logger]
@@ -132,9 +134,9 @@ class TaskContext:
         return self.catalog.collections[self.name]
 
     def for_connector(self) -> tuple[ConnectorContext, ConnectorTask]:
-        """The narrow context and the ``Task`` a connector is built with (``Connector.build(ctx, task)``)."""
+        """The narrow context and the ``ConnectorTask`` a connector is built with (``Connector.build(ctx, task)``)."""
         spec = self.spec
-        sources = {getattr(b, "target", None) or b.source for b in spec.bindings}
+        sources = {b.target if self.kind == "capture" else b.source for b in spec.bindings}
         ctx = ConnectorContext(self.name, self.log, self.stopping, self.sleep, self.report, self.dead_letter)
         return ctx, ConnectorTask(spec, {name: self.collection(name) for name in sorted(sources)})
 

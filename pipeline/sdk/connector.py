@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from pipeline.sdk.context import Context, Task
+    from pipeline.sdk.context import ConnectorTask, Context
 
 Problems = list[tuple[str, str]]
 
@@ -82,7 +82,7 @@ class Connector:
     kind: Literal["capture", "materialization"]
     config: type[BaseModel]
     resource: type[BaseModel]
-    build: Callable[[Context, Task], Any]
+    build: Callable[[Context, ConnectorTask], Any]
     """Builds the Capture or Materialization of ``task`` (e.g. the class itself)."""
     check: Callable[[Any, Any, str], Problems] | None = None
     """Catalog-time checks beyond the models (e.g. identifiers Postgres cannot hold), given the catalog,

@@ -1,7 +1,8 @@
-"""What a connector gets from the runtime: a narrow ``Context`` and the ``Task`` it is built from.
+"""What a connector gets from the runtime: a narrow ``Context`` and the ``ConnectorTask`` it is built from.
 
-The runtime hands each connector a context of six names and nothing of itself (no catalog, no
-Kafka client, no status to write), and a ``Task``: its catalog entry and the collections its
+The runtime hands each connector a context of six names (no catalog, no Kafka client, no status
+to write: a connector uses these six and nothing else, which tests/test_runtime_policies.py checks
+in every connector's code), and a ``ConnectorTask``: its catalog entry and the collections its
 bindings name. A connector annotates with these so that it never imports the runtime.
 """
 
@@ -41,7 +42,8 @@ class Context(Protocol):
 
 
 CONTEXT_NAMES = ("name", "log", "stopping", "sleep", "report", "dead_letter")
-"""Everything a ``Context`` has (the conformance suite checks the runtime gives no more)."""
+"""Everything a ``Context`` has (tests/test_runtime_policies.py checks the runtime gives no more, and
+that no connector uses another name of it)."""
 
 
 class CollectionInfo(Protocol):
@@ -63,7 +65,7 @@ class CollectionInfo(Protocol):
 
 
 @dataclass(frozen=True)
-class Task:
+class ConnectorTask:
     """What a connector is built from: its catalog entry and the collections its bindings name."""
 
     spec: Any
@@ -76,7 +78,7 @@ class Task:
 class ConnectorBase:
     """The base of the Capture and Materialization contracts: what the runtime built it with."""
 
-    def __init__(self, ctx: Context, task: Task) -> None:
+    def __init__(self, ctx: Context, task: ConnectorTask) -> None:
         self.ctx = ctx
         self.task = task
         self.spec: Any = task.spec

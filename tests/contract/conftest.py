@@ -58,6 +58,8 @@ class MaterializationProfile:
     secret: Callable[[Servers, str], dict[str, Any]]
     refused: dict[str, Any] | None = None
     """A document valid for the collection that the endpoint itself cannot hold (None: there is none)."""
+    reapplies: bool = True
+    """Whether a replay writes records below the stored offset again (an archive keeps what it sealed)."""
 
 
 class Servers:
@@ -148,6 +150,7 @@ MATERIALIZATIONS: dict[str, MaterializationProfile] = {
         read=_read_s3,
         secret=lambda s, name: {"bucket": name, "endpoint_url": s.s3_endpoint_url, "aws_access_key_id": "test",
                                 "aws_secret_access_key": SECRET},
+        reapplies=False,
     ),
 }
 
@@ -260,7 +263,7 @@ class _Served(Source):
     async def start(self) -> None:
         from aiohttp import web
 
-        from tests.helpers import serve_on_loopback
+        from tests.support.sources import serve_on_loopback
 
         async def answer(request: web.Request) -> web.Response:
             if self.spoiled:

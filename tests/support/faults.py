@@ -1,4 +1,5 @@
-"""The fault trials' pipeline: the whole Sophia flow on private servers, and what a trial does.
+"""The fault trials' pipeline: the whole Sophia flow on private servers, what a trial does, and
+the table of trials (printed, written to a file, summarised at the session end).
 
 Shared by the fault modules (test_faults*.py). Each module opens its own pipeline in a
 module-scoped fixture, so `make test` (a module per worker) runs the modules side by side.
@@ -20,23 +21,11 @@ import asyncpg
 import pytest
 
 from pipeline.embedded.services import Services
-from tests.helpers import wait_for_async
-from tests.pipeline_harness import (
-    TASKS,
-    AgentLogs,
-    Census,
-    Expected,
-    FaultProxy,
-    FaultTable,
-    Pipeline,
-    SourceServer,
-    TableReport,
-    Verdict,
-    api_records,
-    pipeline_env,
-    settle,
-    sophia_catalog,
-)
+from tests.support.census import Census
+from tests.support.judge import Expected, Verdict, settle
+from tests.support.pipeline import TASKS, Pipeline, pipeline_env, sophia_catalog
+from tests.support.sources import AgentLogs, FaultProxy, SourceServer, api_records
+from tests.support.waiting import wait_for_async
 
 SEED = int(os.environ.get("LOCALFLOW_CHAOS_SEED") or time.time_ns() % 1_000_000)
 """Random points of the kill trials; set LOCALFLOW_CHAOS_SEED to replay a run (it is in the table)."""
@@ -125,6 +114,74 @@ class Sophia:
                              message=f"{task} to log {text!r}")
 
 
+@dataclass
+class Row:
+    trial: int
+    kind: str
+    fault: str
+    new_records: int
+    verdict: Verdict
+    seconds: float
+
+
+class FaultTable:
+    """Trials, their faults and results: printed, written to a file, summarised at the session end."""
+
+    columns = ("#", "kind", "fault", "new", "sources", "keys", "resent", "postgres rows+dead/keys",
+               "redis keys+dead/keys", "s3 docs+dead/docs", "lost", "doubled", "result", "s")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[Row] = []
+
+    def add(self, kind: str, fault: str, new_records: int, verdict: Verdict, seconds: float) -> Row:
+        row = Row(len(self.rows) + 1, kind, fault, new_records, verdict, seconds)
+        self.rows.append(row)
+        self.path.write_text(self.render() + "\n")
+        return row
+
+    def cells(self, row: Row) -> list[str]:
+        v = row.verdict
+
+        def ep(t: tuple[int, int, int]) -> str:
+            return f"{t[0]}+{t[1]}/{t[2]}"
+
+        return [str(row.trial), row.kind, row.fault, str(row.new_records), str(v.source_records), str(v.keys),
+                str(v.resent), ep(v.pg), ep(v.redis), ep(v.s3), str(v.lost), str(v.doubled),
+                "ok" if v.ok else "FAIL", f"{row.seconds:.0f}"]
+
+    def render(self) -> str:
+        table = [list(self.columns)] + [self.cells(r) for r in self.rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(self.columns))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        for r in self.rows:
+            for p in r.verdict.problems:
+                lines.append(f"  trial {r.trial}: {p}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        lost = sum(r.verdict.lost for r in self.rows)
+        doubled = sum(r.verdict.doubled for r in self.rows)
+        failed = sum(not r.verdict.ok for r in self.rows)
+        kinds = len({r.kind for r in self.rows})
+        return (f"fault injection: {len(self.rows)} trials of {kinds} kinds, {lost} lost, {doubled} doubled, "
+                f"{failed} failed (table: {self.path})")
+
+
+class TableReport:
+    """A pytest plugin object that prints the fault table in the terminal summary."""
+
+    def __init__(self, table: FaultTable) -> None:
+        self.table = table
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.table.rows:
+            terminalreporter.section("localflow fault injection")
+            terminalreporter.write_line(self.table.render())
+            terminalreporter.write_line(self.table.summary())
+
+
 @contextlib.asynccontextmanager
 async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
                       *, durable_broker: bool = False,
@@ -154,13 +211,14 @@ async def open_sophia(tmp_path_factory: pytest.TempPathFactory, request: pytest.
         census = Census(infra.kafka.bootstrap_servers, ends.postgres.url, ends.redis.url, ends.s3.endpoint_url)
         pipeline.start()
         yield Sophia(infra, ends, sources, proxy, logs, pipeline, census, table, random.Random(SEED))
-    finally:
-        if pipeline is not None:
-            pipeline.stop()
-        if sources is not None:
-            sources.close()
-        ends.stop()
-        infra.stop()
+    finally:  # every step runs even when one before it fails (in reverse order of these lines)
+        with contextlib.ExitStack() as teardown:
+            teardown.callback(infra.stop)
+            teardown.callback(ends.stop)
+            if sources is not None:
+                teardown.callback(sources.close)
+            if pipeline is not None:
+                teardown.callback(pipeline.stop)
 
 
 def bad_input(s: Sophia) -> None:

@@ -1,21 +1,19 @@
-"""What the `files` capture tests share: a catalog over a temp log directory, a running task, readers.
+"""What the `files` capture tests share: a catalog over a temp log directory, readers, a log writer.
 
-Run as a script it is one of the real processes of the kill -9 and rotation tests:
-``python tests/files_support.py <catalog> <task>`` runs the capture task until it is killed;
-``python tests/files_support.py write <log> <count> <per second>`` is a log writer: it appends
-numbered lines at a steady rate through an ``O_APPEND`` descriptor and reopens its log on
-SIGUSR1, as nginx does when logrotate's ``postrotate`` signals it.
+``log_writer(log, count, per_second, output=...)`` is one of the real processes of the rotation
+tests (``python -m tests.support.files write LOG COUNT PER_SECOND``): it appends numbered lines at
+a steady rate through an ``O_APPEND`` descriptor and reopens its log on SIGUSR1, as nginx does
+when logrotate's ``postrotate`` signals it. The capture task itself runs in-process
+(`tests.support.tasks.running`) or as a worker (`tests.support.workers.task_worker`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,9 @@ import yaml
 from pipeline.runtime.catalog import Catalog, KafkaConfig, load_catalog, topic_of
 from pipeline.runtime.checkpoint import KafkaCheckpoints
 from pipeline.runtime.collection import read_to_end
-from pipeline.runtime.task import TaskContext, run_tasks
+from tests.support.workers import ROOT, Worker, python_module
 
-RAW_SCHEMA = str(Path(__file__).resolve().parent.parent / "examples/sophia/schemas/raw.schema.yaml")
+RAW_SCHEMA = str(ROOT / "examples/sophia/schemas/raw.schema.yaml")
 
 
 @dataclass
@@ -88,38 +86,14 @@ class Flow:
         return await KafkaCheckpoints(self.kafka).load(self.task)
 
 
-@asynccontextmanager
-async def running(catalog: Catalog, task: str, *, expect_errors: bool = False) -> AsyncIterator[TaskContext]:
-    """The capture task, supervised as in production, until the block ends (then stopped cleanly)."""
-    from tests.helpers import running as supervised  # not at the top: this file also runs as a script
-
-    async with supervised(catalog, task) as ctx:
-        yield ctx
-    if not expect_errors:
-        assert ctx.status.last_error is None, ctx.status.last_error
-
-
 def write_lines(path: Path, lines: Sequence[str]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
 
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = str(Path(__file__).resolve())
-
-
-async def start_process(*args: str, log: Path) -> asyncio.subprocess.Process:
-    """``python tests/files_support.py ARGS`` (a capture task or a writer), output appended to ``log``."""
-    with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(sys.executable, SCRIPT, *args, cwd=ROOT, stdout=out,
-                                                    stderr=asyncio.subprocess.STDOUT)
-
-
-async def end_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
-    """Send ``sig`` to a process this test started (if it still runs) and reap it."""
-    if proc.returncode is None:
-        proc.send_signal(sig)
-    await asyncio.wait_for(proc.wait(), timeout=30)
+def log_writer(log: Path, count: int, per_second: float, *, output: Path) -> Worker:
+    """The test writer as its own process: ``count`` numbered lines into ``log`` at ``per_second``."""
+    return Worker(python_module("tests.support.files", "write", str(log), str(count), str(per_second)), output)
 
 
 def writer_line(n: int) -> str:
@@ -129,10 +103,6 @@ def writer_line(n: int) -> str:
 
 def writer_number(message: str) -> int:
     return int(message[5:12])
-
-
-async def _run_until_killed(catalog_path: str, task: str) -> None:
-    await run_tasks(load_catalog(catalog_path), [task], asyncio.Event())
 
 
 def _write(log: str, count: int, per_second: float) -> None:
@@ -155,8 +125,5 @@ def _write(log: str, count: int, per_second: float) -> None:
     os.close(fd)
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "write":
-        _write(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
-    else:
-        asyncio.run(_run_until_killed(sys.argv[1], sys.argv[2]))
+if __name__ == "__main__" and sys.argv[1] == "write":
+    _write(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))

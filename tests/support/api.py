@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -13,8 +12,9 @@ from pathlib import Path
 from aiohttp import web
 
 from pipeline.control import effective
-from tests.cli_support import Worker, cli_env, worker
-from tests.helpers import serve_on_loopback, wait_for
+from tests.support.cli import cli_env, worker
+from tests.support.sources import serve_on_loopback
+from tests.support.workers import Worker
 
 RAW_SCHEMA = effective.RAW_SCHEMA
 """The raw document schema (the one the API gives a collection made for a short-form capture)."""
@@ -22,9 +22,7 @@ RAW_SCHEMA = effective.RAW_SCHEMA
 
 def api_url(w: Worker) -> str:
     """The worker's API URL, once it logged it."""
-    found = wait_for(lambda: re.search(r"API on (http://127\.0\.0\.1:\d+) ", w.output()), timeout=30,
-                     message="the worker to log its API URL")
-    return found.group(1)
+    return w.url(r"API on (http://127\.0\.0\.1:\d+) ", "its API URL")
 
 
 @contextmanager

@@ -1,10 +1,10 @@
-"""Polling helpers for tests: wait for a condition with a deadline instead of sleeping blindly.
+"""Waiting in tests: wait for a condition with a deadline instead of sleeping blindly.
 
 Why: a fixed `sleep()` is either too short on a loaded CI machine (flaky) or too long everywhere
 (slow). Polling returns as soon as the condition holds and, on timeout, says what was awaited
 and what was last seen, so a failure is diagnosable from the message alone.
 
-    from tests.helpers import wait_for, wait_for_async
+    from tests.support.waiting import wait_for, wait_for_async
     rows = await wait_for_async(lambda: conn.fetch("select * from t"), message="rows in t")
 """
 
@@ -13,15 +13,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
-from pipeline.runtime.catalog import Catalog
-from pipeline.runtime.task import TaskContext, kind_of, supervise
-from pipeline.sdk.retry import Backoff
-
-__all__ = ["running", "wait_for", "wait_for_async"]
+__all__ = ["wait_for", "wait_for_async"]
 
 T = TypeVar("T")
 
@@ -100,33 +95,3 @@ async def wait_for_async(
         if expired or loop.time() >= deadline:
             raise _timeout_error(message, timeout, last)
         await asyncio.sleep(interval)  # polling interval, bounded by the deadline above
-
-
-@asynccontextmanager
-async def running(catalog: Catalog, name: str, *, restart_after: float | None = None,
-                  restart_failed: bool = False) -> AsyncIterator[TaskContext]:
-    """The task, supervised in the background as in production; stopped (and awaited) on exit.
-
-    ``restart_after``: a short, fixed backoff between restarts (a test need not wait out the real one)."""
-    ctx = TaskContext(catalog, name, kind_of(catalog, name))
-    backoff = Backoff(initial=restart_after, maximum=restart_after) if restart_after is not None else None
-    task = asyncio.create_task(supervise(ctx, backoff, restart_failed=restart_failed))
-    try:
-        yield ctx
-    finally:
-        ctx.stopping.set()
-        await asyncio.wait_for(task, timeout=30)
-
-
-async def serve_on_loopback(app: Any) -> tuple[Any, str]:
-    """Start an aiohttp `app` on a free 127.0.0.1 port: (its runner, whose cleanup() stops it; its URL)."""
-    import socket
-
-    from aiohttp import web
-
-    runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
