@@ -283,7 +283,7 @@ async def test_two_kafka_keys_of_one_row_in_a_batch_keep_the_last_document(pg: a
                                          partition=0)
     finally:
         await producer.stop()
-    async with running(flow):
+    async with running(flow.catalog, flow.task, options=OPTIONS):
         await wait_caught_up(pg, flow, await topic_end(flow))
     assert {k: d["version"] for k, d in (await rows_by_key(pg, flow)).items()} == {"k": 2, "j": 1}
 
