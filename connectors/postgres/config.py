@@ -65,8 +65,9 @@ class PostgresConfig(Model):
     schema_: str = Field(default="public", alias="schema", description=(
         "Schema of the tables and of `localflow_checkpoints` (created if missing). Sophia: estuary."))
     pool_size: int = Field(default=4, ge=2, le=64, description=(
-        "Connections per worker: batches use one at a time; fencing on a rebalance and partition "
-        "creation use others, so they never wait behind a batch."))
+        "Connections per worker: batches use two (one loading while the other merges, see "
+        "advanced.overlap); fencing on a rebalance and partition creation use others, so they never "
+        "wait behind a batch."))
     advanced: PostgresAdvanced = Field(default_factory=PostgresAdvanced, description="Rarely changed settings.")
 
     @field_validator("url", "password", mode="before")
