@@ -117,7 +117,7 @@ async def _run(b: Bench, conn: asyncpg.Connection, count: int, n: int) -> Sample
         with running([ClusterWorker(b, cat, run, f"cluster_{count}_{i}") for i in range(count)]) as workers:
             await checkpoints.wait(workers, holders=count, applied=0, within=180)
             await settled(workers, [derived, task])
-            sample = await paused_drain(b, workers, checkpoints, raw, PARTITIONS, n, within=600)
+            sample = await paused_drain(b, workers, checkpoints, raw, PARTITIONS, n, table=table, within=600)
         await expect_rows(conn, table, n)
     finally:
         await _drop(conn, table)

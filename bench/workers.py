@@ -250,7 +250,7 @@ async def _scaling_run(b: Bench, conn: asyncpg.Connection, partitions: int, coun
     try:
         with running([Worker(b, cat, [task], f"scale_{partitions}_{count}_{i}") for i in range(count)]) as workers:
             await checkpoints.wait(workers, holders=count, applied=0, within=120)
-            sample = await paused_drain(b, workers, checkpoints, collection, partitions, n, within=300)
+            sample = await paused_drain(b, workers, checkpoints, collection, partitions, n, table=table, within=300)
         await expect_rows(conn, table, n)
     finally:
         await _drop(conn, table)
@@ -258,9 +258,14 @@ async def _scaling_run(b: Bench, conn: asyncpg.Connection, partitions: int, coun
 
 
 async def paused_drain(b: Bench, workers: list[Worker], checkpoints: Checkpoints, collection: str, partitions: int,
-                       n: int, *, within: float) -> Sample:
+                       n: int, *, table: str, within: float) -> Sample:
     """Pause the settled workers, produce ``n`` documents, resume them as the clock starts, and time
-    them until every document is durable; then stop them (they flush and commit)."""
+    them until every document is durable and ``table`` holds its ``n`` rows; then stop them (they
+    flush and commit).
+
+    Both, because a derivation between the two may write a key twice (at least once, by design: a
+    rebalance re-derives what was not committed), so the materialization's stored offsets can reach
+    ``n`` before the last keys arrive."""
     for w in workers:
         os.kill(w.pid, signal.SIGSTOP)
     try:
@@ -269,7 +274,15 @@ async def paused_drain(b: Bench, workers: list[Worker], checkpoints: Checkpoints
         cpu, started = tree_cpu(), time.time()
         for w in workers:
             os.kill(w.pid, signal.SIGCONT)
-    finished, _ = await checkpoints.wait(workers, holders=len(workers), applied=n, within=within)
+    deadline = time.monotonic() + within
+    await checkpoints.wait(workers, holders=len(workers), applied=n, within=within)
+    while (rows := await checkpoints.conn.fetchval(f"SELECT count(*) FROM {pg_table(table)}")) < n:
+        for w in workers:
+            w.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"Postgres table {pg_table(table)} has {rows} of {n} rows after {within:.0f} s")
+        await asyncio.sleep(0.02)  # polling the table, with a deadline
+    finished = time.time()
     cpu = tree_cpu() - cpu
     for w in workers:
         await w.stop()
