@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -56,6 +57,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [s for s in args.stages.split(",") if s not in ALL]
     if unknown:
         p.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL)}")
+    if args.profile is not None and importlib.util.find_spec("pyinstrument") is None:
+        p.error("--profile needs pyinstrument, in the `dev` extra: .venv/bin/pip install -e '.[dev]'")
     return args
 
 
