@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,6 +411,9 @@ def status(
     async def live() -> int:
         from rich.live import Live
 
+        # Ctrl-C ends the watch at once: a read-only view has nothing to flush, and the cleanup of a
+        # refresh's Kafka clients, cancelled midway, may otherwise wait out a loaded broker's timeouts.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, _interrupted)
         if output == Output.json or not console.is_terminal:  # a pipe or a file: one snapshot after the other
             while True:
                 show(await st.gather(cat, urls))
@@ -421,3 +427,11 @@ def status(
         raise typer.Exit(run_command(live if watch else once))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+def _interrupted() -> None:
+    """`status --watch` after Ctrl-C: the cursor back, what was printed flushed, exit 0 now."""
+    console.show_cursor(True)
+    console.file.flush()
+    sys.stdout.flush()
+    os._exit(0)
