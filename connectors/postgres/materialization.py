@@ -206,7 +206,7 @@ class PostgresMaterialization(Materialization):
             if tps & self._revoked:
                 # Fetched before a rebalance moved these partitions away: their new owner reads them
                 # again from the stored offsets.
-                batch = Batch([r for r in batch.records if r.tp not in self._revoked], batch.bindings)
+                batch = Batch([r for r in batch.records if r.tp not in self._revoked], batch.bindings, batch.reapply)
                 tps -= self._revoked
             unfenced = sorted(tp for tp in tps if tp not in self._fences)
             if unfenced:
