@@ -579,6 +579,11 @@ class ReaderOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+COMMIT_TIMEOUT_S = 10.0
+"""How long a group commit may take before it fails as an EndpointError (a derivation restarts and derives
+the batch again; a materialization, whose endpoint holds the checkpoint, skips it)."""
+
+
 class CollectionReader:
     """Consumer-group batches of records (documents decoded on first use) from one or more collections.
 
@@ -751,10 +756,13 @@ class CollectionReader:
         owned = self.consumer.assignment()
         offsets = {tp: o for tp, o in offsets.items() if tp in owned}
         if offsets and self._group:
-            try:
-                await self.consumer.commit(offsets)
+            try:  # bounded: aiokafka retries a commit forever while a partition's topic is gone
+                await asyncio.wait_for(self.consumer.commit(offsets), COMMIT_TIMEOUT_S)
             except KafkaError as e:
                 raise EndpointError(f"Kafka: commit of {len(offsets)} partitions failed: {e!r}") from e
+            except TimeoutError:
+                raise EndpointError(f"Kafka: commit of {len(offsets)} partitions got no answer within "
+                                    f"{COMMIT_TIMEOUT_S:g}s (was a topic deleted?)") from None
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.consumer.assignment())
