@@ -7,7 +7,6 @@ offset from the object's name and `gaps` metadata).
 
 from __future__ import annotations
 
-import gzip
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -17,9 +16,9 @@ from typing import Any
 import aioboto3
 import asyncpg
 import orjson
-import zstandard
 from redis.asyncio import Redis
 
+from connectors.s3.verify import decompress
 from pipeline.runtime.catalog import KafkaConfig
 from pipeline.runtime.collection import read_to_end
 from pipeline.sdk.errors import EndpointError
@@ -150,7 +149,7 @@ class ArchiveReader:
                     got = await s3.get_object(Bucket=S3_BUCKET, Key=key)
                     async with got["Body"] as body:
                         data = await body.read()
-                    raw = _decompress(data, got.get("ContentEncoding"))
+                    raw = decompress(data, got.get("ContentEncoding"))
                     lines = raw.split(b"\n")[:-1] if raw else []
                     first, last = int(m.group(2)), int(m.group(3))
                     skipped: set[int] = set()
@@ -164,14 +163,6 @@ class ArchiveReader:
                     self._cache[(key, etag)] = cached
                 out.append(cached)
         return out
-
-
-def _decompress(data: bytes, encoding: str | None) -> bytes:
-    if encoding == "gzip":
-        return gzip.decompress(data)
-    if encoding == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    return data
 
 
 def doc_key(collection: str) -> Callable[[Any], Any]:
