@@ -337,6 +337,42 @@ async def test_two_bindings_whose_templates_render_the_same_key_do_not_refuse_ea
     assert await json_values(r, [f"{prefix}:x:k"]) == [doc("other", 2, region="k")]
 
 
+async def test_a_chunk_of_thousands_of_documents_keeps_the_last_write_of_every_key_in_order(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
+    """One script call of 3,000 documents: keys repeat inside it, and two bindings (one with a TTL)
+    write the same keys in turn. The script reads positions and writes values in slices of many
+    keys, and must still leave each key its last write in batch order, with that write's TTL."""
+    prefix = unique_name()
+    first, second = f"{prefix}/first", f"{prefix}/second"
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": redis_task(
+        redis_url, prefix, [{"source": first, "resource": {"key": f"{prefix}:x:{{/id}}"}},
+                            {"source": second, "resource": {"key": f"{prefix}:x:{{/region}}", "ttl": "1h"}}],
+        chunk_size=5_000)})
+    topics = {f"{prefix}.first": 0, f"{prefix}.second": 1}
+    records, offsets, last = [], dict.fromkeys(topics, 0), {}
+    for i in range(3_000):
+        topic = f"{prefix}.second" if i % 3 == 2 else f"{prefix}.first"
+        d = doc(f"o{i}", i, region=f"k{i % 1_100}") if i % 3 == 2 else doc(f"k{i % 1_100}", i)
+        value = orjson.dumps(d)
+        records.append(Record(topic, 0, offsets[topic], 0, None, value, d))
+        last[f"{prefix}:x:k{i % 1_100}"] = (d, topic, offsets[topic])
+        offsets[topic] += 1
+    m = build(catalog, "m")
+    await m.open()
+    try:
+        await m.assigned({TopicPartition(t, 0) for t in topics})
+        applied = await m.apply(Batch(records, topics))
+        assert sum(applied.documents.values()) == 3_000
+    finally:
+        await m.close(failed=False)
+    keys = sorted(last)
+    assert await json_values(r, keys) == [last[k][0] for k in keys]
+    positions = await r.mget([f"{prefix}:lf:pos:{k}" for k in keys])
+    assert [p.decode() for p in positions] == [f"{last[k][1]}:0:{last[k][2]}" for k in keys]
+    ttls = [await r.pttl(k) for k in keys]
+    assert [t > 0 for t in ttls] == [last[k][1] == f"{prefix}.second" for k in keys]
+
+
 async def test_checkpoint_rewound_under_a_worker_stops_it_before_it_writes(
         tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
     prefix = unique_name()

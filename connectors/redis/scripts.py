@@ -66,62 +66,96 @@ for i = 1, nbind do
 end
 local posprefix = ARGV[a]; a = a + 1
 
-local applied, refused = 0, 0
-local n = #ARGV
+-- First pass: where each document's arguments are, and the position every key holds, read in a few
+-- MGETs (one redis.call per document is most of a script's time).
+local bs, cs, offs, keys, firsts, lasts, sdocs, pkeys = {}, {}, {}, {}, {}, {}, {}, {}
+local n, ndocs = #ARGV, 0
 while a <= n do
-  local b, c, off, key = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  ndocs = ndocs + 1
+  local b, key = tonumber(ARGV[a]), ARGV[a + 3]
+  bs[ndocs], cs[ndocs], offs[ndocs], keys[ndocs] = b, tonumber(ARGV[a + 1]), ARGV[a + 2], key
+  pkeys[ndocs] = posprefix .. key
   a = a + 4
-  local mode, ttl, stream = modes[b], ttls[b], streams[b]
   local first, last = a, a
-  if mode == 'h' then
+  if modes[b] == 'h' then
     first = a + 1
     last = a + 2 * tonumber(ARGV[a])
   end
+  firsts[ndocs], lasts[ndocs] = first, last
   a = last + 1
-  local doc
-  if stream ~= '' then
-    if mode == 'h' then doc = ARGV[a]; a = a + 1 else doc = ARGV[first] end
+  if streams[b] ~= '' then
+    if modes[b] == 'h' then sdocs[ndocs] = ARGV[a]; a = a + 1 else sdocs[ndocs] = ARGV[first] end
   end
+end
 
-  -- A key remembers the source position "<topic>:<partition>:<offset>" of the document it holds.
-  -- An older or equal offset of the same clock is a replay, a re-delivery or a stalled worker's
-  -- late write and must not make the key older; another clock (another topic or partition, or
-  -- a position of the format before topics were part of it) does not compare: the later write wins.
-  local pkey = posprefix .. key
-  local pos = redis.call('GET', pkey)
-  local clock = clocks[c]
+-- Lua's unpack takes at most ~8000 values: long lists go to Redis in slices.
+local SLICE = 1000
+local held = {}
+for i = 1, ndocs, SLICE do
+  local got = redis.call('MGET', unpack(pkeys, i, math.min(i + SLICE - 1, ndocs)))
+  for j = 1, #got do held[i + j - 1] = got[j] end
+end
+
+-- JSON values and positions without a TTL are written by MSET at the end (or before any write
+-- that must come after them), so a chunk costs a few calls, not three per document.
+local vals, poss, nv, np = {}, {}, 0, 0
+local function mset(list, count)
+  for i = 1, count, SLICE do redis.call('MSET', unpack(list, i, math.min(i + SLICE - 1, count))) end
+end
+local function flush_vals() if nv > 0 then mset(vals, nv); vals, nv = {}, 0 end end
+local function flush_poss() if np > 0 then mset(poss, np); poss, np = {}, 0 end end
+
+-- A key remembers the source position "<topic>:<partition>:<offset>" of the document it holds.
+-- An older or equal offset of the same clock is a replay, a re-delivery or a stalled worker's
+-- late write and must not make the key older; another clock (another topic or partition, or
+-- a position of the format before topics were part of it) does not compare: the later write wins.
+local latest = {}  -- key -> position written earlier in this chunk
+local applied, refused = 0, 0
+for d = 1, ndocs do
+  local key, clock, off = keys[d], clocks[cs[d]], offs[d]
+  local pos = latest[key] or held[d]
   local newer = true
   if pos then
-    local held, held_off = string.match(pos, '^(.*):(%d+)$')
-    if held == clock and tonumber(held_off) >= tonumber(off) then
+    local hc, ho = string.match(pos, '^(.*):(%d+)$')
+    if hc == clock and tonumber(ho) >= tonumber(off) then
       newer = false
     end
   end
   if newer then
+    local b = bs[d]
+    local mode, ttl, stream = modes[b], ttls[b], streams[b]
+    local first, last = firsts[d], lasts[d]
+    local newpos = clock .. ':' .. off
+    latest[key] = newpos
     if mode == 'h' then
+      flush_vals()
       redis.call('DEL', key)
       for i = first, last, 200 do
         redis.call('HSET', key, unpack(ARGV, i, math.min(i + 199, last)))
       end
       if ttl ~= '0' then redis.call('PEXPIRE', key, ttl) end
     elseif ttl ~= '0' then
+      flush_vals()
       redis.call('SET', key, ARGV[first], 'PX', ttl)
     else
-      redis.call('SET', key, ARGV[first])
+      vals[nv + 1], vals[nv + 2], nv = key, ARGV[first], nv + 2
     end
     if ttl ~= '0' then
-      redis.call('SET', pkey, clock .. ':' .. off, 'PX', ttl)
+      flush_poss()
+      redis.call('SET', pkeys[d], newpos, 'PX', ttl)
     else
-      redis.call('SET', pkey, clock .. ':' .. off)
+      poss[np + 1], poss[np + 2], np = pkeys[d], newpos, np + 2
     end
     if stream ~= '' then
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlens[b], '*', 'key', key, 'doc', doc)
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlens[b], '*', 'key', key, 'doc', sdocs[d])
     end
     applied = applied + 1
   else
     refused = refused + 1
   end
 end
+flush_vals()
+flush_poss()
 
 for i = 1, nparts do
   redis.call('HSET', ckpt, fields[i], afters[i])
