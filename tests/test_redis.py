@@ -73,6 +73,12 @@ def redis_task(url: str, prefix: str, bindings: list[dict[str, Any]], **advanced
             "bindings": bindings}
 
 
+def direct_task(url: str, prefix: str, bindings: list[dict[str, Any]], **advanced: Any) -> dict[str, Any]:
+    """A task a test drives by hand (``build``, then ``apply``): without overlap, so ``apply``
+    returns once its batch is in Redis."""
+    return redis_task(url, prefix, bindings, **{"overlap": False, **advanced})
+
+
 def doc(id_: str, v: int, **extra: Any) -> dict[str, Any]:
     return {"id": id_, "v": v, **extra}
 
@@ -241,13 +247,13 @@ def batch(topic: str, records: list[tuple[int, dict[str, Any]]]) -> Batch:
 
 
 @asynccontextmanager
-async def two_workers(tmp_path: Path, kafka_bootstrap: str, redis_url: str,
-                      unique_name: Callable[..., str]) -> AsyncIterator[tuple[str, str, str, TopicPartition, Any, Any]]:
+async def two_workers(tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str],
+                      overlap: bool = False) -> AsyncIterator[tuple[str, str, str, TopicPartition, Any, Any]]:
     """Two workers of one materialization "m" on one partition: (prefix, collection, topic, tp, old, new)."""
     prefix = unique_name()
     coll = f"{prefix}/docs"
     catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
-                            {"m": redis_task(redis_url, prefix, [{"source": coll}])})
+                            {"m": direct_task(redis_url, prefix, [{"source": coll}], overlap=overlap)})
     old, new = build(catalog, "m"), build(catalog, "m")
     await old.open()
     await new.open()
@@ -274,6 +280,30 @@ async def test_replaced_worker_is_fenced_and_writes_nothing(tmp_path: Path, kafk
         assert await json_values(r, [f"{coll}:k"]) == [doc("k", 3)]
 
 
+async def test_with_overlap_apply_reports_the_batch_before_and_a_failure_in_flight_comes_next(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
+    """``advanced.overlap`` (the default): ``apply`` sends its batch and reports the one before; a
+    rebalance waits for the batch in flight and the next call reports it; a batch fenced in flight
+    writes nothing, and the next call raises it."""
+    async with two_workers(tmp_path, kafka_bootstrap, redis_url, unique_name, overlap=True) as (
+            prefix, coll, topic, tp, old, new):
+        await old.assigned({tp})
+        assert (await old.apply(batch(topic, [(0, doc("k", 1))]))).offsets == {}  # in flight
+        second = await old.apply(batch(topic, [(1, doc("k", 2))]))
+        assert (second.offsets, second.documents) == ({tp: 1}, {0: 1})
+        await old.revoked({tp})  # waits for the second batch
+        assert (await old.tick()).offsets == {tp: 2}
+        assert await json_values(r, [f"{coll}:k"]) == [doc("k", 2)]
+
+        assert await old.assigned({tp}) == {tp: 2}
+        assert await new.assigned({tp}) == {tp: 2}
+        assert (await old.apply(batch(topic, [(2, doc("k", 3))]))).offsets == {}
+        with pytest.raises(Fenced, match="taken over by another worker"):
+            await old.tick()
+        assert await json_values(r, [f"{coll}:k"]) == [doc("k", 2)]
+        assert await checkpoint(r, prefix, "m") == {f"{topic}:0": 2}
+
+
 async def test_rewind_past_a_gap_sets_the_checkpoint_back_only_under_the_current_fence(
         tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
     """`localflow replay` past a recreated topic: the stored offset goes back to the new end, and a
@@ -296,7 +326,7 @@ async def test_a_derived_document_older_at_its_source_is_refused_whatever_its_of
     # A stalled derivation worker's late output: v1 again, at a higher offset of the derived topic.
     prefix = unique_name()
     coll = f"{prefix}/derived"
-    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1}, {"m": redis_task(
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1}, {"m": direct_task(
         redis_url, prefix, [{"source": coll, "resource": {"stream": f"{prefix}:feed"}}])})
     topic, tp = f"{prefix}.derived", TopicPartition(f"{prefix}.derived", 0)
 
@@ -321,7 +351,7 @@ async def test_two_bindings_whose_templates_render_the_same_key_do_not_refuse_ea
     prefix = unique_name()
     first, second = f"{prefix}/first", f"{prefix}/second"
     by_id, by_region = {"key": f"{prefix}:x:{{/id}}"}, {"key": f"{prefix}:x:{{/region}}"}  # both render x:k
-    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": redis_task(
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": direct_task(
         redis_url, prefix, [{"source": first, "resource": by_id}, {"source": second, "resource": by_region}])})
     topics = {f"{prefix}.first": 0, f"{prefix}.second": 1}
     m = build(catalog, "m")
@@ -344,7 +374,7 @@ async def test_a_chunk_of_thousands_of_documents_keeps_the_last_write_of_every_k
     keys, and must still leave each key its last write in batch order, with that write's TTL."""
     prefix = unique_name()
     first, second = f"{prefix}/first", f"{prefix}/second"
-    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": redis_task(
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": direct_task(
         redis_url, prefix, [{"source": first, "resource": {"key": f"{prefix}:x:{{/id}}"}},
                             {"source": second, "resource": {"key": f"{prefix}:x:{{/region}}", "ttl": "1h"}}],
         chunk_size=5_000)})
@@ -378,7 +408,7 @@ async def test_checkpoint_rewound_under_a_worker_stops_it_before_it_writes(
     prefix = unique_name()
     coll = f"{prefix}/docs"
     catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
-                            {"m": redis_task(redis_url, prefix, [{"source": coll}])})
+                            {"m": direct_task(redis_url, prefix, [{"source": coll}])})
     topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
     m = build(catalog, "m")
     await m.open()
@@ -397,7 +427,7 @@ async def test_stream_key_holding_another_type_is_a_config_error_that_writes_not
         tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
     prefix = unique_name()
     coll = f"{prefix}/docs"
-    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1}, {"m": redis_task(
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1}, {"m": direct_task(
         redis_url, prefix, [{"source": coll, "resource": {"stream": f"{prefix}:feed"}}])})
     topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
     await r.set(f"{prefix}:feed", "not a stream")
@@ -419,7 +449,7 @@ async def test_document_without_a_template_value_goes_to_dead_letters(
     coll = f"{prefix}/docs"
     binding = {"source": coll, "resource": {"key": f"{prefix}:{{/region}}:{{/id}}"}}  # /region is optional
     catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {coll: 1},
-                            {"m": redis_task(redis_url, prefix, [binding])})
+                            {"m": direct_task(redis_url, prefix, [binding])})
     topic, tp = f"{prefix}.docs", TopicPartition(f"{prefix}.docs", 0)
     ctx = TaskContext(catalog, "m", "materialization")
     m = build(catalog, "m", ctx)

@@ -47,6 +47,7 @@ import asyncpg
 
 from pipeline.sdk.context import ConnectorTask, Context
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
+from pipeline.sdk.inflight import InFlight
 from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.records import Record, TopicPartition
 
@@ -91,12 +92,8 @@ class PostgresMaterialization(Materialization):
         self._revoked: set[TopicPartition] = set()
         self._lock = asyncio.Lock()  # a rebalance's fencing never interleaves with a batch
         self._holder = f"{socket.gethostname()}:{os.getpid()}"
-        self._inflight: asyncio.Task[Applied] | None = None
+        self._inflight = InFlight()
         """The batch loaded or merging in the background (``advanced.overlap``)."""
-        self._settled = Applied()
-        """Durable, not reported yet (a batch in flight that a rebalance or rewind waited for)."""
-        self._failure: Exception | None = None
-        """Why such a batch failed: raised by the next ``apply``, ``tick`` or ``close``."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,11 +122,10 @@ class PostgresMaterialization(Materialization):
     async def close(self, failed: bool) -> Applied:
         try:
             if failed:
-                await _drop(self._inflight)  # rolled back, as a crash would
-                self._inflight = None
+                await self._inflight.drop()  # rolled back, as a crash would
                 return Applied()
             async with self._lock:
-                return await self._outcome(self._inflight)
+                return await self._inflight.outcome()
         finally:
             pool, self._pool = self._pool, None
             if pool is not None:
@@ -176,7 +172,7 @@ class PostgresMaterialization(Materialization):
     async def assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int | None]:
         tps = sorted(partitions)
         async with self._lock:
-            await self._settle()
+            await self._inflight.settle()
             if self._pool is None:  # a rebalance that arrives while the task closes fences nothing
                 raise EndpointError("partitions assigned after the postgres materialization was closed")
             rows = await self._retry("fence assigned partitions", lambda conn: conn.fetch(
@@ -192,7 +188,7 @@ class PostgresMaterialization(Materialization):
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         async with self._lock:  # waits for the batch in flight, which may still commit with its fence
-            await self._settle()
+            await self._inflight.settle()
             for tp in partitions:
                 self._fences.pop(tp, None)
             self._revoked |= partitions
@@ -201,7 +197,7 @@ class PostgresMaterialization(Materialization):
 
     async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
-            self._raise_failure()
+            self._inflight.raise_failure()
             tps = {r.tp for r in batch.records}
             if tps & self._revoked:
                 # Fetched before a rebalance moved these partitions away: their new owner reads them
@@ -214,62 +210,24 @@ class PostgresMaterialization(Materialization):
                                     "without a fence for them (fencing failed at assignment); the task restarts "
                                     "and fences again")
             if not batch.records:
-                return self._take()
+                return self._inflight.take()
             fences = {tp: self._fences[tp] for tp in tps}
             await self._ensure_partitions(batch)
             if not self.config.advanced.overlap:
                 return await self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences))
-            previous = self._inflight
-            self._inflight = asyncio.create_task(
-                self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences, previous)))
-            return await self._outcome(previous)
+            previous = self._inflight.task
+            self._inflight.start(self._retry("apply a batch", lambda conn: self._apply(conn, batch, fences, previous)))
+            return await self._inflight.outcome_of(previous)
 
     async def tick(self) -> Applied:
         """An empty poll: the batch in flight is waited for and reported."""
         async with self._lock:
-            return await self._outcome(self._inflight)
-
-    # ------------------------------------------------------------------ the batch in flight
-
-    async def _outcome(self, task: asyncio.Task[Applied] | None) -> Applied:
-        """What is durable once ``task`` committed, with what was settled before. If it failed, the
-        batch loaded behind it (the one in flight, if another) is dropped and its error raised."""
-        self._raise_failure()
-        if task is None:
-            return self._take()
-        try:
-            applied = await task
-        except BaseException:
-            later, self._inflight = self._inflight, None
-            if later is not task:
-                await _drop(later)
-            raise
-        if self._inflight is task:
-            self._inflight = None
-        return self._take(applied)
-
-    async def _settle(self) -> None:
-        """Wait for the batch in flight (a rebalance or rewind comes next); report it later."""
-        task, self._inflight = self._inflight, None
-        if task is not None:
-            try:
-                self._settled = _sum(self._settled, await task)
-            except Exception as e:  # noqa: BLE001 - raised by the next apply, tick or close
-                self._failure = e
-
-    def _raise_failure(self) -> None:
-        error, self._failure = self._failure, None
-        if error is not None:
-            raise error
-
-    def _take(self, applied: Applied | None = None) -> Applied:
-        settled, self._settled = self._settled, Applied()
-        return settled if applied is None else _sum(settled, applied)
+            return await self._inflight.outcome()
 
     async def rewind(self, offsets: Offsets) -> Offsets:
         """Stored offsets set back past a gap, under this worker's fences (the zombie guard of commits)."""
         async with self._lock:
-            await self._settle()
+            await self._inflight.settle()
             order = sorted(tp for tp in offsets if tp in self._fences)
             if not order:
                 return {}
@@ -470,25 +428,6 @@ class PostgresMaterialization(Materialization):
 
 class _Dropped(EndpointError):
     """A batch loaded behind one that failed: rolled back, never retried (the failure is what counts)."""
-
-
-def _sum(a: Applied, b: Applied) -> Applied:
-    """Two reports in commit order as one."""
-    if not a:
-        return b
-    documents = Counter(a.documents)
-    documents.update(b.documents)
-    return Applied({**a.offsets, **b.offsets}, documents=dict(documents), dead=a.dead + b.dead)
-
-
-async def _drop(task: asyncio.Task[Applied] | None) -> None:
-    """Cancel a batch in flight (its transaction rolls back) and wait until it is gone."""
-    if task is None:
-        return
-    task.cancel()
-    await asyncio.wait([task])
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure of a dropped batch is not news
 
 
 async def _existing(conn: asyncpg.Connection, table: sql.Table) -> sql.Existing | None:

@@ -84,6 +84,11 @@ class RedisAdvanced(Model):
     chunk_size: int = Field(default=500, ge=1, le=10_000, description=(
         "Documents per atomic server-side script call. Larger is faster; smaller keeps each call "
         "short, so readers of the cache never wait long behind a batch."))
+    overlap: bool = Field(default=True, description=(
+        "Build the next batch's script calls while Redis runs the last ones: apply sends a batch and "
+        "returns once the one before it is applied, reporting that one (the next call reports the "
+        "last). Calls still reach Redis in order, each atomic with its checkpoint; off: each batch "
+        "is applied before apply returns."))
     state_prefix: str = Field(default="localflow:", min_length=1, description=(
         "Prefix of localflow's own keys: <prefix>checkpoint:<task>, <prefix>fence:<task> (hashes "
         "per partition) and <prefix>pos:<key> (the Kafka position each key came from)."))

@@ -5,6 +5,10 @@ documents, and each chunk is one EVALSHA of ``scripts.APPLY``, which in one atom
 this worker's fence of every partition in the chunk, writes each document unless its key already
 holds a newer source position, XADDs applied documents to their stream, and stores the chunk's next
 offsets in the checkpoint hash. All chunks of a batch travel in one pipeline (one round trip).
+With ``advanced.overlap`` (the default) ``apply`` sends them and returns once the batch before is
+applied, reporting that one, so the next batch is read and encoded while Redis runs this one;
+batches still reach Redis one after the other, since each chunk's expected checkpoints are the
+last chunk's.
 A crash between chunks leaves Redis at a chunk boundary with a matching checkpoint, so a restart
 resumes exactly there; a stream never gets an entry twice, because a re-read document is refused
 by the position its key holds and refused documents are not streamed.
@@ -53,6 +57,7 @@ from connectors.redis import scripts
 from connectors.redis.config import RedisBinding, RedisConfig, Template, default_template, parse_template
 from pipeline.sdk.connector import Check
 from pipeline.sdk.errors import ConfigError, EndpointError, Fenced, scrub
+from pipeline.sdk.inflight import InFlight
 from pipeline.sdk.materialization import Applied, Batch, Materialization, Offsets
 from pipeline.sdk.pointers import MISSING, resolve
 from pipeline.sdk.records import Record, TopicPartition
@@ -166,6 +171,7 @@ class RedisMaterialization(Materialization):
         self._tokens: dict[TopicPartition, int] = {}
         self._expected: dict[TopicPartition, int | None] = {}
         self._next_verify = 0.0
+        self._inflight = InFlight()
         # Assignment (called by the consumer's rebalance) and apply never interleave, so a batch
         # is always written under the fences it was read under.
         self._lock = asyncio.Lock()
@@ -192,6 +198,7 @@ class RedisMaterialization(Materialization):
         tps = sorted(partitions)
         fields = [_field(tp) for tp in tps]
         async with self._lock:
+            await self._inflight.settle()
             replies = await self._retrying("assign partitions", self._fence, fields)
             stored = replies[-1]
             out: dict[TopicPartition, int | None] = {}
@@ -211,6 +218,7 @@ class RedisMaterialization(Materialization):
         """Checkpoints set back past a gap, each under this worker's fence token."""
         out: Offsets = {}
         async with self._lock:
+            await self._inflight.settle()
             for tp, offset in sorted(offsets.items()):
                 token = self._tokens.get(tp)
                 if token is None:
@@ -222,43 +230,55 @@ class RedisMaterialization(Materialization):
         return out
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
-        async with self._lock:
+        async with self._lock:  # the batch in flight still applies under its fences
+            await self._inflight.settle()
             for tp in partitions:
                 self._tokens.pop(tp, None)
                 self._expected.pop(tp, None)
 
     async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
+            self._inflight.raise_failure()
             dead_before = self._dead_letters
-            chunks = await self._chunks(batch)
-            written: dict[int, int] = {}
-            pending = chunks
-            while pending:
-                replies = await self._retrying("apply a batch", self._execute, pending)
-                settled = 0
-                for chunk, reply in zip(pending, replies, strict=True):
-                    if isinstance(reply, NoScriptError):
-                        break  # Redis restarted or its script cache was flushed
-                    self._settle(chunk, reply, written)
-                    settled += 1
-                pending = pending[settled:]
-                if pending:
-                    await self._retrying("load the apply script", self._load_script)
-            return Applied(batch.next_offsets(), documents=written, dead=self._dead_letters - dead_before)
+            chunks = await self._chunks(batch)  # while the batch before it runs in Redis
+            dead = self._dead_letters - dead_before
+            if not self.config.advanced.overlap:
+                return self._inflight.take(await self._write(chunks, batch.next_offsets(), dead))
+            previous = await self._inflight.outcome()  # in order: its checkpoints are this batch's expected ones
+            self._inflight.start(self._write(chunks, batch.next_offsets(), dead))
+            return previous
+
+    async def _write(self, chunks: list[_Chunk], offsets: Offsets, dead: int) -> Applied:
+        written: dict[int, int] = {}
+        pending = chunks
+        while pending:
+            replies = await self._retrying("apply a batch", self._execute, pending)
+            settled = 0
+            for chunk, reply in zip(pending, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    break  # Redis restarted or its script cache was flushed
+                self._settle(chunk, reply, written)
+                settled += 1
+            pending = pending[settled:]
+            if pending:
+                await self._retrying("load the apply script", self._load_script)
+        return Applied(offsets, documents=written, dead=dead)
 
     async def tick(self) -> Applied:
-        """While no documents come, notice a Redis that lost its data (or a takeover) anyway."""
-        now = time.monotonic()
-        if self._tokens and now >= self._next_verify:
-            self._next_verify = now + VERIFY_EVERY
-            async with self._lock:
+        """An empty poll: the batch in flight is reported; while no documents come, notice a Redis
+        that lost its data (or a takeover) anyway."""
+        async with self._lock:
+            applied = await self._inflight.outcome()
+            now = time.monotonic()
+            if self._tokens and now >= self._next_verify:
+                self._next_verify = now + VERIFY_EVERY
                 tps = list(self._tokens)
                 held = await self._retrying("check fences", self._redis.hmget, self._fence_key,
                                             [_field(tp) for tp in tps])
                 for tp, h in zip(tps, held, strict=True):
                     if h is None or int(h) != self._tokens[tp]:
                         raise self._fence_error(tp, h)
-        return Applied()
+            return applied
 
     def _fence_error(self, tp: TopicPartition, held: bytes | None) -> EndpointError | Fenced:
         """What it means that Redis holds ``held`` as the fence of ``tp``, not this worker's token."""
@@ -270,10 +290,18 @@ class RedisMaterialization(Materialization):
                       f"holds {self._tokens[tp]}); this worker's batch is dropped and nothing of it was written")
 
     async def close(self, failed: bool) -> Applied:
-        redis = getattr(self, "_redis", None)
-        if redis is not None:
-            await redis.aclose()
-        return Applied()
+        try:
+            inflight = getattr(self, "_inflight", None)  # None: open() failed early
+            if inflight is None or failed:
+                if inflight is not None:
+                    await inflight.drop()  # each script call is atomic: applied whole or not at all
+                return Applied()
+            async with self._lock:
+                return await inflight.outcome()
+        finally:
+            redis = getattr(self, "_redis", None)
+            if redis is not None:
+                await redis.aclose()
 
     # ------------------------------------------------------------------ encoding
 

@@ -29,6 +29,17 @@ class Applied:
         """Whether anything happened."""
         return bool(self.offsets or self.documents or self.dead or self.stored_bytes)
 
+    def then(self, later: Applied) -> Applied:
+        """This report and a later one as one (offsets: the later wins; counts add up)."""
+        if not self:
+            return later
+
+        def added(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+        return Applied({**self.offsets, **later.offsets}, documents=added(self.documents, later.documents),
+                       dead=self.dead + later.dead, stored_bytes=added(self.stored_bytes, later.stored_bytes))
+
 
 @dataclass
 class Batch:

@@ -136,7 +136,8 @@ MATERIALIZATIONS: dict[str, MaterializationProfile] = {
         refused={"id": "nul", "v": 1, "note": "a\x00b"},  # jsonb cannot hold \u0000
     ),
     "redis": MaterializationProfile(
-        endpoint=lambda s, name, buffered: {"url": s.redis_url, "advanced": {"state_prefix": f"{name}:lf:"}},
+        endpoint=lambda s, name, buffered: {"url": s.redis_url, "advanced": {"state_prefix": f"{name}:lf:",
+                                                                            "overlap": buffered}},
         resource=lambda name, buffered: {},
         read=_read_redis,
         secret=lambda s, name: {"url": _with_password(s.redis_url, "default"),
