@@ -66,15 +66,19 @@ class Env:
     tmp: Path
 
     def catalog(self, collections: dict[str, int], resource: dict[str, Any] | None = None, *,
-                endpoint: dict[str, Any] | None = None, task: str = TASK, file: str = "flow.yaml") -> Catalog:
-        """A catalog archiving each collection (name -> partitions) with the same resource."""
+                endpoint: dict[str, Any] | None = None, task: str = TASK, file: str = "flow.yaml",
+                overlap: bool = False) -> Catalog:
+        """A catalog archiving each collection (name -> partitions) with the same resource. Without
+        ``overlap`` unless asked: most tests drive ``apply`` by hand and read the bucket right after."""
+        endpoint = dict(endpoint or {})
+        endpoint["advanced"] = {"overlap": overlap, **endpoint.get("advanced", {})}
         doc = {
             "kafka": {"bootstrap_servers": self.kafka},
             "collections": {c: {"schema": SCHEMA, "key": ["/id"], "partitions": p} for c, p in collections.items()},
             "materializations": {task: {
                 "endpoint": {"s3": {"bucket": self.bucket, "prefix": PREFIX, "endpoint_url": self.s3,
                                     "aws_access_key_id": "test", "aws_secret_access_key": "test",
-                                    "create_bucket": True, **(endpoint or {})}},
+                                    "create_bucket": True, **endpoint}},
                 "bindings": [{"source": c, "resource": resource or {}} for c in collections],
             }},
         }
@@ -301,6 +305,32 @@ async def test_batches_are_cut_at_max_documents(env: Env, unique_name: Callable[
     assert durable == {TopicPartition(coll, 0): 200}
     assert sorted(o.span for o in await archived(env.s3, env.bucket)) == [(0, 0, 99), (0, 100, 199)]
     await m.close(failed=True)
+
+
+async def test_with_overlap_objects_upload_while_apply_returns_and_the_next_call_reports_them(
+        env: Env, unique_name: Callable[..., str]) -> None:
+    """``advanced.overlap`` (the default): ``apply`` starts the uploads and returns; the next call
+    reports what they made durable; a partition holding more than two sealed objects not yet
+    uploaded makes ``apply`` wait for them (back-pressure)."""
+    coll = unique_name("c")
+    tp = TopicPartition(coll, 0)
+    cat = env.catalog({coll: 1}, {"max_documents": 100, "max_age": "1h"}, overlap=True)
+    await produce(cat, coll, docs("d", 450))
+    records = await read_to_end(cat.kafka, coll)
+    m = await started(cat)
+    await m.assigned(tps(coll))
+    try:
+        assert (await m.apply(Batch(records[:150], {coll: 0}))).offsets == {}  # uploading
+        assert (await m.tick()).offsets == {tp: 100}
+        assert (await m.apply(Batch(records[150:210], {coll: 0}))).offsets == {}  # 100-199: uploading
+        waited = await m.apply(Batch(records[210:], {coll: 0}))  # seals 200-299, 300-399: three not uploaded
+        assert waited.offsets == {tp: 400}
+        assert sorted(o.span for o in await archived(env.s3, env.bucket)) == [
+            (0, 0, 99), (0, 100, 199), (0, 200, 299), (0, 300, 399)]
+        assert (await m.close(failed=False)).offsets == {tp: 450}
+    except BaseException:
+        await m.close(failed=True)
+        raise
 
 
 async def test_batches_are_cut_at_max_bytes(env: Env, unique_name: Callable[..., str]) -> None:
@@ -570,7 +600,7 @@ async def test_verify_reads_overlapping_objects_once_by_offset(env: Env, unique_
 async def test_stopping_uploads_open_batches(env: Env, unique_name: Callable[..., str]) -> None:
     coll = unique_name("c")
     task = f"s3/{coll}"
-    cat = env.catalog({coll: 2}, {"max_age": "1h"}, task=task)
+    cat = env.catalog({coll: 2}, {"max_age": "1h"}, task=task, overlap=True)
     await produce(cat, coll, docs("d", 300))
     async with running(cat, task, options={"reader": READER}, stop_within=60):
         await wait_for_async(lambda: counter("localflow_input_documents_total", {"task": task, "collection": coll}) >= 300,
@@ -581,7 +611,7 @@ async def test_stopping_uploads_open_batches(env: Env, unique_name: Callable[...
 
 
 def outage_catalog(env: Env, coll: str, task: str) -> Catalog:
-    return env.catalog({coll: 2}, {"max_documents": 200, "max_age": "300ms"}, task=task, endpoint={
+    return env.catalog({coll: 2}, {"max_documents": 200, "max_age": "300ms"}, task=task, overlap=True, endpoint={
         "create_bucket": True,
         "advanced": {"connect_timeout": "1s", "request_timeout": "2s", "retry": {"max_backoff": "1s"}}})
 
@@ -660,7 +690,7 @@ async def test_archive_catches_up_after_s3_freezes(
 async def test_every_document_is_archived_exactly_once_across_kill_9(
         env: Env, unique_name: Callable[..., str]) -> None:
     coll = unique_name("c")
-    cat = env.catalog({coll: 3}, {"max_documents": 1000, "max_age": "1s"}, task="kill9")
+    cat = env.catalog({coll: 3}, {"max_documents": 1000, "max_age": "1s"}, task="kill9", overlap=True)
     total, chunk = 100_000, 2000
     seed = random.randrange(2**32)
     rng = random.Random(seed)

@@ -5,9 +5,13 @@ binding's ``max_documents`` or ``max_bytes``, or its first document has waited `
 then it is sealed: its object key (hour, partition, first and last offset) is fixed, so every
 retry of that batch writes the same key with the same bytes (gzip without a timestamp).
 
-Back-pressure: ``apply`` uploads sealed batches before it returns and, while S3 is
-unavailable, keeps retrying them with backoff, so the task polls nothing more meanwhile and
-nothing is lost or doubled. It stops retrying only when the partition is revoked or the task
+Uploads (``advanced.overlap``, the default): each partition uploads its sealed batches in order
+in a task of its own while the next batches are read, as a user of the raw client would; an
+object is reported durable by the ``apply``, ``tick`` or ``close`` after its upload, and a
+rebalance waits for the partition's upload first. Back-pressure: ``apply`` waits when a
+partition holds ``MAX_SEALED`` sealed batches not yet uploaded and, while S3 is unavailable, the
+upload keeps retrying with backoff, so the task polls nothing more meanwhile and nothing is lost
+or doubled (without overlap, ``apply`` uploads what it sealed before it returns). It stops retrying only when the partition is revoked or the task
 stops (after ``advanced.shutdown_timeout``); what was not uploaded stays in Kafka and is read
 again by the partition's next owner, which resumes after the last archived object.
 """
@@ -38,6 +42,9 @@ from pipeline.sdk.materialization import Applied, Batch, Materialization, Offset
 from pipeline.sdk.records import Record, TopicPartition
 from pipeline.sdk.retry import Backoff
 
+MAX_SEALED = 2
+"""Sealed batches a partition may hold (one uploading, one waiting) before ``apply`` waits for its upload."""
+
 MAX_GAPS = 64
 """An object's offsets without a line are listed in its metadata (2 KiB in all): cut batches there."""
 
@@ -51,7 +58,7 @@ class _Binding:
     """Of the binding in the materialization spec."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Batch:
     """Consecutive records of one partition on their way to one object."""
 
@@ -80,7 +87,11 @@ class _Partition:
         self.last_hour = claim.last.hour if claim.last else None
         self.last_key = claim.last.key if claim.last else None
         self.open: _Batch | None = None
+        self.max_documents = binding.resource.max_documents
+        self.max_bytes = binding.resource.max_bytes
         self.sealed: list[_Batch] = []
+        self.uploading: asyncio.Task[Offsets] | None = None
+        """Its sealed batches being uploaded in the background (``advanced.overlap``)."""
         self.revoked = False
         self.deadline: float | None = None
         """Monotonic time after which retries stop (set when revoked or stopping)."""
@@ -165,6 +176,7 @@ class S3Materialization(Materialization):
             p.revoked = True  # stops a retrying apply() at its deadline
             p.deadline = deadline if p.deadline is None else min(p.deadline, deadline)
         async with self._lock:
+            await self._uploaded(parts, wait=True, final=True)
             for p in parts:
                 self._seal(p)
             try:
@@ -196,13 +208,47 @@ class S3Materialization(Materialization):
                                            partition=r.partition, offset=r.offset, reason="invalid")
             self._dead_letters += len(dead)
             self._seal_aged()
-            return self._applied(await self._flush(list(self._parts.values()), final=False))
+            parts = list(self._parts.values())
+            if not self.config.advanced.overlap:
+                return self._applied(await self._flush(parts, final=False))
+            durable = await self._uploaded(parts, wait=False)
+            for part in parts:
+                if not part.sealed:
+                    continue
+                if part.uploading is not None and len(part.sealed) > MAX_SEALED:
+                    durable.update(await self._uploaded([part], wait=True))  # back-pressure
+                if part.uploading is None and part.sealed:
+                    # A running upload takes the batches sealed meanwhile too: one per partition, in order.
+                    part.uploading = asyncio.create_task(self._flush([part], final=False))
+            return self._applied(durable)
 
     async def tick(self) -> Applied:
+        """An empty poll: uploads in flight are waited for, and batches past ``max_age`` uploaded."""
         async with self._lock:
             self._raise_kept_error()
+            parts = list(self._parts.values())
+            durable = await self._uploaded(parts, wait=True)
             self._seal_aged()
-            return self._applied(await self._flush(list(self._parts.values()), final=False))
+            return self._applied(durable | await self._flush(parts, final=False))
+
+    async def _uploaded(self, parts: list[_Partition], *, wait: bool, final: bool = False) -> Offsets:
+        """The offsets made durable by the partitions' finished uploads (all of them: ``wait``). A failed
+        upload is raised (``final``: logged; the partition's next owner re-reads what it held)."""
+        durable: Offsets = {}
+        for part in parts:
+            task = part.uploading
+            if task is None or not (wait or task.done()):
+                continue
+            try:
+                durable.update(await task)
+            except Exception as e:
+                if not final:
+                    raise
+                self.ctx.log.warning("%s[%d]: an upload failed (%s); the next owner re-reads what it held",
+                                     part.tp.topic, part.tp.partition, e)
+            finally:
+                part.uploading = None
+        return durable
 
     def _applied(self, durable: Offsets) -> Applied:
         """What was uploaded since last said (revoked partitions' uploads included), with ``durable``."""
@@ -214,14 +260,21 @@ class S3Materialization(Materialization):
         """Upload open batches unless the task failed (at most ``shutdown_timeout``), then disconnect."""
         durable: Offsets = {}
         try:
-            if not failed and self._parts:
+            parts = list(self._parts.values())
+            if failed:
+                uploads = [p.uploading for p in parts if p.uploading is not None]
+                for task in uploads:
+                    task.cancel()  # as a crash would: the archive's markers say what is there
+                await asyncio.gather(*uploads, return_exceptions=True)
+            elif parts:
                 deadline = time.monotonic() + self.config.advanced.shutdown_timeout
                 async with self._lock:
-                    parts = list(self._parts.values())
                     for p in parts:
                         p.deadline = deadline if p.deadline is None else min(p.deadline, deadline)
+                    durable = await self._uploaded(parts, wait=True, final=True)
+                    for p in parts:
                         self._seal(p)
-                    durable = await self._flush(parts, final=True)
+                    durable |= await self._flush(parts, final=True)
         finally:
             self._parts = {}
             await close_quietly(self._stack)
@@ -229,25 +282,27 @@ class S3Materialization(Materialization):
 
     def _add(self, part: _Partition, r: Record, dead: list[tuple[_Partition, Record]]) -> None:
         b = part.open
+        offset = r.offset
         if b is None:
-            b = part.open = _Batch(r.offset, r.offset - 1, r.timestamp_ms, r.timestamp_ms, time.monotonic())
-        elif r.offset != b.last + 1:
-            b.gaps.append((b.last + 1, r.offset - 1))
-        b.last = r.offset
+            b = part.open = _Batch(offset, offset - 1, r.timestamp_ms, r.timestamp_ms, time.monotonic())
+        elif offset != b.last + 1:
+            b.gaps.append((b.last + 1, offset - 1))
+        b.last = offset
         b.last_ts = r.timestamp_ms
-        part.next = r.offset + 1
-        if r.error is not None:
-            dead.append((part, r))
-            if b.gaps and b.gaps[-1][1] == r.offset - 1:
-                b.gaps[-1] = (b.gaps[-1][0], r.offset)
-            else:
-                b.gaps.append((r.offset, r.offset))
-        else:
-            value = r.value if b"\n" not in r.value else orjson.dumps(r.doc)
+        part.next = offset + 1
+        if r.error is None:
+            value = r.value
+            if b"\n" in value:
+                value = orjson.dumps(r.doc)
             b.lines.append(value)
             b.size += len(value) + 1
-        res = part.binding.resource
-        if len(b.lines) >= res.max_documents or b.size >= res.max_bytes or len(b.gaps) >= MAX_GAPS:
+        else:
+            dead.append((part, r))
+            if b.gaps and b.gaps[-1][1] == offset - 1:
+                b.gaps[-1] = (b.gaps[-1][0], offset)
+            else:
+                b.gaps.append((offset, offset))
+        if len(b.lines) >= part.max_documents or b.size >= part.max_bytes or len(b.gaps) >= MAX_GAPS:
             self._seal(part)
 
     def _seal(self, part: _Partition) -> None:

@@ -146,7 +146,7 @@ MATERIALIZATIONS: dict[str, MaterializationProfile] = {
     "s3": MaterializationProfile(
         endpoint=lambda s, name, buffered: {
             "bucket": name, "endpoint_url": s.s3_endpoint_url, "aws_access_key_id": "test",
-            "aws_secret_access_key": "test", "create_bucket": True},
+            "aws_secret_access_key": "test", "create_bucket": True, "advanced": {"overlap": buffered}},
         resource=lambda name, buffered: {"compression": "none", **({"max_age": "1h"} if buffered else {"max_documents": 1})},
         read=_read_s3,
         secret=lambda s, name: {"bucket": name, "endpoint_url": s.s3_endpoint_url, "aws_access_key_id": "test",
