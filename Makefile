@@ -51,12 +51,13 @@ demo: $(STAMP)
 # The peers `make bench` compares localflow with, each in a venv of its own under bench/.venvs (their
 # dependencies never touch ours); one that cannot install leaves its log there and its rows say why.
 PEER_VENVS := bench/.venvs
-PEER_PACKAGES := 'quixstreams:quixstreams[postgresql,redis,aws]>=3.28' 'pathway:pathway>=0.33'
+PEER_PACKAGES := 'quixstreams:quixstreams[postgresql,redis,aws,s3]>=3.28' 'pathway:pathway>=0.33'
 peers:
 	@mkdir -p $(PEER_VENVS); for pair in $(PEER_PACKAGES); do name=$${pair%%:*}; spec=$${pair#*:}; \
-	  dir=$(PEER_VENVS)/$$name; test -e $$dir/.installed && continue; echo "installing $$spec into $$dir"; \
+	  dir=$(PEER_VENVS)/$$name; test "$$(cat $$dir/.installed 2>/dev/null)" = "$$spec" && continue; \
+	  echo "installing $$spec into $$dir"; \
 	  { test -x $$dir/bin/python || $(PYTHON) -m venv $$dir; } && $$dir/bin/python -m pip install -q "$$spec" \
-	    > $(PEER_VENVS)/$$name-install.log 2>&1 && touch $$dir/.installed \
+	    > $(PEER_VENVS)/$$name-install.log 2>&1 && echo "$$spec" > $$dir/.installed \
 	    || echo "$$name did not install (see $(PEER_VENVS)/$$name-install.log): its rows will say so"; done
 
 bench: $(STAMP) peers

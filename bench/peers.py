@@ -18,6 +18,7 @@ PostgreSQL work harder pays for it there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import aioboto3
 import asyncpg
 from redis.asyncio import Redis
 
@@ -43,8 +45,13 @@ VENVS = ROOT / "bench" / ".venvs"
 APPS = ROOT / "bench" / "peer_apps"
 SESSION_TIMEOUT_MS = 10_000
 POLL_S = 0.05
+S3_BUCKET = "localflow-peers"
+S3_FLUSH_S = 1.0
+"""How long a document may wait for its S3 object: localflow's ``max_age``, Quix's ``commit_interval``
+(its file sink writes at every checkpoint). Both time-bound, so the last objects of a run come at
+most this long after the last document was read."""
 PEERS = {
-    "Quix Streams": ("quixstreams", "quix_app.py", ("postgres", "redis")),
+    "Quix Streams": ("quixstreams", "quix_app.py", ("postgres", "redis", "s3")),
     "Pathway": ("pathway", "pathway_app.py", ("postgres",)),
 }
 """name -> (venv under bench/.venvs, program in bench/peer_apps, the sinks it has here)."""
@@ -179,6 +186,31 @@ def redis_endpoint(client: Redis, prefix: str, src: Source, also: str | None = N
     return Endpoint(count, cleanup)
 
 
+def s3_endpoint(s3c: Any, bucket: str, prefix: str, n: int) -> Endpoint:
+    """Documents are the lines of the JSON-lines objects under ``prefix`` (each contender names and
+    frames its objects its own way); an object, once listed, is whole and read once."""
+    lines: dict[str, int] = {}
+
+    async def count() -> int:
+        async for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                key = o["Key"]
+                if key not in lines and key.endswith(".jsonl"):
+                    body = await (await s3c.get_object(Bucket=bucket, Key=key))["Body"].read()
+                    lines[key] = body.count(b"\n")
+        return sum(lines.values())
+
+    async def cleanup() -> None:
+        held = await count()
+        keys = [{"Key": k} for k in lines]
+        for i in range(0, len(keys), 1000):
+            await s3c.delete_objects(Bucket=bucket, Delete={"Objects": keys[i:i + 1000]})
+        if held != n:
+            raise BenchError(f"S3 objects under s3://{bucket}/{prefix} hold {held} lines, expected {n}")
+
+    return Endpoint(count, cleanup)
+
+
 # ---------------------------------------------------------------------------- contenders
 
 
@@ -187,6 +219,12 @@ def localflow_command(b: Bench, src: Source, sink: str, target: str) -> tuple[li
     if sink == "postgres":
         endpoint: dict[str, Any] = {"postgres": {"url": "${POSTGRES_URL}", "schema": PG_SCHEMA}}
         resource: dict[str, Any] = {"table": target}
+    elif sink == "s3":
+        endpoint = {"s3": {"bucket": S3_BUCKET, "endpoint_url": "${S3_ENDPOINT_URL}", "create_bucket": True,
+                           "aws_access_key_id": "${AWS_ACCESS_KEY_ID}", "aws_secret_access_key": "${AWS_SECRET_ACCESS_KEY}"}}
+        # Quix's sink writes each partition's file at every checkpoint (its commit_interval): both get
+        # the same bound on how long a document waits for its object (S3_FLUSH_S).
+        resource = {"prefix": target + "/", "compression": "none", "max_age": f"{S3_FLUSH_S:g}s"}
     else:
         endpoint, resource = {"redis": {"url": "${REDIS_URL}"}}, {"key": target + ":{/metadata/id}"}
     cat = b.catalog({
@@ -210,20 +248,29 @@ def peer_command(b: Bench, peer: str, src: Source, sink: str, target: str) -> li
                            "postgres": _pg_settings(b.services.postgres.url)}
     if sink == "redis":
         cfg["redis"] = {**_redis_settings(b.services.redis.url), "prefix": target}
+    if sink == "s3":
+        cfg["commit_interval"] = S3_FLUSH_S
+        cfg["s3"] = {"bucket": S3_BUCKET, "endpoint_url": b.services.s3.endpoint_url, "prefix": target,
+                     "access_key": b.env["AWS_ACCESS_KEY_ID"], "secret_key": b.env["AWS_SECRET_ACCESS_KEY"]}
     return [str(python), str(APPS / app), json.dumps(cfg)]
 
 
 async def peers(b: Bench) -> list[Row]:
-    """Kafka -> PostgreSQL (and Redis, for the peer that has a Redis sink): localflow, Quix Streams,
-    Pathway, each in turn per repetition."""
+    """Kafka -> PostgreSQL (and Redis and S3, for the peer that has those sinks): localflow, Quix
+    Streams, Pathway, each in turn per repetition."""
     src = await b.source()
     n = src.n
     conn = await asyncpg.connect(b.services.postgres.url)
     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {pg_ident(PG_SCHEMA)}")
     client = Redis.from_url(b.services.redis.url)
+    session = aioboto3.Session(aws_access_key_id=b.env["AWS_ACCESS_KEY_ID"],
+                               aws_secret_access_key=b.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    stack = contextlib.AsyncExitStack()
+    s3c = await stack.enter_async_context(session.client("s3", endpoint_url=b.services.s3.endpoint_url))
     rows: list[Row] = []
     try:
-        for sink in ("postgres", "redis"):
+        await s3c.create_bucket(Bucket=S3_BUCKET)  # Quix's sink needs it to exist
+        for sink in ("postgres", "redis", "s3"):
             races: dict[str, list[Race]] = {"localflow": []}
             why: dict[str, str] = {}
             contenders = ["localflow", *(p for p, (_, _, sinks) in PEERS.items() if sink in sinks)]
@@ -242,6 +289,8 @@ async def peers(b: Bench) -> list[Row]:
                     if sink == "postgres":
                         qualified = pg_table(target) if who == "localflow" else pg_ident(target)
                         endpoint = pg_endpoint(conn, qualified)
+                    elif sink == "s3":
+                        endpoint = s3_endpoint(s3c, S3_BUCKET, target + "/", n)
                     else:
                         also = f"localflow:pos:{target}:" if who == "localflow" else None
                         endpoint = redis_endpoint(client, target, src, also)
@@ -256,6 +305,7 @@ async def peers(b: Bench) -> list[Row]:
                             why.setdefault(who, f"wrong result: {e}")
             rows += peer_rows(sink, n, contenders, races, why)
     finally:
+        await stack.aclose()
         await client.aclose()
         await conn.close()
     return rows

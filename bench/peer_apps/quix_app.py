@@ -34,15 +34,13 @@ def sink(cfg: dict[str, Any]) -> Any:
         return RedisSink(host=r["host"], port=r["port"], db=r.get("db", 0),
                          key_serializer=lambda key, value: f"{prefix}:{value['metadata']['id']}")
     if kind == "s3":
-        from quixstreams.sinks.community.file import FileSink
-        from quixstreams.sinks.community.file.destinations import S3Destination
         from quixstreams.sinks.community.file.formats import JSONFormat
+        from quixstreams.sinks.community.file.s3 import S3FileSink
 
         s = cfg["s3"]
-        destination = S3Destination(bucket=s["bucket"], aws_access_key_id=s["access_key"],
-                                    aws_secret_access_key=s["secret_key"], region_name="us-east-1",
-                                    endpoint_url=s["endpoint_url"])
-        return FileSink(directory=s["prefix"], format=JSONFormat(compress=False), destination=destination)
+        return S3FileSink(bucket=s["bucket"], aws_access_key_id=s["access_key"], aws_secret_access_key=s["secret_key"],
+                          region_name="us-east-1", endpoint_url=s["endpoint_url"], directory=s["prefix"],
+                          format=JSONFormat(compress=False))
     raise SystemExit(f"quix_app: unknown sink {kind!r}")
 
 
@@ -52,7 +50,8 @@ def main() -> None:
 
     app = Application(broker_address=cfg["bootstrap"], consumer_group=cfg["group"], auto_offset_reset="earliest",
                       consumer_extra_config={"session.timeout.ms": cfg["session_timeout_ms"]},
-                      loglevel="WARNING", use_changelog_topics=False)
+                      loglevel="WARNING", use_changelog_topics=False,
+                      commit_interval=cfg.get("commit_interval", 5.0))  # 5 s: Quix's default
     topic = app.topic(cfg["topic"], value_deserializer="json", key_deserializer="bytes")
     sdf = app.dataframe(topic)
     if cfg["sink"] == "postgres":
