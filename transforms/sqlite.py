@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +51,11 @@ from pipeline.sdk.engine import Document, Engine, Transformed
 from pipeline.sdk.errors import ConfigError
 from pipeline.sdk.problems import pydantic_problems
 
+try:  # pysqlite3-binary: a recent SQLite (3.51), where the platform has its wheel
+    import pysqlite3.dbapi2 as sqlite3
+except ImportError:  # pragma: no cover - Python's own, whatever SQLite it was built with
+    import sqlite3
+
 Problems = list[tuple[str, str]]
 Shape = Callable[[Any], Any]
 
@@ -60,6 +64,7 @@ SEQ = "flow_seq"
 """The column of each source table holding the row's index in the batch (the lineage of outputs)."""
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 """A property name SQLite's JSON paths take as it is (``$.name``)."""
+_JSONB = sqlite3.sqlite_version_info >= (3, 45, 0)
 _SQLITE_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d+)?")
 
 
@@ -97,7 +102,9 @@ class Table:
         if not all(_PLAIN_KEY.fullmatch(c) for c in self.columns):
             return None
         values = ", ".join(f"j ->> '$.{c}'" for c in self.columns)
-        return f"INSERT INTO {_quote(self.name)} SELECT {values}, s FROM (SELECT ? AS j, ? AS s)"
+        # SQLite 3.45+: the text parsed once into JSONB, every column read from it (older: once per column).
+        j = "jsonb(?)" if _JSONB else "?"
+        return f"INSERT INTO {_quote(self.name)} SELECT {values}, s FROM (SELECT {j} AS j, ? AS s)"
 
     def describe(self) -> str:
         return f"{self.name}({', '.join((*self.columns, SEQ))})"
