@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.files.parse import parse_line
 from tests.support.files import Flow, write_lines
 from tests.support.tasks import running
 from tests.support.waiting import wait_for_async
@@ -292,3 +293,19 @@ async def test_kill_9_mid_stream_resends_at_most_the_last_batch_with_the_same_ke
 
 async def _distinct_keys(flow: Flow, count: int) -> bool:
     return len({d["metadata"]["id"] for d in await flow.documents()}) >= count
+
+
+@pytest.mark.parametrize(("written", "kept"), [
+    ("2026-11-28T10:00:00Z", "2026-11-28T10:00:00Z"),
+    ("2026-11-28T10:00:00.123456Z", "2026-11-28T10:00:00.123456Z"),  # already as localflow writes it
+    ("2026-11-28T10:00:00.25Z", "2026-11-28T10:00:00.250000Z"),
+    ("2026-11-28T10:00:00.000Z", "2026-11-28T10:00:00Z"),
+    ("2026-11-28T10:00:00.1234567Z", "2026-11-28T10:00:00.123456Z"),  # the general path: to microseconds
+    ("2026-11-28T11:00:00+01:00", "2026-11-28T10:00:00Z"),
+    ("2026-02-30T10:00:00Z", None),  # no such day: not a timestamp
+    ("2026-11-28T10:00:00.12a4Z", None),
+])
+def test_a_json_lines_timestamp_becomes_rfc3339_utc_or_is_not_one(written: str, kept: str | None) -> None:
+    data, ts = parse_line(b'{"timestamp": "%s", "msg": "m"}' % written.encode())
+    assert ts == kept
+    assert data["timestamp"] == written

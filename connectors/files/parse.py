@@ -78,34 +78,37 @@ def _json_timestamp(obj: dict[str, Any]) -> str | None:
     return None
 
 
-_UTC_Z = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?Z", re.ASCII)
-"""A timestamp already in (almost) the form ``format_utc`` writes: most JSON log lines."""
+_SECONDS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}", re.ASCII)
 _VALID_SECONDS: dict[str, bool] = {}
 """Whether a ``YYYY-MM-DDTHH:MM:SS`` is a real time, for the lines of the last few thousand seconds."""
 
 
 def _utc_z(value: str) -> str | None:
-    """``rfc3339`` of a ``...Z`` timestamp without parsing it per line: the date and time are
-    checked once per second seen, the fraction written as ``format_utc`` writes it."""
-    m = _UTC_Z.fullmatch(value)
-    if m is None:
-        return None
-    seconds, fraction = m.groups()
+    """``rfc3339`` of a ``...Z`` timestamp (most JSON log lines) without parsing it per line: the
+    date and time are checked once per second seen, and a value already in the form ``format_utc``
+    writes is returned as it is. None when it is not ``YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z``."""
+    seconds = value[:19]
     valid = _VALID_SECONDS.get(seconds)
     if valid is None:
         if len(_VALID_SECONDS) > 4096:
             _VALID_SECONDS.clear()
-        try:
-            datetime.fromisoformat(seconds)
-            valid = True
-        except ValueError:
-            valid = False
+        valid = _SECONDS.fullmatch(seconds) is not None
+        if valid:
+            try:
+                datetime.fromisoformat(seconds)
+            except ValueError:
+                valid = False
         _VALID_SECONDS[seconds] = valid
     if not valid:
         return None
-    if fraction is None or not fraction.strip("0"):
+    if len(value) == 20:  # the Z right after the seconds
+        return value
+    fraction = value[20:-1]
+    if value[19] != "." or not 0 < len(fraction) <= 6 or not (fraction.isascii() and fraction.isdigit()):
+        return None
+    if not fraction.strip("0"):
         return seconds + "Z"
-    return f"{seconds}.{fraction.ljust(6, '0')}Z"
+    return value if len(fraction) == 6 else f"{seconds}.{fraction.ljust(6, '0')}Z"
 
 
 def rfc3339(value: Any) -> str | None:
