@@ -269,9 +269,20 @@ class PostgresMaterialization(Materialization):
             # Skip what a previous attempt already committed (its commit reply may have been lost),
             # except where `localflow replay` asks to re-apply from an earlier offset on purpose.
             replaying = batch.reapply
-            todo = [r for r in batch.records if r.offset >= stored[r.tp][0] or r.tp in replaying]
-            dead = [(r, r.error) for r in todo if r.error is not None]
-            items = self._newest([(seq, r) for seq, r in enumerate(todo) if r.error is None], batch.bindings)
+            floors = {(tp.topic, tp.partition): 0 if tp in replaying else n for tp, (n, _) in stored.items()}
+            dead: list[tuple[Record, str | None]] = []
+            valid: list[tuple[int, Record]] = []
+            seq = 0
+            for r in batch.records:  # one pass, per record: the hot loop of every batch
+                if r.offset < floors.get((r.topic, r.partition), 0):
+                    continue
+                error = r.error
+                if error is None:
+                    valid.append((seq, r))
+                else:
+                    dead.append((r, error))
+                seq += 1
+            items = self._newest(valid, batch.bindings)
             unique = all(r.key is not None for _, r in items)  # then ``_newest`` left one row per key
             dead += await self._write(conn, batch.bindings, items, committed_before, unique)
             await committed_before()
