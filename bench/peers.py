@@ -197,7 +197,7 @@ def s3_endpoint(s3c: Any, bucket: str, prefix: str, n: int) -> Endpoint:
                 key = o["Key"]
                 if key not in lines and key.endswith(".jsonl"):
                     body = await (await s3c.get_object(Bucket=bucket, Key=key))["Body"].read()
-                    lines[key] = body.count(b"\n")
+                    lines[key] = body.count(b"\n") + (not body.endswith(b"\n") and bool(body))  # a last line unended
         return sum(lines.values())
 
     async def cleanup() -> None:

@@ -403,6 +403,34 @@ async def test_a_chunk_of_thousands_of_documents_keeps_the_last_write_of_every_k
     assert [t > 0 for t in ttls] == [last[k][1] == f"{prefix}.second" for k in keys]
 
 
+async def test_a_json_and_a_hash_binding_writing_one_key_in_one_chunk_leave_the_last_write(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
+    """The script defers JSON values to one MSET; a hash written after a deferred value of its key
+    must still win, and a JSON value after a hash too."""
+    prefix = unique_name()
+    first, second = f"{prefix}/first", f"{prefix}/second"
+    catalog = write_catalog(tmp_path / "flow.yaml", kafka_bootstrap, {first: 1, second: 1}, {"m": direct_task(
+        redis_url, prefix, [{"source": first, "resource": {"key": f"{prefix}:x:{{/id}}"}},
+                            {"source": second, "resource": {"key": f"{prefix}:x:{{/region}}", "value": "hash"}}])})
+    topics = {f"{prefix}.first": 0, f"{prefix}.second": 1}
+
+    def record(topic: str, offset: int, d: dict[str, Any]) -> Record:
+        return Record(f"{prefix}.{topic}", 0, offset, 0, None, orjson.dumps(d), d)
+
+    m = build(catalog, "m")
+    await m.open()
+    try:
+        await m.assigned({TopicPartition(t, 0) for t in topics})
+        await m.apply(Batch([record("first", 0, doc("a", 1)), record("second", 0, doc("o1", 2, region="a")),
+                             record("first", 1, doc("b", 1)), record("second", 1, doc("o2", 2, region="b")),
+                             record("first", 2, doc("b", 3))], topics))
+    finally:
+        await m.close(failed=False)
+    assert (await r.type(f"{prefix}:x:a"), await r.hgetall(f"{prefix}:x:a")) == (b"hash", {
+        b"id": b"o1", b"v": b"2", b"region": b"a"})
+    assert await json_values(r, [f"{prefix}:x:b"]) == [doc("b", 3)]
+
+
 async def test_checkpoint_rewound_under_a_worker_stops_it_before_it_writes(
         tmp_path: Path, kafka_bootstrap: str, redis_url: str, unique_name: Callable[..., str], r: Redis) -> None:
     prefix = unique_name()

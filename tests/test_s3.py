@@ -307,18 +307,25 @@ async def test_batches_are_cut_at_max_documents(env: Env, unique_name: Callable[
     await m.close(failed=True)
 
 
+async def overlapped(env: Env, unique_name: Callable[..., str], n: int) -> tuple[str, Catalog, list[Record], Any]:
+    """A started, assigned archive with overlap of a 1-partition collection of ``n`` documents, objects
+    of 100: (collection, catalog, its records, the materialization)."""
+    coll = unique_name("c")
+    cat = env.catalog({coll: 1}, {"max_documents": 100, "max_age": "1h"}, overlap=True)
+    await produce(cat, coll, docs("d", n))
+    records = await read_to_end(cat.kafka, coll)
+    m = await started(cat)
+    await m.assigned(tps(coll))
+    return coll, cat, records, m
+
+
 async def test_with_overlap_objects_upload_while_apply_returns_and_the_next_call_reports_them(
         env: Env, unique_name: Callable[..., str]) -> None:
     """``advanced.overlap`` (the default): ``apply`` starts the uploads and returns; the next call
     reports what they made durable; a partition holding more than two sealed objects not yet
     uploaded makes ``apply`` wait for them (back-pressure)."""
-    coll = unique_name("c")
+    coll, cat, records, m = await overlapped(env, unique_name, 450)
     tp = TopicPartition(coll, 0)
-    cat = env.catalog({coll: 1}, {"max_documents": 100, "max_age": "1h"}, overlap=True)
-    await produce(cat, coll, docs("d", 450))
-    records = await read_to_end(cat.kafka, coll)
-    m = await started(cat)
-    await m.assigned(tps(coll))
     try:
         assert (await m.apply(Batch(records[:150], {coll: 0}))).offsets == {}  # uploading
         assert (await m.tick()).offsets == {tp: 100}
@@ -331,6 +338,17 @@ async def test_with_overlap_objects_upload_while_apply_returns_and_the_next_call
     except BaseException:
         await m.close(failed=True)
         raise
+
+
+async def test_a_revoke_waits_for_the_upload_in_flight_and_a_new_owner_resumes_after_it(
+        env: Env, unique_name: Callable[..., str]) -> None:
+    coll, cat, records, m = await overlapped(env, unique_name, 250)
+    tp = TopicPartition(coll, 0)
+    assert (await m.apply(Batch(records, {coll: 0}))).offsets == {}  # two objects uploading
+    await m.revoked(tps(coll))  # and the open batch of 50 flushed
+    assert sorted(o.span for o in await archived(env.s3, env.bucket)) == [(0, 0, 99), (0, 100, 199), (0, 200, 249)]
+    await m.close(failed=False)
+    assert await archive(cat, coll, []) == {tp: 250}
 
 
 async def test_batches_are_cut_at_max_bytes(env: Env, unique_name: Callable[..., str]) -> None:

@@ -32,11 +32,16 @@ What a lambda author can rely on:
   error fails the batch, which is bisected to find the inputs that fail alone: those become
   dead letters; the outputs of the others are kept. Each batch runs in one transaction, rolled
   back on error, so state tables never see a failed attempt.
+* Which SQLite. 3.51 (the ``pysqlite3-binary`` wheel, a dependency on Linux x86_64), else the one
+  Python was built with; a worker logs the version when the engine opens. Results of some SQL
+  differ between versions (``round(2.675, 2)`` is 2.68 on 3.40, 2.67 on 3.51; 3.45+ JSON functions
+  accept JSON5 text), so a derivation run on another platform should be checked with ``localflow test``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +61,7 @@ try:  # pysqlite3-binary: a recent SQLite (3.51), where the platform has its whe
 except ImportError:  # pragma: no cover - Python's own, whatever SQLite it was built with
     import sqlite3
 
+log = logging.getLogger(__name__)
 Problems = list[tuple[str, str]]
 Shape = Callable[[Any], Any]
 
@@ -241,6 +247,7 @@ class SqliteEngine(Engine):
         self._conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
+        log.info("sql engine: SQLite %s (%s)", sqlite3.sqlite_version, sqlite3.__name__)
         self._conn = sqlite3.connect(":memory:", isolation_level=None)
         problems = _prepare(self._conn, self._migrations, set(self._tables), self._place)
         if problems:

@@ -87,6 +87,8 @@ def _utc_z(value: str) -> str | None:
     """``rfc3339`` of a ``...Z`` timestamp (most JSON log lines) without parsing it per line: the
     date and time are checked once per second seen, and a value already in the form ``format_utc``
     writes is returned as it is. None when it is not ``YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z``."""
+    if value[-1:] != "Z":
+        return None
     seconds = value[:19]
     valid = _VALID_SECONDS.get(seconds)
     if valid is None:

@@ -130,13 +130,15 @@ class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str):
             args = (*args[0].encode().split(), *args[1:])  # "SCRIPT LOAD": two words, as redis-py does
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
         try:
             return [hiredis.pack_command(args)]
         except TypeError as e:
             raise DataError(str(e)) from e
 
     def pack_commands(self, commands: Any) -> list[bytes]:
-        return [b"".join(self.pack_command(*command)[0] for command in commands)]
+        return [self.pack_command(*command)[0] for command in commands]  # written in turn, never joined
 
 
 _PACKING: dict[type, type] = {}
@@ -155,8 +157,6 @@ class RedisMaterialization(Materialization):
     """Keeps Redis keys (and streams) in step with the bindings' collections."""
 
     config: RedisConfig
-    _dead_letters = 0
-    """Records sent to the dead-letter topic so far."""
 
     async def open(self) -> None:
         self._where = self.config.where()
@@ -239,13 +239,14 @@ class RedisMaterialization(Materialization):
     async def apply(self, batch: Batch) -> Applied:
         async with self._lock:
             self._inflight.raise_failure()
-            dead_before = self._dead_letters
-            chunks = await self._chunks(batch)  # while the batch before it runs in Redis
-            dead = self._dead_letters - dead_before
+            dead: list[tuple[_Binding, Record, str]] = []
+            chunks = self._chunks(batch, dead)  # while the batch before it runs in Redis
             if not self.config.advanced.overlap:
-                return self._inflight.take(await self._write(chunks, batch.next_offsets(), dead))
+                await self._send_dead(dead)
+                return self._inflight.take(await self._write(chunks, batch.next_offsets(), len(dead)))
             previous = await self._inflight.outcome()  # in order: its checkpoints are this batch's expected ones
-            self._inflight.start(self._write(chunks, batch.next_offsets(), dead))
+            await self._send_dead(dead)
+            self._inflight.start(self._write(chunks, batch.next_offsets(), len(dead)))
             return previous
 
     async def _write(self, chunks: list[_Chunk], offsets: Offsets, dead: int) -> Applied:
@@ -305,8 +306,9 @@ class RedisMaterialization(Materialization):
 
     # ------------------------------------------------------------------ encoding
 
-    async def _chunks(self, batch: Batch) -> list[_Chunk]:
-        """Script arguments of the batch's documents; unmappable records become dead letters."""
+    def _chunks(self, batch: Batch, dead: list[tuple[_Binding, Record, str]]) -> list[_Chunk]:
+        """Script arguments of the batch's documents; unmappable records go to ``dead`` (sent by the
+        caller once the batch before is known to be applied: a failed one has this batch re-read)."""
         size = self.config.advanced.chunk_size
         bindings = self._bindings
         out: list[_Chunk] = []
@@ -317,12 +319,12 @@ class RedisMaterialization(Materialization):
             chunk.parts[r.tp] = r.offset + 1
             doc = r.doc
             if r.error is not None or not isinstance(doc, dict):
-                await self._dead(binding, r, r.error or "the document is not a JSON object")
+                dead.append((binding, r, r.error or "the document is not a JSON object"))
                 continue
             try:
                 key = render(binding.template, doc)
             except LookupError as e:
-                await self._dead(binding, r, f"key template: {e}")
+                dead.append((binding, r, f"key template: {e}"))
                 continue
             clock, offset = r.source
             c = chunk.clocks.get(clock)
@@ -348,10 +350,10 @@ class RedisMaterialization(Materialization):
             out.append(chunk)
         return out
 
-    async def _dead(self, binding: _Binding, r: Record, error: str) -> None:
-        self._dead_letters += 1
-        await self.ctx.dead_letter(binding.collection, f"redis: {error}", r.value,
-                                   partition=r.partition, offset=r.offset)
+    async def _send_dead(self, dead: list[tuple[_Binding, Record, str]]) -> None:
+        for binding, r, error in dead:
+            await self.ctx.dead_letter(binding.collection, f"redis: {error}", r.value,
+                                       partition=r.partition, offset=r.offset)
 
     def _header(self, chunk: _Chunk, expected: dict[TopicPartition, int | None]) -> list[Any]:
         head: list[Any] = [len(chunk.parts)]

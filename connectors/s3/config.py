@@ -48,8 +48,8 @@ class Advanced(Model):
         "stopping task keeps trying to flush for shutdown_timeout)."))
     overlap: bool = Field(default=True, description=(
         "Upload sealed objects while the next batches are read (each partition's objects one after the other, "
-        "partitions side by side; apply waits only when a partition holds two sealed objects not yet "
-        "uploaded): each object is reported durable by the call after its upload. Off: apply returns once "
+        "partitions side by side; apply waits only when a partition holds more than two sealed objects "
+        "not yet uploaded): each object is reported durable by the call after its upload. Off: apply returns once "
         "the objects it sealed are uploaded."))
     shutdown_timeout: Duration = Field(default=30.0, ge=0,
                                        description="How long a stopping task keeps trying to flush open batches.")

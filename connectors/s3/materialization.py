@@ -9,9 +9,10 @@ Uploads (``advanced.overlap``, the default): each partition uploads its sealed b
 in a task of its own while the next batches are read, as a user of the raw client would; an
 object is reported durable by the ``apply``, ``tick`` or ``close`` after its upload, and a
 rebalance waits for the partition's upload first. Back-pressure: ``apply`` waits when a
-partition holds ``MAX_SEALED`` sealed batches not yet uploaded and, while S3 is unavailable, the
-upload keeps retrying with backoff, so the task polls nothing more meanwhile and nothing is lost
-or doubled (without overlap, ``apply`` uploads what it sealed before it returns). It stops retrying only when the partition is revoked or the task
+partition holds more than ``MAX_SEALED`` sealed batches not yet uploaded and, while S3 is
+unavailable, the upload keeps retrying with backoff, so the task polls nothing more meanwhile
+and nothing is lost or doubled (without overlap, ``apply`` uploads what it sealed before it
+returns). It stops retrying only when the partition is revoked or the task
 stops (after ``advanced.shutdown_timeout``); what was not uploaded stays in Kafka and is read
 again by the partition's next owner, which resumes after the last archived object.
 """
@@ -142,6 +143,10 @@ class S3Materialization(Materialization):
         """
         out: dict[TopicPartition, int | None] = {}
         async with self._lock:
+            # Assigned again without a revoke first: the upload of what this worker held finishes
+            # (or fails, logged) before the partition is claimed anew.
+            await self._uploaded([p for tp in partitions if (p := self._parts.get(tp)) is not None],
+                                 wait=True, final=True)
             try:
                 claims = await asyncio.gather(*(self._claim(tp) for tp in sorted(partitions)))
             except BaseException as e:
@@ -219,7 +224,7 @@ class S3Materialization(Materialization):
                     durable.update(await self._uploaded([part], wait=True))  # back-pressure
                 if part.uploading is None and part.sealed:
                     # A running upload takes the batches sealed meanwhile too: one per partition, in order.
-                    part.uploading = asyncio.create_task(self._flush([part], final=False))
+                    part.uploading = asyncio.create_task(self._upload_all(part))
             return self._applied(durable)
 
     async def tick(self) -> Applied:
@@ -230,6 +235,17 @@ class S3Materialization(Materialization):
             durable = await self._uploaded(parts, wait=True)
             self._seal_aged()
             return self._applied(durable | await self._flush(parts, final=False))
+
+    async def _upload_all(self, part: _Partition) -> Offsets:
+        """The partition's upload task: its sealed batches, those sealed while it runs included (it
+        ends in the same step as it sees none left, so ``apply`` never finds it ending and idle)."""
+        durable: Offsets = {}
+        while part.sealed:
+            uploaded = await self._flush([part], final=False)
+            if not uploaded:
+                break  # retrying had to stop (revoked or stopping): logged by _flush
+            durable |= uploaded
+        return durable
 
     async def _uploaded(self, parts: list[_Partition], *, wait: bool, final: bool = False) -> Offsets:
         """The offsets made durable by the partitions' finished uploads (all of them: ``wait``). A failed
