@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import hiredis  # redis[hiredis], a dependency
 import orjson
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -47,11 +48,6 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
-
-try:
-    import hiredis  # redis[hiredis]: a dependency, but redis-py runs without it
-except ImportError:  # pragma: no cover
-    hiredis = None
 
 from connectors.redis import scripts
 from connectors.redis.config import RedisBinding, RedisConfig, Template, default_template, parse_template
@@ -146,8 +142,6 @@ _PACKING: dict[type, type] = {}
 
 def _hiredis_packing(cls: type[T]) -> type[T]:
     """``cls`` (a redis-py asyncio connection class: TCP, TLS or unix socket) packing with hiredis."""
-    if hiredis is None:
-        return cls
     if cls not in _PACKING:
         _PACKING[cls] = type(f"Hiredis{cls.__name__}", (_HiredisPacking, cls), {})
     return _PACKING[cls]
@@ -243,7 +237,7 @@ class RedisMaterialization(Materialization):
             chunks = self._chunks(batch, dead)  # while the batch before it runs in Redis
             if not self.config.advanced.overlap:
                 await self._send_dead(dead)
-                return self._inflight.take(await self._write(chunks, batch.next_offsets(), len(dead)))
+                return await self._write(chunks, batch.next_offsets(), len(dead))
             previous = await self._inflight.outcome()  # in order: its checkpoints are this batch's expected ones
             await self._send_dead(dead)
             self._inflight.start(self._write(chunks, batch.next_offsets(), len(dead)))

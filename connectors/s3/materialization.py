@@ -88,8 +88,6 @@ class _Partition:
         self.last_hour = claim.last.hour if claim.last else None
         self.last_key = claim.last.key if claim.last else None
         self.open: _Batch | None = None
-        self.max_documents = binding.resource.max_documents
-        self.max_bytes = binding.resource.max_bytes
         self.sealed: list[_Batch] = []
         self.uploading: asyncio.Task[Offsets] | None = None
         """Its sealed batches being uploaded in the background (``advanced.overlap``)."""
@@ -318,7 +316,8 @@ class S3Materialization(Materialization):
                 b.gaps[-1] = (b.gaps[-1][0], offset)
             else:
                 b.gaps.append((offset, offset))
-        if len(b.lines) >= part.max_documents or b.size >= part.max_bytes or len(b.gaps) >= MAX_GAPS:
+        res = part.binding.resource
+        if len(b.lines) >= res.max_documents or b.size >= res.max_bytes or len(b.gaps) >= MAX_GAPS:
             self._seal(part)
 
     def _seal(self, part: _Partition) -> None:
