@@ -138,11 +138,14 @@ async def test_a_worker_killed_with_sigkill_resumes_with_nothing_lost(
     SIGKILLed between the batches it has made durable and those it has not, then started again; the
     endpoint ends up holding every document, each at its last value."""
     e = materialization()
-    first, second = [doc(f"d{i}", i) for i in range(60)], [doc(f"d{i}", 1000 + i) for i in range(30, 90)]
+    # 200 batches before the kill: a fast endpoint applies one in about a millisecond, so fewer (60 were)
+    # could all be durable before the first poll sees any.
+    first, second = [doc(f"d{i}", i) for i in range(200)], [doc(f"d{i}", 1000 + i) for i in range(170, 230)]
     await produce(e.catalog, e.collection, first)
     options = {"reader": {**READER, "max_records": 1}}
     with task_worker(e.catalog.path, TASK, tmp_path / "killed.log", options=options) as w:
-        at_kill = await wait_for_async(e.held, timeout=120, message="the first worker to write something")
+        at_kill = await wait_for_async(e.held, timeout=120, interval=0.01,
+                                       message="the first worker to write something")
         w.kill()
     assert 0 < len(at_kill) < len(first), f"killed after {len(at_kill)} of {len(first)}: not mid-stream"
     await produce(e.catalog, e.collection, second)
